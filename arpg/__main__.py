@@ -1,0 +1,3 @@
+from arpg.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""One module per `arpg` subcommand: configure(parser) and run(args, params)."""

@@ -1,0 +1,192 @@
+"""Load and validate the study parameters (params.yaml and its siblings in configs/).
+
+A wrong value fails here, before any work starts, with a message that names the
+key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import yaml
+
+from arpg.errors import ConfigError
+from arpg.paths import DEFAULT_PARAMS, SCHEMA_PATH, Layout, SweepPoint
+
+PARAMS_ENV = "ARPG_PARAMS"
+
+
+def default_params_path() -> Path:
+    return Path(os.environ.get(PARAMS_ENV) or DEFAULT_PARAMS)
+
+
+@dataclass(frozen=True)
+class Params(Mapping[str, Any]):
+    """Validated parameters: a read-only mapping plus where they came from."""
+
+    path: Path
+    values: dict = field(repr=False)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @property
+    def digest(self) -> str:
+        """Short hash of the resolved values (tags MLflow runs)."""
+        blob = json.dumps(self.values, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    @property
+    def layout(self) -> Layout:
+        return Layout.from_params(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, e.g. {'sample.steps': [2, 4, 8]} (for MLflow params)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, node: Any) -> None:
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    walk(f"{prefix}.{key}" if prefix else key, value)
+            else:
+                out[prefix] = node
+
+        walk("", self.values)
+        return out
+
+
+def _schema() -> dict:
+    try:
+        return json.loads(SCHEMA_PATH.read_text())
+    except FileNotFoundError as exc:  # pragma: no cover - broken checkout
+        raise ConfigError(f"schema {SCHEMA_PATH} is missing; restore it from git") from exc
+
+
+def _key_path(path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _allowed(error) -> str:
+    schema = error.schema
+    if "enum" in schema:
+        return "one of " + ", ".join(json.dumps(v) for v in schema["enum"])
+    if error.validator == "additionalProperties":
+        return "only the keys " + ", ".join(sorted(schema.get("properties", {})))
+    if error.validator == "required":
+        return "the key to be present"
+    parts = []
+    if "type" in schema:
+        kind = schema["type"]
+        parts.append(kind if isinstance(kind, str) else " or ".join(kind))
+    for bound, word in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="),
+                        ("exclusiveMaximum", "<"), ("minItems", "at least N items:"),
+                        ("minLength", "at least N characters:")):
+        if bound in schema:
+            parts.append(f"{word} {schema[bound]}".replace("N items: ", "").replace("N characters: ", ""))
+    if "items" in schema and isinstance(schema["items"], dict) and error.validator in ("type", "minItems"):
+        parts.append("items: " + _allowed_items(schema["items"]))
+    return " ".join(parts) or json.dumps(schema, sort_keys=True)
+
+
+def _allowed_items(items: dict) -> str:
+    if "enum" in items:
+        return "one of " + ", ".join(json.dumps(v) for v in items["enum"])
+    kind = items.get("type", "any")
+    return kind if isinstance(kind, str) else " or ".join(kind)
+
+
+def validate(values: Any, source: str) -> None:
+    """Raise ConfigError listing every schema violation of `values`."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(_schema())
+    errors = sorted(validator.iter_errors(values), key=lambda e: list(map(str, e.absolute_path)))
+    if not errors:
+        return
+    lines = []
+    for error in errors:
+        key = _key_path(error.absolute_path)
+        if error.validator == "additionalProperties":
+            extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+            lines.append(f"  {key}: unknown key(s) {', '.join(extra)}; allowed: {_allowed(error)}")
+        elif error.validator == "required":
+            lines.append(f"  {key}: {error.message}")
+        else:
+            lines.append(f"  {key}: got {json.dumps(error.instance, default=str)}, expected {_allowed(error)}")
+    raise ConfigError(f"{source} is invalid:\n" + "\n".join(lines)
+                      + f"\n(schema: {SCHEMA_PATH.relative_to(SCHEMA_PATH.parents[2])})")
+
+
+def load_params(path: str | os.PathLike | None = None) -> Params:
+    """Read, validate and return the params file (default: $ARPG_PARAMS or ./params.yaml)."""
+    path = Path(path) if path is not None else default_params_path()
+    if not path.is_file():
+        raise ConfigError(
+            f"params file {path} not found; run from the repository root or pass "
+            f"--params PATH (or set {PARAMS_ENV})")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    validate(values, str(path))
+    _check_consistency(values, str(path))
+    return Params(path=path.resolve(), values=values)
+
+
+def _check_consistency(values: dict, source: str) -> None:
+    """Cross-key rules a JSON schema cannot express."""
+    tok = values["tokenizer"]
+    res = values["data"]["resolution"]
+    factor = 2 ** (len(tok["channel_mult"]) - 1)
+    if res % factor:
+        raise ConfigError(
+            f"{source}: data.resolution {res} is not divisible by the tokenizer's downsampling "
+            f"{factor} (2 ** (len(tokenizer.channel_mult) - 1)); change one of them")
+    sample = values["sample"]
+    if sample["steps_default"] > token_count(values):
+        raise ConfigError(
+            f"{source}: sample.steps_default {sample['steps_default']} exceeds the "
+            f"{token_count(values)} tokens of the grid")
+    too_many = [s for s in sample["steps"] if s > token_count(values)]
+    if too_many:
+        raise ConfigError(
+            f"{source}: sample.steps {too_many} exceed the {token_count(values)} tokens of the grid")
+
+
+def token_grid(values: Mapping) -> int:
+    """Side of the token grid: data.resolution / tokenizer downsampling."""
+    return values["data"]["resolution"] // 2 ** (len(values["tokenizer"]["channel_mult"]) - 1)
+
+
+def token_count(values: Mapping) -> int:
+    return token_grid(values) ** 2
+
+
+def sweep_points(values: Mapping) -> list[SweepPoint]:
+    """Every (model, steps, cfg, order) the study samples and evaluates.
+
+    ARPG: the step sweep (random order, default cfg), the guidance sweep (default
+    steps) and the order sweep (default steps and cfg). Raster baseline: one token
+    per step, over the same guidance values.
+    """
+    s = values["sample"]
+    points = {SweepPoint("arpg", steps, s["cfg_default"], "random") for steps in s["steps"]}
+    points |= {SweepPoint("arpg", s["steps_default"], cfg, "random") for cfg in s["cfg"]}
+    points |= {SweepPoint("arpg", s["steps_default"], s["cfg_default"], order) for order in s["orders"]}
+    n = token_count(values)
+    points |= {SweepPoint("raster", n, cfg, "raster") for cfg in [*s["cfg"], s["cfg_default"]]}
+    return sorted(points, key=lambda p: (p.model, p.order, p.steps, p.cfg))

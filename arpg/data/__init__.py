@@ -1,0 +1,1 @@
+"""Prepared dataset arrays: decoding sources and loading the artifacts."""

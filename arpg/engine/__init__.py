@@ -1,0 +1,1 @@
+"""Loops: training, tokenization, sampling, evaluation, profiling, reporting."""

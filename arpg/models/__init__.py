@@ -1,0 +1,1 @@
+"""Neural network modules (no training or sampling loops here)."""
