@@ -1,0 +1,38 @@
+"""Load the prepared arrays written by `arpg prepare-data` (memory-mapped)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from arpg.errors import DataError
+from arpg.paths import Layout
+
+SPLITS = ("train", "test")
+
+
+def _load(path, what: str) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"{what} not found at {path}; run `arpg prepare-data` (or `snakemake --cores all`) first")
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{what} at {path} is unreadable ({exc}); delete it and rerun `arpg prepare-data`") from exc
+
+
+def load_images(layout: Layout, split: str) -> np.ndarray:
+    """uint8 [N, H, W, C], memory-mapped."""
+    return _load(layout.images(split), f"prepared {split} images")
+
+
+def load_labels(layout: Layout, split: str) -> np.ndarray:
+    """int64 [N]."""
+    return np.asarray(_load(layout.labels(split), f"prepared {split} labels"))
+
+
+def load_tokens(layout: Layout, split: str) -> np.ndarray:
+    """Token grids [N, h, w] written by `arpg tokenize`; split in train, train_flip, test."""
+    return _load(layout.tokens(split), f"{split} token grids")
+
+
+def load_token_labels(layout: Layout, split: str) -> np.ndarray:
+    return np.asarray(_load(layout.token_labels(split), f"{split} token labels"))
