@@ -193,9 +193,10 @@ def stage_run(params, stage: str, run_name: str | None = None,
     if not params["tracking"]["enabled"]:
         yield NullRun()
         return
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     from mlflow.tracking import MlflowClient
+
+    for name in ("mlflow", "alembic"):  # store creation / migration chatter
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     uri = tracking_uri(params)
     with _store_lock(uri):

@@ -1,0 +1,29 @@
+"""`arpg prepare-data`: decode the configured source into prepared arrays + manifest."""
+
+from __future__ import annotations
+
+
+def configure(parser) -> None:
+    parser.epilog = "Source, geometry and policies come from the `data:` section of the params file."
+
+
+def run(args, params) -> None:
+    from arpg.data.prepare import prepare
+    from arpg.tracking import stage_run
+
+    data = params["data"]
+    with stage_run(params, "prepare-data", run_params={f"data.{k}": v for k, v in data.items()}) as run:
+        manifest = prepare(params)
+        for split, info in manifest["splits"].items():
+            print(f"{split}: {info['count']} images {tuple(info['shape'][1:])}, "
+                  f"pixel mean {info['pixel_mean']:.4f}"
+                  + (f" (source {info['pixel_mean_source']:.4f})" if "pixel_mean_source" in info else "")
+                  + f", per class {min(info['per_class'].values())}-{max(info['per_class'].values())}")
+            run.log_metrics({f"{split}_count": info["count"], f"{split}_pixel_mean": info["pixel_mean"]})
+        if manifest["skipped"]:
+            print(f"skipped {len(manifest['skipped'])} unreadable file(s):")
+            for item in manifest["skipped"]:
+                print(f"  {item['file']}: {item['reason']}")
+        run.log_metrics({"skipped": len(manifest["skipped"])})
+        run.log_artifact(params.layout.data_manifest)
+        print(f"wrote {params.layout.data_dir}")

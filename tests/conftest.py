@@ -1,0 +1,44 @@
+"""Shared test helpers: params files in temporary directories."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from arpg.paths import REPO_ROOT
+
+
+def write_params(tmp_path: Path, base: str = "params.yaml", **overrides) -> Path:
+    """Copy a params file into tmp_path with dotted-key overrides, outputs and MLflow in tmp_path.
+
+    write_params(tmp_path, **{"sample.steps": [8]}) -> path of the new file.
+    """
+    values = yaml.safe_load((REPO_ROOT / base).read_text())
+    values = copy.deepcopy(values)
+    values["output_dir"] = str(tmp_path / "outputs")
+    values["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    values["report"]["dir"] = str(tmp_path / "report")
+    for dotted, value in overrides.items():
+        node = values
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def params_file(tmp_path):
+    """Factory: params_file(**overrides) -> Path to a params file living in tmp_path."""
+    return lambda base="params.yaml", **overrides: write_params(tmp_path, base, **overrides)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(monkeypatch, tmp_path):
+    """No test writes to the repository's mlflow.db."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow-env.db'}")

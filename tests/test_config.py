@@ -1,0 +1,105 @@
+import json
+
+import pytest
+
+from arpg.config import load_params, sweep_points, token_count, token_grid, validate
+from arpg.errors import ConfigError
+from arpg.paths import REPO_ROOT, SweepPoint
+
+
+def test_default_params_are_valid():
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert params["data"]["source"] == "fashion-mnist"
+    assert token_grid(params) == 8 and token_count(params) == 64
+    assert len(params.digest) == 12
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO_ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_are_valid(config):
+    load_params(REPO_ROOT / "configs" / config)
+
+
+def test_bad_sweep_value_names_the_key(params_file):
+    with pytest.raises(ConfigError) as err:
+        load_params(params_file(**{"sample.steps": [8, "x"]}))
+    message = str(err.value)
+    assert "sample.steps" in message and '"x"' in message and "integer" in message
+
+
+def test_bad_enum_lists_allowed_values(params_file):
+    with pytest.raises(ConfigError) as err:
+        load_params(params_file(**{"sample.schedule": "cosinus"}))
+    message = str(err.value)
+    assert "sample.schedule" in message and '"cosinus"' in message and '"arccos"' in message
+
+
+def test_unknown_key_is_named(params_file):
+    with pytest.raises(ConfigError, match=r"train: unknown key\(s\) lr_typo"):
+        load_params(params_file(**{"train.lr_typo": 1.0}))
+
+
+def test_all_errors_reported_at_once(params_file):
+    with pytest.raises(ConfigError) as err:
+        load_params(params_file(**{"seed": -1, "data.channels": 2}))
+    assert "seed" in str(err.value) and "data.channels" in str(err.value)
+
+
+def test_resolution_must_fit_the_tokenizer(params_file):
+    with pytest.raises(ConfigError, match="data.resolution 36 is not divisible"):
+        load_params(params_file(**{"data.resolution": 36, "tokenizer.channel_mult": [1, 2, 2, 2]}))
+
+
+def test_steps_beyond_the_grid_are_rejected(params_file):
+    with pytest.raises(ConfigError, match=r"sample.steps \[65\]"):
+        load_params(params_file(**{"sample.steps": [8, 65]}))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_schema_is_strict_everywhere():
+    """Every object in the schema rejects unknown keys and requires its keys."""
+    schema = json.loads((REPO_ROOT / "workflow/schemas/params.schema.json").read_text())
+
+    def objects(node):
+        if isinstance(node, dict):
+            if node.get("type") == "object":
+                yield node
+            for value in node.values():
+                yield from objects(value)
+
+    for obj in objects(schema):
+        assert obj["additionalProperties"] is False
+        assert set(obj["required"]) == set(obj["properties"])
+
+
+def test_sweep_points_cover_each_sweep(params_file):
+    params = load_params(params_file(**{"sample.steps": [2, 8], "sample.cfg": [1.0, 3.0],
+                                        "sample.orders": ["random", "raster"],
+                                        "sample.steps_default": 8, "sample.cfg_default": 3.0}))
+    points = set(sweep_points(params))
+    assert points == {
+        SweepPoint("arpg", 2, 3.0, "random"), SweepPoint("arpg", 8, 3.0, "random"),
+        SweepPoint("arpg", 8, 1.0, "random"), SweepPoint("arpg", 8, 3.0, "raster"),
+        SweepPoint("raster", 64, 1.0, "raster"), SweepPoint("raster", 64, 3.0, "raster"),
+    }
+    assert SweepPoint("arpg", 8, 3.0, "random").tag == "steps8_cfg3.0_random"
+    assert SweepPoint("arpg", 8, 1.25, "z-curve").tag == "steps8_cfg1.25_z-curve"
+
+
+def test_flat_params_use_dotted_keys():
+    params = load_params(REPO_ROOT / "params.yaml")
+    flat = params.flat()
+    assert flat["sample.steps"] == params["sample"]["steps"]
+    assert flat["data.resolution"] == 32
+
+
+def test_validate_rejects_non_mapping():
+    with pytest.raises(ConfigError, match="expected object"):
+        validate([1, 2], "x.yaml")
