@@ -1,0 +1,176 @@
+"""Save / strictly load generators, interchangeable with released checkpoints.
+
+Ours: {"state_dict", "config", "kind", "name"} (state dict in the released key layout: ARPG's for
+"arpg", LlamaGen's GPT for "raster"). Released: a dict holding the state dict under "state_dict"
+(ARPG), "model" or "module" (LlamaGen), no config: the architecture comes from a registry name.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from arpg.errors import CheckpointError
+from arpg.models.arpg import ARPG, ARPGConfig
+from arpg.models.raster import RasterConfig, RasterGPT
+from arpg.models.registry import build_model, model_kind
+from arpg.utils import atomic_torch_save
+
+_STATE_KEYS = ("state_dict", "model", "module")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers
+
+
+def _kind_of(model: nn.Module) -> str:
+    if isinstance(model, ARPG):
+        return "arpg"
+    if isinstance(model, RasterGPT):
+        return "raster"
+    raise CheckpointError(f"save_generator: {type(model).__name__} is not an ARPG or RasterGPT model")
+
+
+def save_generator(model: nn.Module, path: str | os.PathLike, name: str) -> dict:
+    """Atomically write {"state_dict", "config", "kind", "name"}; returns what was written."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    payload = {
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "config": asdict(model.config),
+        "kind": _kind_of(model),
+        "name": name,
+    }
+    atomic_torch_save(payload, path)
+    return payload
+
+
+def _read(path: Path):
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            if "Weights only load failed" not in str(exc):
+                raise
+            # released training checkpoints also pickle their argparse Namespace; the user named this file
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated / not a torch file
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}; re-download or re-train it") from exc
+
+
+def _state_dict_of(obj, path: Path) -> dict:
+    if isinstance(obj, dict):
+        for key in _STATE_KEYS:
+            if key in obj and isinstance(obj[key], dict):
+                return obj[key]
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj  # a bare state dict
+    raise CheckpointError(
+        f"{path}: no state dict found (looked for keys {list(_STATE_KEYS)}); is this a generator checkpoint?"
+    )
+
+
+def _strip_wrappers(sd: dict) -> dict:
+    for prefix in _WRAPPER_PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+def check_state_dict(model: nn.Module, sd: dict, source: str) -> None:
+    """Raise CheckpointError listing missing, unexpected and mis-shaped keys (if any)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    misshaped = sorted(
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(sd)
+        if tuple(sd[k].shape) != tuple(own[k].shape)
+    )
+    if missing or unexpected or misshaped:
+
+        def fmt(items):
+            return ", ".join(items[:20]) + (f" ... (+{len(items) - 20})" if len(items) > 20 else "") or "none"
+
+        raise CheckpointError(
+            f"{source} does not fit the model: missing keys [{fmt(missing)}]; unexpected keys "
+            f"[{fmt(unexpected)}]; mis-shaped keys [{fmt(misshaped)}]. Check the model name and "
+            "codebook_size / num_classes / grid_size (train.arpg_model / raster_model, tokenizer.codebook_size)."
+        )
+
+
+def _infer_token_space(kind: str, sd: dict) -> tuple[int | None, int | None]:
+    """codebook_size, num_classes from released tensor shapes (None where the key is absent)."""
+    if kind == "arpg":
+        head, emb = sd.get("head.weight"), sd.get("embeddings.weight")
+        if head is None or emb is None:
+            return None, None
+        V = head.shape[0]
+        return V, emb.shape[0] - V - 3  # rows = V + [MASK] + classes + null + unused
+    head, cls = sd.get("output.weight"), sd.get("cls_embedding.embedding_table.weight")
+    if head is None or cls is None:
+        return None, None
+    return head.shape[0], cls.shape[0] - 1
+
+
+def load_generator(
+    path: str | os.PathLike,
+    name: str | None = None,
+    *,
+    codebook_size: int | None = None,
+    num_classes: int | None = None,
+    grid_size: int | None = None,
+    device="cpu",
+) -> nn.Module:
+    """Strictly load our checkpoint (config inside) or a released one (built from registry `name`).
+
+    Given codebook_size / num_classes / grid_size must agree with the checkpoint. For a released
+    checkpoint, codebook_size and num_classes default to the weight shapes; grid_size is required
+    (RoPE tables are not stored). Returns the model in eval mode on `device`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"generator checkpoint not found at {path}; train it (arpg train) or fix the path")
+    obj = _read(path)
+    sd = _strip_wrappers(_state_dict_of(obj, path))
+    wanted = {"codebook_size": codebook_size, "num_classes": num_classes, "grid_size": grid_size}
+
+    if isinstance(obj, dict) and "config" in obj and "kind" in obj:
+        config = dict(obj["config"])
+        for field, value in wanted.items():
+            if value is not None and config.get(field) != value:
+                raise CheckpointError(
+                    f"{path} was trained with {field}={config.get(field)}, but {value} was asked for; "
+                    "use matching tokens/params or retrain"
+                )
+        if name is not None and obj.get("name") not in (None, name):
+            raise CheckpointError(f"{path} holds {obj.get('name')!r}, not {name!r}; fix the model name")
+        if obj["kind"] not in ("arpg", "raster"):
+            raise CheckpointError(f"{path}: unknown model kind {obj['kind']!r} (expected arpg or raster)")
+        with torch.device("meta"):  # shapes only; real tensors come from the checkpoint
+            if obj["kind"] == "arpg":
+                model = ARPG(ARPGConfig(**config))
+            else:
+                model = RasterGPT(RasterConfig(**config))
+    else:
+        if name is None:
+            raise CheckpointError(
+                f"{path} is a released checkpoint without a config; pass the registry name "
+                "(e.g. ARPG-L for arpg_300m.pt, ARPG-XL for arpg_700m.pt, ARPG-XXL for arpg_1b.pt)"
+            )
+        if grid_size is None:
+            raise CheckpointError(f"{path}: released checkpoints need grid_size (16 for ImageNet 256x256)")
+        inferred_v, inferred_c = _infer_token_space(model_kind(name), sd)
+        V = codebook_size if codebook_size is not None else inferred_v
+        C = num_classes if num_classes is not None else inferred_c
+        if V is None or C is None:
+            raise CheckpointError(f"{path} has no head/embedding weights of a {name} model; is it the right file?")
+        with torch.device("meta"):
+            model = build_model(name, codebook_size=V, num_classes=C, grid_size=grid_size)
+
+    check_state_dict(model, sd, str(path))
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(sd, strict=True)
+    return model.to(device).eval()

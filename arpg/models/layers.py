@@ -1,0 +1,149 @@
+"""Llama-style building blocks shared by the ARPG and raster models (spec section 2).
+
+Conventions: x_BTC activations, q/k/v_BHTD for attention, cos/sin tables [rows, head_dim // 2].
+A position is an int in [-1, H*W): -1 is the class token (RoPE slot 0, all zeros),
+p >= 0 the raster index on the grid (RoPE slot p + 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def ffn_hidden_size(dim: int, multiple_of: int) -> int:
+    """SwiGLU hidden size of the release: int(8 * dim / 3) rounded up to a multiple."""
+    hidden = int(2 * (4 * dim) / 3)
+    return -(-hidden // multiple_of) * multiple_of
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 (bf16 mean-square loses precision), scale in the input dtype like the release
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), then dropout."""
+
+    def __init__(self, dim: int, multiple_of: int, dropout: float = 0.0):
+        super().__init__()
+        hidden = ffn_hidden_size(dim, multiple_of)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.ffn_dropout = nn.Dropout(dropout)
+
+    def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x_BTC)) * self.w3(x_BTC)))
+
+
+def rope_2d(grid_h: int, grid_w: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [1 + grid_h * grid_w, head_dim // 2] (fp32).
+
+    Row 0 is the class slot and is all zeros (the release zeroes the class token's q and k; its
+    weights depend on it). Pairs 0 .. head_dim/4 - 1 rotate with the row index, the rest with the
+    column index, each half over head_dim/4 frequencies base^(-2j / (head_dim/2)).
+    """
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
+    half = head_dim // 2
+    freqs_F = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.float32)[: half // 2] / half))  # [hd/4]
+    rows_R = torch.arange(grid_h, dtype=torch.float32)
+    cols_W = torch.arange(grid_w, dtype=torch.float32)
+    ang_row_RF = torch.outer(rows_R, freqs_F)  # [H, hd/4]
+    ang_col_WF = torch.outer(cols_W, freqs_F)  # [W, hd/4]
+    ang_HWK = torch.cat(
+        [ang_row_RF[:, None, :].expand(grid_h, grid_w, -1), ang_col_WF[None, :, :].expand(grid_h, grid_w, -1)],
+        dim=-1,
+    )  # [H, W, hd/2]
+    ang_PK = ang_HWK.reshape(grid_h * grid_w, half)  # [H*W, hd/2] raster order
+    zeros_1K = torch.zeros(1, half)
+    cos = torch.cat([zeros_1K, torch.cos(ang_PK)])  # [1 + H*W, hd/2]
+    sin = torch.cat([zeros_1K, torch.sin(ang_PK)])  # [1 + H*W, hd/2]
+    return cos, sin
+
+
+def rope_lookup(cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Table rows for positions in [-1, rows - 1): returns cos, sin of shape [*pos.shape, hd/2]."""
+    slot = pos + 1  # class (-1) -> slot 0
+    return cos[slot], sin[slot]
+
+
+def apply_rope(x_BTHD: torch.Tensor, cos_BTK: torch.Tensor, sin_BTK: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by the angle of pair i; computed in fp32.
+
+    cos/sin are [B, T, hd/2] or [T, hd/2] (broadcast over batch).
+    """
+    B, T, H, D = x_BTHD.shape
+    x_BTHK2 = x_BTHD.float().reshape(B, T, H, D // 2, 2)
+    x0, x1 = x_BTHK2[..., 0], x_BTHK2[..., 1]  # [B, T, H, hd/2] each
+    c = cos_BTK.unsqueeze(-2).float()  # [(B,) T, 1, hd/2]
+    s = sin_BTK.unsqueeze(-2).float()
+    out_BTHK2 = torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], dim=-1)  # [B, T, H, hd/2, 2]
+    return out_BTHK2.reshape(B, T, H, D).type_as(x_BTHD)
+
+
+def split_heads(x_BTC: torch.Tensor, n_heads: int) -> torch.Tensor:
+    B, T, C = x_BTC.shape
+    return x_BTC.view(B, T, n_heads, C // n_heads)  # [B, T, H, D]
+
+
+def merge_heads(y_BHTD: torch.Tensor) -> torch.Tensor:
+    B, H, T, D = y_BHTD.shape
+    return y_BHTD.transpose(1, 2).reshape(B, T, H * D)  # [B, T, C]
+
+
+def cache_write_attend(
+    q_BHQD: torch.Tensor,
+    k_BHTD: torch.Tensor,
+    v_BHTD: torch.Tensor,
+    k_cache_BHSD: torch.Tensor,
+    v_cache_BHSD: torch.Tensor,
+    start: int,
+    attn_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Write T new keys/values at [start, start + T) of preallocated buffers (in place) and attend
+    over the filled prefix. attn_mask (bool [Q, start + T], True = visible) or None for full view."""
+    end = start + k_BHTD.shape[2]
+    if end > k_cache_BHSD.shape[2]:
+        raise ValueError(f"KV cache overflow: {end} positions > capacity {k_cache_BHSD.shape[2]}")
+    k_cache_BHSD[:, :, start:end] = k_BHTD
+    v_cache_BHSD[:, :, start:end] = v_BHTD
+    return attend(q_BHQD, k_cache_BHSD[:, :, :end], v_cache_BHSD[:, :, :end], attn_mask)  # [B, H, Q, D]
+
+
+def attend(q_BHQD, k_BHLD, v_BHLD, attn_mask=None, is_causal=False, dropout_p=0.0) -> torch.Tensor:
+    """SDPA; a cache kept in another dtype than the activations (e.g. bf16 cache, fp32 model) is read
+    as is and the few queries are cast to it, so no per-step copy of the cache is made."""
+    y_BHQD = F.scaled_dot_product_attention(
+        q_BHQD.to(k_BHLD.dtype), k_BHLD, v_BHLD, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p
+    )
+    return y_BHQD.to(q_BHQD.dtype)
+
+
+def block_causal_mask(start: int, new: int, device=None) -> torch.Tensor:
+    """Bool [new, start + new]: the j-th new token sees every cached key and new keys 0..j."""
+    key_idx = torch.arange(start + new, device=device)
+    query_idx = start + torch.arange(new, device=device)
+    return key_idx[None, :] <= query_idx[:, None]  # [new, start + new]
+
+
+def init_weights(module: nn.Module, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+    """Release init: Linear and Embedding weights N(0, std), biases zero (norms keep their ones).
+    Draws from `generator` (a dedicated stream) when given; the caller zeroes the head after."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            if m.weight.is_meta:  # shape-only build (parameter counting): nothing to draw
+                continue
+            nn.init.normal_(m.weight, mean=0.0, std=std, generator=generator)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)

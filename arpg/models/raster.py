@@ -1,0 +1,212 @@
+"""Raster-order baseline: a LlamaGen-style class-conditional GPT on the same Llama blocks as ARPG.
+
+Key layout is LlamaGen's (tok_embeddings, cls_embedding.embedding_table, layers.{i}.attention.
+{wqkv,wo}, feed_forward.{w1,w2,w3}, attention_norm, ffn_norm, norm, output), so released LlamaGen
+c2i weights load as they are. Ids share one space like ARPG's: [0, V) image tokens, V + c class c,
+V + num_classes the null class (LlamaGen's extra class-table row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from arpg.models.layers import (
+    FeedForward,
+    RMSNorm,
+    apply_rope,
+    block_causal_mask,
+    cache_write_attend,
+    init_weights,
+    merge_heads,
+    rope_2d,
+    rope_lookup,
+    split_heads,
+)
+
+
+@dataclass
+class RasterConfig:
+    codebook_size: int = 16384
+    num_classes: int = 1000
+    grid_size: int = 16
+    dim: int = 1024
+    n_heads: int = 16
+    n_layers: int = 24
+    ffn_multiple_of: int = 256
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    token_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    ffn_dropout: float = 0.1
+    attn_dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 4:
+            raise ValueError(
+                f"dim {self.dim} / n_heads {self.n_heads} must give a head dim divisible by 4 (2D RoPE)"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid_size * self.grid_size
+
+
+class Attention(nn.Module):
+    """Causal self-attention with LlamaGen's fused wqkv (same maths as ARPG's to_q/to_k/to_v)."""
+
+    def __init__(self, cfg: RasterConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.dim = cfg.dim
+        self.attn_dropout = cfg.attn_dropout
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.resid_dropout = nn.Dropout(cfg.resid_dropout)
+
+    def forward(self, x_BTC, cos, sin, cache=None):
+        """cache: None (causal over x) or (k_cache, v_cache, start, mask_or_None)."""
+        q_BTC, k_BTC, v_BTC = self.wqkv(x_BTC).split(self.dim, dim=-1)
+        q = apply_rope(split_heads(q_BTC, self.n_heads), cos, sin).transpose(1, 2)  # [B, H, T, D]
+        k = apply_rope(split_heads(k_BTC, self.n_heads), cos, sin).transpose(1, 2)  # [B, H, T, D]
+        v = split_heads(v_BTC, self.n_heads).transpose(1, 2)  # [B, H, T, D]
+        if cache is None:
+            drop = self.attn_dropout if self.training else 0.0
+            y_BHTD = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        else:
+            y_BHTD = cache_write_attend(q, k, v, *cache)
+        return self.resid_dropout(self.wo(merge_heads(y_BHTD)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: RasterConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_multiple_of, cfg.ffn_dropout)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x_BTC, cos, sin, cache=None):
+        h_BTC = x_BTC + self.attention(self.attention_norm(x_BTC), cos, sin, cache)
+        return h_BTC + self.feed_forward(self.ffn_norm(h_BTC))
+
+
+class LabelEmbedder(nn.Module):
+    """LlamaGen's class table: num_classes rows + one null row (classifier-free guidance)."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+
+@dataclass
+class RasterCache:
+    """k, v: [n_layers, B, H, S, D], written in place; `length` positions are filled."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+
+class RasterGPT(nn.Module):
+    def __init__(self, config: RasterConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        self.config = cfg = config
+        self.null_class_id = cfg.codebook_size + cfg.num_classes
+        self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim)
+        self.tok_embeddings = nn.Embedding(cfg.codebook_size, cfg.dim)
+        self.tok_dropout = nn.Dropout(cfg.token_dropout)
+        self.layers = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.codebook_size, bias=False)
+        self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        init_weights(self, 0.02, generator)
+        nn.init.zeros_(self.output.weight)
+
+    def rope_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (cos, sin) for the model grid, memoised per device (not in the state dict)."""
+        key = str(device)
+        if key not in self._rope:
+            cfg = self.config
+            cos, sin = rope_2d(cfg.grid_size, cfg.grid_size, cfg.head_dim, cfg.rope_base)
+            self._rope[key] = (cos.to(device), sin.to(device))
+        return self._rope[key]
+
+    def class_ids(self, labels_B: torch.Tensor) -> torch.Tensor:
+        """Id of each label's class token; label -1 (dropped) -> the null class."""
+        return torch.where(labels_B < 0, self.null_class_id, labels_B + self.config.codebook_size)
+
+    def embed(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        """Look ids up in the token or class table (ids >= codebook_size are classes)."""
+        V = self.config.codebook_size
+        is_cls_BT1 = (ids_BT >= V).unsqueeze(-1)
+        tok_BTC = self.tok_embeddings(ids_BT.clamp(max=V - 1))
+        cls_BTC = self.cls_embedding.embedding_table((ids_BT - V).clamp(min=0))
+        return torch.where(is_cls_BT1, cls_BTC, tok_BTC)  # [B, T, C]
+
+    def forward(self, tokens_BN: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
+        """logits[:, i] predicts tokens[:, i] from class + tokens[:, :i] (raster order)."""
+        B, N = tokens_BN.shape
+        cfg = self.config
+        if N != cfg.seq_len:
+            raise ValueError(f"RasterGPT built for a {cfg.grid_size}x{cfg.grid_size} grid ({cfg.seq_len} tokens), "
+                             f"got {N}")
+        cls_BC = self.cls_embedding.embedding_table(self.class_ids(labels_B) - cfg.codebook_size)
+        tok_BTC = self.tok_embeddings(tokens_BN[:, :-1])  # [B, N-1, C]
+        x_BNC = self.tok_dropout(torch.cat([cls_BC[:, None], tok_BTC], dim=1))  # [B, N, C]
+        cos, sin = self.rope_tables(tokens_BN.device)
+        cos_N, sin_N = cos[:N], sin[:N]  # slot 0 class, then token t at its own position t
+        for block in self.layers:
+            x_BNC = block(x_BNC, cos_N, sin_N)
+        return self.output(self.norm(x_BNC)).float()  # [B, N, V]
+
+    def loss(self, tokens_BN, labels_B) -> torch.Tensor:
+        logits_BNV = self(tokens_BN, labels_B)
+        return F.cross_entropy(logits_BNV.flatten(0, 1), tokens_BN.flatten())
+
+    def new_cache(self, batch_size: int, max_context: int, device=None, dtype=None) -> RasterCache:
+        cfg = self.config
+        ref = self.output.weight
+        device = ref.device if device is None else torch.device(device)
+        dtype = ref.dtype if dtype is None else dtype
+        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_context, cfg.head_dim)
+        cos, sin = self.rope_tables(device)
+        return RasterCache(
+            k=torch.empty(shape, device=device, dtype=dtype),
+            v=torch.empty(shape, device=device, dtype=dtype),
+            cos=cos,
+            sin=sin,
+        )
+
+    def extend(self, cache: RasterCache, ids_BT: torch.Tensor, pos_BT: torch.Tensor) -> torch.Tensor:
+        """Feed T tokens (causal among themselves); logits at each predict the next raster token."""
+        start, T = cache.length, ids_BT.shape[1]
+        if start + T > cache.capacity:
+            raise ValueError(f"raster cache full: {start} + {T} tokens > max_context {cache.capacity}")
+        cos, sin = rope_lookup(cache.cos, cache.sin, pos_BT)  # [B, T, hd/2]
+        mask = None if T == 1 else block_causal_mask(start, T, ids_BT.device)  # one token sees all
+        x_BTC = self.tok_dropout(self.embed(ids_BT))
+        for i, block in enumerate(self.layers):
+            x_BTC = block(x_BTC, cos, sin, cache=(cache.k[i], cache.v[i], start, mask))
+        cache.length = start + T
+        return self.output(self.norm(x_BTC)).float()  # [B, T, V]
+
+    def kv_cache_bytes(self, batch_size: int, dtype=torch.float32, max_context: int | None = None) -> int:
+        """Bytes new_cache allocates; default context = class + the N-1 tokens fed for one image."""
+        cfg = self.config
+        S = cfg.seq_len if max_context is None else max_context
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.n_layers * batch_size * cfg.n_heads * S * cfg.head_dim * itemsize
