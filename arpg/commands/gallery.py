@@ -1,0 +1,88 @@
+"""`arpg gallery`: zero-shot inpainting, outpainting and resolution expansion with the trained ARPG.
+
+Test images are tokenized with the VQ tokenizer; for each task in `gallery.tasks`
+one PNG (a row per image: input | input with the unknown cells grey | outputs)
+and one JSON describing what was done (images, masks, sampler, known tokens kept).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+
+def configure(parser) -> None:
+    parser.epilog = "Tasks, image count, steps, guidance and expansion size come from the `gallery:` section."
+
+
+def panel(result: dict):
+    """PIL image: one row per input, columns input | mask | outputs; all at the output resolution."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from arpg.models.vq import to_uint8
+
+    outputs_BSCHW = result["outputs"]
+    B, S, C, H, W = outputs_BSCHW.shape
+
+    def fit(x_BCHW):  # the expansion's input is already at output size; others are too
+        return x_BCHW if x_BCHW.shape[-1] == W else F.interpolate(x_BCHW, size=(H, W), mode="nearest")
+
+    columns = [fit(result["input"]), fit(result["mask"]), *outputs_BSCHW.unbind(1)]  # each [B, C, H, W]
+    grid_BCHW = torch.cat(columns, dim=-1)  # [B, C, H, (2 + S) W]
+    pixels = to_uint8(torch.cat(grid_BCHW.unbind(0), dim=-2)).permute(1, 2, 0).cpu().numpy()  # [B H, ..., C]
+    return Image.fromarray(pixels[..., 0] if C == 1 else pixels)
+
+
+def run(args, params) -> None:
+    from arpg.commands.sample import init_distributed, load_models, save_png
+    from arpg.data.arrays import load_images, load_labels
+    from arpg.engine.sampler import SamplerConfig, batch_seed
+    from arpg.engine.zeroshot import pick_images, run_task
+    from arpg.models.vq import from_uint8
+    from arpg.tracking import stage_run
+    from arpg.utils import make_generator, write_json
+
+    gal, smp = params["gallery"], params["sample"]
+    layout = params.layout
+    _, _, device = init_distributed(params["device"])
+    model, tokenizer = load_models(params, "arpg", device)
+    images_N = load_images(layout, "test")
+    labels_N = load_labels(layout, "test")
+    index = pick_images(labels_N, gal["num_images"])
+    images_BCHW = from_uint8(torch.from_numpy(np.ascontiguousarray(images_N[index]))).permute(0, 3, 1, 2).to(device)
+    labels_B = torch.from_numpy(labels_N[index]).long().to(device)
+    sampler = SamplerConfig(steps=gal["steps"], cfg=gal["cfg"], cfg_schedule=smp["cfg_schedule"],
+                            schedule=smp["schedule"], temperature=smp["temperature"], top_k=smp["top_k"],
+                            top_p=smp["top_p"])
+    doc = {"test_indices": index, "labels": labels_B.tolist(), "seed": params["seed"],
+           "sampler": asdict(sampler), "samples_per_image": gal["samples"], "order": "random",
+           "columns": ["input", "input with unknown cells grey", *[f"output {i + 1}" for i in range(gal["samples"])]],
+           "tasks": {}}
+    run_params = {"steps": gal["steps"], "cfg": gal["cfg"], "order": "random", "seed": params["seed"],
+                  "tasks": ",".join(gal["tasks"]), "num_images": gal["num_images"]}
+    with stage_run(params, "gallery", run_params=run_params) as run:
+        for t, task in enumerate(gal["tasks"]):
+            result = run_task(task, model, tokenizer, images_BCHW, labels_B, samples=gal["samples"],
+                              expand_to=gal["expand_to"], sampler=sampler,
+                              generator=make_generator(batch_seed(params["seed"], t), device))
+            save_png(panel(result), layout.gallery_image(task))
+            grid = result["grid"]
+            doc["tasks"][task] = {
+                "image": str(layout.gallery_image(task)), "token_grid": grid,
+                "training_grid": model.config.grid_size, "known_tokens": result["known"],
+                "generated_tokens": grid * grid - result["known"], "known_tokens_kept": result["known_kept"],
+                "context": {"inpainting": "every token outside the centre square (half the side)",
+                            "outpainting": "the centre square (half the side); everything around it generated",
+                            "resolution-expansion": "tokens of the bicubic up-scaled image on a lattice with one "
+                                                    "token per training-grid cell"}[task],
+            }
+            run.log_metrics({f"{task}_known_tokens_kept": float(result["known_kept"])})
+            run.log_artifact(layout.gallery_image(task))
+            print(f"{task}: {grid}x{grid} tokens, {result['known']} known (kept: {result['known_kept']}) "
+                  f"-> {layout.gallery_image(task)}")
+        write_json(layout.gallery_json, doc)
+        run.log_artifact(layout.gallery_json)
+    print(f"wrote {layout.gallery_json}")

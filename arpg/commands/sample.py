@@ -1,0 +1,173 @@
+"""`arpg sample`: class-balanced samples of one sweep point (model, steps, cfg, order).
+
+Writes `samples.npz` (`arr_0` uint8 [N, H, W, C] as the ADM evaluator expects,
+`labels` int64 [N], `tokens` [N, h, w]) and a PNG grid with one row per class.
+Under torchrun the fixed, seeded batches are split across ranks (rank r takes
+batches r, r + W, ...) and rank 0 merges them: the result equals one process.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+
+import numpy as np
+import torch
+
+from arpg.errors import ArpgError
+
+GRID_COLUMNS = 10  # samples per class shown in the PNG grid
+
+
+def configure(parser) -> None:
+    parser.add_argument("--model", choices=("arpg", "raster"), required=True, help="which trained generator")
+    parser.add_argument("--steps", type=int, required=True,
+                        help="decoding steps (raster: must equal the token count)")
+    parser.add_argument("--cfg", type=float, required=True, help="classifier-free guidance scale (1: off)")
+    parser.add_argument("--order", required=True,
+                        help="generation order: random, raster, spiral-in, spiral-out, z-curve, alternate "
+                             "(raster model: raster)")
+
+
+def check_point(point, n_tokens: int) -> None:
+    from arpg.engine.sampler import ORDERS
+
+    if point.order not in ORDERS:
+        raise ArpgError(f"unknown order {point.order!r}; use one of {', '.join(ORDERS)}")
+    if point.model == "raster" and (point.order != "raster" or point.steps != n_tokens):
+        raise ArpgError(f"the raster baseline decodes one token per step in raster order: use "
+                        f"--steps {n_tokens} --order raster (got --steps {point.steps} --order {point.order})")
+    if not 1 <= point.steps <= n_tokens:
+        raise ArpgError(f"--steps {point.steps} must be between 1 and the {n_tokens} tokens of the grid")
+
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; one process when it is absent."""
+    from arpg.utils import resolve_device
+
+    device = resolve_device(device_name)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def image_grid(images_NHWC: np.ndarray, labels_N: np.ndarray, columns: int):
+    """One row per class (first `columns` samples of each), uint8 pixels side by side."""
+    from PIL import Image
+
+    classes = np.unique(labels_N)
+    H, W, C = images_NHWC.shape[1:]
+    canvas = np.zeros((len(classes) * H, columns * W, C), dtype=np.uint8)
+    for row, c in enumerate(classes):
+        for col, img in enumerate(images_NHWC[labels_N == c][:columns]):
+            canvas[row * H:(row + 1) * H, col * W:(col + 1) * W] = img
+    return Image.fromarray(canvas[..., 0] if C == 1 else canvas)
+
+
+def save_png(image, path) -> None:
+    from arpg.utils import atomic_write_bytes
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_npz(path, **arrays) -> None:
+    from arpg.utils import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_models(params, model: str, device: torch.device):
+    """The trained generator and the tokenizer, strictly loaded, eval mode, on `device`."""
+    from arpg.config import token_grid
+    from arpg.models.checkpoint import load_generator
+    from arpg.models.vq import VQConfig, load_tokenizer
+
+    layout = params.layout
+    tokenizer = load_tokenizer(layout.tokenizer_checkpoint, VQConfig.from_params(params)).to(device).eval()
+    generator = load_generator(layout.model_checkpoint(model), codebook_size=params["tokenizer"]["codebook_size"],
+                               num_classes=params["data"]["num_classes"], grid_size=token_grid(params),
+                               device=device)
+    return generator, tokenizer
+
+
+def make_draw(model_kind: str, generator_model, tokenizer, opts, order: str):
+    """labels_B, torch.Generator -> (tokens [B, h, w], uint8 images [B, H, W, C])."""
+    from arpg.engine.sampler import generate_arpg, generate_raster
+    from arpg.models.vq import to_uint8
+
+    side = generator_model.config.grid_size
+
+    @torch.inference_mode()
+    def draw(labels_B, gen):
+        if model_kind == "arpg":
+            tokens_BN = generate_arpg(generator_model, labels_B, steps=opts.steps, cfg=opts.cfg,
+                                      cfg_schedule=opts.cfg_schedule, schedule=opts.schedule,
+                                      temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
+                                      order=order, generator=gen)
+        else:
+            tokens_BN = generate_raster(generator_model, labels_B, cfg=opts.cfg, cfg_schedule=opts.cfg_schedule,
+                                        temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
+                                        generator=gen)
+        tokens_Bhw = tokens_BN.view(-1, side, side)  # [B, h, w]
+        pixels_BHWC = to_uint8(tokenizer.decode(tokens_Bhw)).permute(0, 2, 3, 1)  # [B, H, W, C]
+        return tokens_Bhw, pixels_BHWC
+
+    return draw
+
+
+def run(args, params) -> None:
+    from arpg.config import token_count
+    from arpg.engine.sampler import SamplerConfig, gather_batches, generate_class_balanced, merge_batches
+    from arpg.paths import SweepPoint
+    from arpg.tracking import stage_run
+
+    point = SweepPoint(args.model, args.steps, args.cfg, args.order)
+    check_point(point, token_count(params))
+    cfg = params["sample"]
+    opts = SamplerConfig.from_params(cfg, steps=point.steps, cfg=point.cfg)
+    rank, world, device = init_distributed(params["device"])
+    layout = params.layout
+    generator_model, tokenizer = load_models(params, point.model, device)
+    draw = make_draw(point.model, generator_model, tokenizer, opts, point.order)
+
+    num_classes = params["data"]["num_classes"]
+    total = num_classes * cfg["num_per_class"]
+    start = time.perf_counter()
+    part = generate_class_balanced(
+        draw, num_classes=num_classes, num_per_class=cfg["num_per_class"], batch_size=cfg["batch_size"],
+        seed=cfg["seed"], device=device, rank=rank, world_size=world,
+        progress=lambda done, todo: print(f"[rank {rank}] batch {done}/{todo}", flush=True))
+    seconds = time.perf_counter() - start
+    parts = gather_batches(part, rank, world)
+    if rank != 0:
+        return
+    labels_N, outputs = merge_batches(parts)
+    tokens_Nhw = torch.cat([t for t, _ in outputs]).numpy()
+    images_NHWC = torch.cat([img for _, img in outputs]).numpy()
+    labels_np = labels_N.numpy().astype(np.int64)
+    run_params = {"model": point.model, "steps": point.steps, "cfg": point.cfg, "order": point.order,
+                  "seed": cfg["seed"], "schedule": opts.schedule, "cfg_schedule": opts.cfg_schedule,
+                  "temperature": opts.temperature, "top_k": opts.top_k, "top_p": opts.top_p,
+                  "num_samples": total, "nproc": world}
+    with stage_run(params, "sample", f"sample-{point.model}-{point.tag}", run_params) as run:
+        save_npz(layout.samples(point), arr_0=images_NHWC, labels=labels_np, tokens=tokens_Nhw)
+        save_png(image_grid(images_NHWC, labels_np, min(GRID_COLUMNS, cfg["num_per_class"])),
+                 layout.sample_grid(point))
+        # wall time of rank 0's share (decoding included); the profiling stage measures speed properly
+        mine = sum(len(labels_B) for labels_B, _ in part.values())
+        run.log_metrics({"sample_seconds": seconds, "images_per_second_rank0": mine / seconds})
+        run.log_artifact(layout.sample_grid(point))
+    print(f"wrote {total} samples to {layout.samples(point)} and {layout.sample_grid(point)}")

@@ -1,0 +1,168 @@
+"""Zero-shot editing with ARPG through pre-filled context (spec section 3).
+
+Known tokens go into pass 1 first (the class, then the known tokens at their
+true positions); only the unknown positions are decoded, with [MASK] queries in
+random parallel steps. Known tokens are copied through untouched.
+
+  inpainting            unknown = a region (default: the centre square, half the side)
+  outpainting           known = a region (default: the same centre square), the rest is generated
+  resolution expansion  a grid larger than the training grid (RoPE tables extended); the
+                        up-scaled image's tokens are the context on a lattice with the training
+                        grid's density (one known token per original token cell), the positions
+                        between them are generated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from arpg.engine.sampler import Context, SamplerConfig, generate_arpg
+from arpg.errors import ArpgError
+
+TASKS = ("inpainting", "outpainting", "resolution-expansion")
+
+
+def centre_box(side: int, frac: float = 0.5) -> torch.Tensor:
+    """Bool [side, side], True inside the centred square covering `frac` of the side."""
+    size = max(1, round(side * frac))
+    lo = (side - size) // 2
+    box_HW = torch.zeros(side, side, dtype=torch.bool)
+    box_HW[lo:lo + size, lo:lo + size] = True
+    return box_HW
+
+
+def lattice(side: int, big: int) -> torch.Tensor:
+    """Bool [big, big]: one position per cell of a side x side grid spread over big x big."""
+    if big < side:
+        raise ArpgError(f"resolution expansion needs expand_to >= the training grid ({big} < {side}); "
+                        "raise gallery.expand_to")
+    idx = ((torch.arange(side) + 0.5) * big / side).floor().long()  # centres of the original cells
+    mask_HW = torch.zeros(big, big, dtype=torch.bool)
+    mask_HW[idx[:, None], idx[None, :]] = True
+    return mask_HW
+
+
+@dataclass
+class Completion:
+    """One zero-shot call: output tokens [B, h, w], the context it was given [B, h, w], known mask [h, w]."""
+
+    tokens_Bhw: torch.Tensor
+    context_Bhw: torch.Tensor
+    known_hw: torch.Tensor
+
+    @property
+    def known_kept(self) -> bool:
+        known = self.known_hw.to(self.tokens_Bhw.device)
+        return bool(torch.equal(self.tokens_Bhw[:, known], self.context_Bhw[:, known]))
+
+
+def complete(model, tokens_Bhw: torch.Tensor, known_hw: torch.Tensor, labels_B: torch.Tensor, *,
+             sampler: SamplerConfig, generator: torch.Generator) -> Completion:
+    """Keep the tokens where `known_hw` is True, generate the others (random order, parallel steps)."""
+    B, h, w = tokens_Bhw.shape
+    if h != w or known_hw.shape != (h, w):
+        raise ArpgError(f"zero-shot grids must be square with a matching mask; got tokens {tuple(tokens_Bhw.shape)}, "
+                        f"mask {tuple(known_hw.shape)}")
+    n_free = int((~known_hw).sum())
+    steps = min(sampler.steps, n_free)  # a small hole cannot take more steps than it has tokens
+    known_BN = known_hw.reshape(1, h * w).expand(B, -1).to(tokens_Bhw.device)  # [B, N]
+    context = Context(tokens_BN=tokens_Bhw.reshape(B, h * w), known_BN=known_BN)
+    out_BN = generate_arpg(model, labels_B, steps=steps, cfg=sampler.cfg, cfg_schedule=sampler.cfg_schedule,
+                           schedule=sampler.schedule, temperature=sampler.temperature, top_k=sampler.top_k,
+                           top_p=sampler.top_p, order="random", generator=generator, context=context,
+                           grid_size=h)  # [B, N]
+    return Completion(out_BN.view(B, h, w), tokens_Bhw, known_hw)
+
+
+def inpaint(model, tokens_Bhw, labels_B, *, sampler: SamplerConfig, generator: torch.Generator,
+            hole_hw: torch.Tensor | None = None) -> Completion:
+    """Regenerate the hole (default: centre square); everything else is context."""
+    hole_hw = centre_box(tokens_Bhw.shape[-1]) if hole_hw is None else hole_hw
+    return complete(model, tokens_Bhw, ~hole_hw, labels_B, sampler=sampler, generator=generator)
+
+
+def outpaint(model, tokens_Bhw, labels_B, *, sampler: SamplerConfig, generator: torch.Generator,
+             keep_hw: torch.Tensor | None = None) -> Completion:
+    """Keep a region (default: centre square) and generate everything around it."""
+    keep_hw = centre_box(tokens_Bhw.shape[-1]) if keep_hw is None else keep_hw
+    return complete(model, tokens_Bhw, keep_hw, labels_B, sampler=sampler, generator=generator)
+
+
+def upscale(images_BCHW: torch.Tensor, size: int) -> torch.Tensor:
+    """Bicubic resize of [-1, 1] images to size x size, clamped back into range."""
+    return F.interpolate(images_BCHW, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+@torch.inference_mode()
+def expand_resolution(model, tokenizer, images_BCHW: torch.Tensor, labels_B: torch.Tensor, *, expand_to: int,
+                      sampler: SamplerConfig, generator: torch.Generator) -> tuple[Completion, torch.Tensor]:
+    """Generate on an expand_to x expand_to token grid from an up-scaled image.
+
+    Returns the completion and the up-scaled input images [B, C, expand_to*f, expand_to*f].
+    """
+    side = model.config.grid_size
+    f = tokenizer.config.downsample
+    big_BCHW = upscale(images_BCHW, expand_to * f)  # [B, C, E*f, E*f]
+    context_BEE = tokenizer.encode(big_BCHW)  # [B, E, E]
+    completion = complete(model, context_BEE, lattice(side, expand_to), labels_B,
+                          sampler=sampler, generator=generator)
+    return completion, big_BCHW
+
+
+# --------------------------------------------------------------------------------------------
+# Gallery: one panel per task (input, mask, outputs side by side)
+# --------------------------------------------------------------------------------------------
+
+def pick_images(labels_N, count: int) -> list[int]:
+    """Indices of `count` test images cycling through the classes (first unused image of each)."""
+    import numpy as np
+
+    labels_N = np.asarray(labels_N)
+    by_class = [np.flatnonzero(labels_N == c).tolist() for c in np.unique(labels_N)]
+    picked: list[int] = []
+    while len(picked) < count:
+        before = len(picked)
+        for members in by_class:
+            if members and len(picked) < count:
+                picked.append(members.pop(0))
+        if len(picked) == before:
+            raise ArpgError(f"the test split has only {len(picked)} images; lower gallery.num_images")
+    return picked
+
+
+def shade_unknown(images_BCHW: torch.Tensor, known_hw: torch.Tensor) -> torch.Tensor:
+    """The input with unknown token cells drawn mid-grey (what the model is shown)."""
+    f = images_BCHW.shape[-1] // known_hw.shape[-1]
+    known_HW = known_hw.repeat_interleave(f, 0).repeat_interleave(f, 1).to(images_BCHW.device)  # pixels
+    return torch.where(known_HW, images_BCHW, torch.zeros_like(images_BCHW))  # 0 = grey in [-1, 1]
+
+
+@torch.inference_mode()
+def run_task(task: str, model, tokenizer, images_BCHW: torch.Tensor, labels_B: torch.Tensor, *,
+             samples: int, expand_to: int, sampler: SamplerConfig, generator: torch.Generator) -> dict:
+    """One task on B images, `samples` draws each -> tensors for the panel and a summary.
+
+    Returns {"input", "mask", "outputs" [B, S, C, H, W] in [-1, 1], "known_kept", "known", "grid"}.
+    """
+    B = images_BCHW.shape[0]
+    labels_X = labels_B.repeat_interleave(samples)  # [B*S]: draws of one image are adjacent
+    images_XCHW = images_BCHW.repeat_interleave(samples, 0)  # [B*S, C, H, W]
+    if task == "resolution-expansion":
+        completion, big_XCHW = expand_resolution(model, tokenizer, images_XCHW, labels_X, expand_to=expand_to,
+                                                 sampler=sampler, generator=generator)
+        inputs_BCHW = big_XCHW[::samples]  # the up-scaled input, once per image
+    elif task in ("inpainting", "outpainting"):
+        inputs_BCHW = images_BCHW
+        fn = inpaint if task == "inpainting" else outpaint
+        context_Xhw = tokenizer.encode(images_BCHW).repeat_interleave(samples, 0)  # [B*S, h, w]
+        completion = fn(model, context_Xhw, labels_X, sampler=sampler, generator=generator)
+    else:
+        raise ArpgError(f"unknown zero-shot task {task!r}; use one of {', '.join(TASKS)}")
+    outputs_XCHW = tokenizer.decode(completion.tokens_Bhw).clamp(-1, 1)  # [B*S, C, H, W]
+    return {"input": inputs_BCHW, "mask": shade_unknown(inputs_BCHW, completion.known_hw),
+            "outputs": outputs_XCHW.view(B, samples, *outputs_XCHW.shape[1:]),
+            "known_kept": completion.known_kept, "known": int(completion.known_hw.sum()),
+            "grid": int(completion.known_hw.shape[0])}

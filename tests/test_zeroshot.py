@@ -1,0 +1,146 @@
+"""Zero-shot tasks through pre-filled context: known tokens never change, only unknowns are queried."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from arpg.engine import sampler as S
+from arpg.engine import zeroshot as Z
+from arpg.errors import ArpgError
+from arpg.models.registry import build_model
+from arpg.models.vq import VQConfig, VQModel
+from arpg.utils import make_generator
+
+GRID, CODES, CLASSES = 4, 32, 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared, overloaded CPU two spinning threads make tiny ops ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def arpg():
+    gen = make_generator(0)
+    model = build_model("ARPG-T", codebook_size=CODES, num_classes=CLASSES, grid_size=GRID, generator=gen)
+    torch.nn.init.normal_(model.head.weight, std=1.0, generator=gen)
+    return model.eval()
+
+
+class Recorder:
+    def __init__(self, model):
+        self.model, self.fed, self.queried = model, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def extend_context(self, cache, ids_BT, pos_BT):
+        self.fed.append(pos_BT.clone())
+        return self.model.extend_context(cache, ids_BT, pos_BT)
+
+    def query(self, cache, pos_BQ):
+        self.queried.append(pos_BQ.clone())
+        return self.model.query(cache, pos_BQ)
+
+
+SAMPLER = S.SamplerConfig(steps=3, cfg=2.0)
+
+
+def test_masks():
+    assert Z.centre_box(4).int().tolist() == [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]
+    lat = Z.lattice(2, 5)  # cell centres (0.5, 1.5) * 2.5 -> 1, 3
+    assert lat.nonzero().tolist() == [[1, 1], [1, 3], [3, 1], [3, 3]]
+    assert Z.lattice(8, 12).sum() == 64
+    with pytest.raises(ArpgError, match="expand_to"):
+        Z.lattice(8, 6)
+
+
+@pytest.mark.parametrize("task", ["inpainting", "outpainting"])
+def test_known_tokens_kept_and_only_unknowns_queried(arpg, task):
+    tokens = torch.randint(0, CODES, (3, GRID, GRID), generator=make_generator(1))
+    labels = torch.tensor([0, 1, 2])
+    rec = Recorder(arpg)
+    fn = Z.inpaint if task == "inpainting" else Z.outpaint
+    out = fn(rec, tokens, labels, sampler=SAMPLER, generator=make_generator(2))
+    known = out.known_hw
+    assert known.sum() in (4, 12)
+    assert torch.equal(out.tokens_Bhw[:, known], tokens[:, known])
+    unknown_pos = (~known).flatten().nonzero().flatten()
+    queried = torch.cat(rec.queried, dim=1)
+    assert torch.equal(queried.sort(dim=1).values, unknown_pos.expand(queried.shape[0], -1))
+    # pre-fill: the class alone, then every known token, before any query
+    assert (rec.fed[0] == -1).all()
+    assert torch.equal(rec.fed[1].sort(dim=1).values, known.flatten().nonzero().flatten().expand(6, -1))
+    # the generated region actually changed somewhere (tokens are sampled, not copied)
+    assert not torch.equal(out.tokens_Bhw[:, ~known], tokens[:, ~known])
+
+
+def test_context_changes_the_prediction(arpg):
+    """The same seed with different known tokens gives different completions: the context is read."""
+    labels = torch.tensor([0, 0])
+    a = torch.zeros(2, GRID, GRID, dtype=torch.long)
+    b = torch.full((2, GRID, GRID), 5, dtype=torch.long)
+    hole = Z.centre_box(GRID)
+    out_a = Z.inpaint(arpg, a, labels, sampler=SAMPLER, generator=make_generator(4))
+    out_b = Z.inpaint(arpg, b, labels, sampler=SAMPLER, generator=make_generator(4))
+    assert not torch.equal(out_a.tokens_Bhw[:, hole], out_b.tokens_Bhw[:, hole])
+
+
+def test_context_with_uneven_known_counts_rejected(arpg):
+    known = torch.zeros(2, GRID * GRID, dtype=torch.bool)
+    known[0, 0] = True
+    ctx = S.Context(tokens_BN=torch.zeros(2, GRID * GRID, dtype=torch.long), known_BN=known)
+    with pytest.raises(ArpgError, match="same number"):
+        S.generate_arpg(arpg, torch.tensor([0, 1]), steps=2, generator=make_generator(0), context=ctx)
+
+
+def test_resolution_expansion_keeps_lattice_and_extends_rope(arpg):
+    vq = VQModel(VQConfig(in_channels=1, base_channels=32, channel_mult=(1, 2), num_res_blocks=1, z_channels=32,
+                          codebook_size=CODES, codebook_dim=4, norm_groups=8)).eval()
+    images = torch.rand(2, 1, GRID * 2, GRID * 2, generator=make_generator(5)) * 2 - 1
+    rec = Recorder(arpg)
+    out, big = Z.expand_resolution(rec, vq, images, torch.tensor([1, 2]), expand_to=6, sampler=SAMPLER,
+                                   generator=make_generator(6))
+    assert big.shape == (2, 1, 12, 12) and out.tokens_Bhw.shape == (2, 6, 6)
+    with torch.inference_mode():
+        context = vq.encode(big)
+    known = Z.lattice(GRID, 6)
+    assert torch.equal(out.tokens_Bhw[:, known], context[:, known])
+    queried = torch.cat(rec.queried, dim=1)
+    unknown = (~known).flatten().nonzero().flatten()  # 20 positions, many beyond the 4x4 training grid
+    assert torch.equal(queried.sort(dim=1).values, unknown.expand(queried.shape[0], -1)) and unknown.max() > 15
+    # the RoPE table used is the 6x6 one: 1 + 36 rows
+    assert arpg.rope_tables(6, torch.device("cpu"))[0].shape[0] == 37
+
+
+def test_gallery_command(params_file):
+    import json
+
+    from PIL import Image
+
+    from arpg.cli import main
+    from test_sampler import make_tiny_study
+
+    params = make_tiny_study(params_file, **{"tracking.enabled": False})
+    assert main(["gallery", "--params", str(params.path)]) == 0
+    layout = params.layout
+    doc = json.loads(layout.gallery_json.read_text())
+    assert doc["test_indices"] == [0, 1] and doc["labels"] == [0, 1]
+    sizes = {"inpainting": (4, 12), "outpainting": (4, 4), "resolution-expansion": (6, 16)}
+    for task, (grid, known) in sizes.items():
+        entry = doc["tasks"][task]
+        assert entry["token_grid"] == grid and entry["known_tokens"] == known and entry["known_tokens_kept"]
+        side = grid * 2  # tokenizer downsampling 2
+        # rows: 2 images; columns: input, mask, 2 outputs
+        assert Image.open(layout.gallery_image(task)).size == ((2 + 2) * side, 2 * side)
+
+
+def test_pick_images_cycles_classes():
+    assert Z.pick_images([2, 0, 0, 1, 2], 4) == [1, 3, 0, 2]
+    with pytest.raises(ArpgError, match="num_images"):
+        Z.pick_images([0, 1], 3)
