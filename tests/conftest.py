@@ -38,6 +38,15 @@ def params_file(tmp_path):
     return lambda base="params.yaml", **overrides: write_params(tmp_path, base, **overrides)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny test tensors: two intra-op threads only contend with each other (and with
+    other jobs on a 2-core machine), so tests run single-threaded."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(monkeypatch, tmp_path):
     """No test writes to the repository's mlflow.db."""
