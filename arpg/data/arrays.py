@@ -10,13 +10,13 @@ from arpg.paths import Layout
 SPLITS = ("train", "test")
 
 
-def _load(path, what: str) -> np.ndarray:
+def _load(path, what: str, stage: str = "prepare-data") -> np.ndarray:
     if not path.is_file():
-        raise DataError(f"{what} not found at {path}; run `arpg prepare-data` (or `snakemake --cores all`) first")
+        raise DataError(f"{what} not found at {path}; run `arpg {stage}` (or `snakemake --cores all`) first")
     try:
         return np.load(path, mmap_mode="r")
     except (ValueError, OSError) as exc:
-        raise DataError(f"{what} at {path} is unreadable ({exc}); delete it and rerun `arpg prepare-data`") from exc
+        raise DataError(f"{what} at {path} is unreadable ({exc}); delete it and rerun `arpg {stage}`") from exc
 
 
 def load_images(layout: Layout, split: str) -> np.ndarray:
@@ -31,8 +31,8 @@ def load_labels(layout: Layout, split: str) -> np.ndarray:
 
 def load_tokens(layout: Layout, split: str) -> np.ndarray:
     """Token grids [N, h, w] written by `arpg tokenize`; split in train, train_flip, test."""
-    return _load(layout.tokens(split), f"{split} token grids")
+    return _load(layout.tokens(split), f"{split} token grids", "tokenize")
 
 
 def load_token_labels(layout: Layout, split: str) -> np.ndarray:
-    return np.asarray(_load(layout.token_labels(split), f"{split} token labels"))
+    return np.asarray(_load(layout.token_labels(split), f"{split} token labels", "tokenize"))
