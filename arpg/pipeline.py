@@ -1,0 +1,426 @@
+"""The study as a list of jobs: the single source of the Snakemake DAG and dvc.yaml.
+
+A *rule* is one kind of stage (`sample`); a *job* is one unit of work of a rule
+(`sample` for model arpg, 8 steps, cfg 2.0, random order). For each job this
+module says the `arpg` command, the artifacts it reads (`inputs`: produced by
+other jobs), the user-given files it reads (`external`: data folders, released
+weights), what it writes (`outputs`, all spelled by `arpg.paths.Layout`), and
+which params keys feed it.
+
+The Snakefile (workflow/rules/*.smk) asks this module for every path and for the
+params fingerprint of each job; `arpg export-dvc` renders the same jobs as
+dvc.yaml. tests/test_pipeline.py checks that both agree with `jobs()`.
+
+Why fingerprints rather than the params file as an input: a params file edit
+would then rerun everything. Each job gets a hash of only the params keys it
+reads (Snakemake's `params` rerun trigger, DVC's `params:`), so changing one
+sweep value reruns only the jobs it feeds.
+
+This module is imported by Snakemake on every invocation: no torch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from arpg.config import sweep_points
+from arpg.errors import ConfigError
+from arpg.paths import Layout, SweepPoint, format_cfg
+
+POINT_WILDCARDS = ("model", "steps", "cfg", "order")
+# Values of sample.* that choose *which* points exist, not what one point does.
+SWEEP_KEYS = ("steps", "cfg", "orders", "steps_default", "cfg_default")
+MODELS = ("arpg", "raster")
+
+
+@dataclass(frozen=True)
+class Job:
+    rule: str                       # Snakemake rule name / DVC stage family
+    wildcards: dict[str, str]       # {} for one-job rules
+    args: tuple[str, ...]           # after `arpg`, without --params
+    inputs: tuple[str, ...]         # artifacts written by other jobs
+    outputs: tuple[str, ...]        # files; `output_dir` for a directory output
+    param_keys: tuple[str, ...]     # dotted params keys the job reads
+    external: tuple[str, ...] = ()  # user-given files / folders (weights, datasets)
+    output_dir: str | None = None   # directory output (the report)
+    launcher: tuple[str, ...] = ()  # torchrun prefix for multi-process jobs
+    threads: int = 1
+    gpus: int = 0
+    local: bool = False             # cheap: runs on the submit host under a cluster executor
+    log: str = ""
+
+    @property
+    def key(self) -> str:
+        """Unique name of the job within its rule ('' for one-job rules)."""
+        w = self.wildcards
+        if set(w) == set(POINT_WILDCARDS):
+            return f"{w['model']}-steps{w['steps']}_cfg{w['cfg']}_{w['order']}"
+        return "-".join(w[k] for k in sorted(w))
+
+    @property
+    def name(self) -> str:
+        return f"{self.rule}@{self.key}" if self.wildcards else self.rule
+
+    @property
+    def all_outputs(self) -> tuple[str, ...]:
+        return self.outputs + ((self.output_dir,) if self.output_dir else ())
+
+    def command(self, params_file: str) -> str:
+        """The shell command (what Snakemake's `shell:` line and DVC's `cmd` run)."""
+        argv = [*self.launcher, "arpg", self.args[0], "--params", params_file, *self.args[1:]]
+        return " ".join(shlex.quote(a) if "${" not in a else a for a in argv)
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    params: Mapping[str, Any]
+    layout: Layout
+    log_dir: str
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    wildcards: tuple[str, ...]
+    build: Callable[[_Ctx, dict[str, str]], Job] = field(repr=False)
+    # wildcard values of the rule's jobs in this study ([] when the rule is not in the DAG)
+    instances: Callable[[Mapping], list[dict[str, str]]] = field(repr=False)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _s(path) -> str:
+    return str(path)
+
+
+def _point_wildcards(point: SweepPoint) -> dict[str, str]:
+    return {"model": point.model, "steps": str(point.steps), "cfg": format_cfg(point.cfg), "order": point.order}
+
+
+# Sentinel point used to turn Layout's point paths into patterns ({model}, {steps}, ...),
+# so the path of a sweep point is still spelled only in arpg/paths.py.
+_SENTINEL = SweepPoint("MODELWILDCARD", 987654321, 7.25, "ORDERWILDCARD")
+_SENTINEL_TEXT = {"model": "MODELWILDCARD", "steps": "987654321", "cfg": format_cfg(7.25), "order": "ORDERWILDCARD"}
+
+
+def _point_path(path_fn: Callable[[SweepPoint], Path], w: Mapping[str, str]) -> str:
+    text = str(path_fn(_SENTINEL))
+    for name, sentinel in _SENTINEL_TEXT.items():
+        if text.count(sentinel) != 1:  # pragma: no cover - only if output_dir contains a sentinel
+            raise ConfigError(f"output_dir {text!r} confuses the sweep-point path pattern; rename it")
+        text = text.replace(sentinel, w[name])
+    return text
+
+
+def _section(params: Mapping, section: str, *, drop: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Params keys of one section: the whole section, or its leaves minus `drop`."""
+    if not drop:
+        return (section,)
+    return tuple(f"{section}.{k}" for k in params[section] if k not in drop)
+
+
+def _gpus(params: Mapping, nproc: int = 1) -> int:
+    return nproc if str(params["device"]).startswith("cuda") else 0
+
+
+def _torchrun(nproc: int) -> tuple[str, ...]:
+    if nproc <= 1:
+        return ()
+    return ("torchrun", "--standalone", f"--nproc_per_node={nproc}", "--no-python")
+
+
+def _log(ctx: _Ctx, rule: str, w: Mapping[str, str], wildcards: tuple[str, ...]) -> str:
+    if not wildcards:
+        return f"{ctx.log_dir}/{rule}.log"
+    if wildcards == POINT_WILDCARDS:
+        return f"{ctx.log_dir}/{rule}/{w['model']}/steps{w['steps']}_cfg{w['cfg']}_{w['order']}.log"
+    return f"{ctx.log_dir}/{rule}/" + "_".join(w[k] for k in wildcards) + ".log"
+
+
+def _needs_tokens(params: Mapping) -> bool:
+    train = params["train"]
+    return train["arpg_pretrained"] is None or train["raster_pretrained"] is None
+
+
+def _extractors(params: Mapping) -> list[str]:
+    return list(params["evaluate"]["extractors"])
+
+
+def _point_inputs_eval(ctx: _Ctx, w: Mapping[str, str]) -> list[str]:
+    """What evaluating one point reads besides its samples."""
+    params, lay = ctx.params, ctx.layout
+    split = params["evaluate"]["reference_split"]
+    inputs = [_s(lay.reference_stats(x, split)) for x in _extractors(params)]
+    if "classifier" in _extractors(params):
+        inputs.append(_s(lay.classifier_checkpoint))  # class accuracy of the samples
+    return inputs
+
+
+def _inception_external(params: Mapping, extractors) -> tuple[str, ...]:
+    weights = params["evaluate"]["inception_weights"]
+    return (weights,) if "inception" in extractors and weights else ()
+
+
+# --------------------------------------------------------------------------- rules
+
+def _prepare_data(ctx: _Ctx, w) -> Job:
+    lay, data = ctx.layout, ctx.params["data"]
+    outputs = [_s(p) for split in ("train", "test") for p in (lay.images(split), lay.labels(split))]
+    external = tuple(p for p in (data["path"], data["test_path"]) if p)
+    return Job("prepare_data", {}, ("prepare-data",), (), (*outputs, _s(lay.data_manifest)),
+               ("data", "seed"), external=external, log=_log(ctx, "prepare_data", w, ()))
+
+
+def _train_tokenizer(ctx: _Ctx, w) -> Job:
+    lay, tok = ctx.layout, ctx.params["tokenizer"]
+    pretrained = tok["pretrained"]
+    inputs = () if pretrained else (_s(lay.images("train")),)
+    return Job("train_tokenizer", {}, ("train-tokenizer",), inputs,
+               (_s(lay.tokenizer_checkpoint), _s(lay.tokenizer_metrics)),
+               ("tokenizer", "seed"), external=(pretrained,) if pretrained else (),
+               threads=2, gpus=0 if pretrained else _gpus(ctx.params), log=_log(ctx, "train_tokenizer", w, ()))
+
+
+def _tokenize(ctx: _Ctx, w) -> Job:
+    lay, tok = ctx.layout, ctx.params["tokenizer"]
+    inputs = [_s(lay.tokenizer_checkpoint)]
+    inputs += [_s(p) for split in ("train", "test") for p in (lay.images(split), lay.labels(split))]
+    outputs = [_s(p) for split in ("train", "test") for p in (lay.tokens(split), lay.token_labels(split))]
+    if tok["tokenize_flip"]:
+        outputs += [_s(lay.tokens("train_flip")), _s(lay.token_labels("train_flip"))]
+    outputs += [_s(lay.tokenize_metrics), _s(lay.reconstructions)]
+    return Job("tokenize", {}, ("tokenize",), tuple(inputs), tuple(outputs),
+               ("tokenizer.tokenize_flip", "tokenizer.eval_images", "tokenizer.batch_size"),
+               threads=2, gpus=_gpus(ctx.params), log=_log(ctx, "tokenize", w, ()))
+
+
+def _train_classifier(ctx: _Ctx, w) -> Job:
+    lay = ctx.layout
+    inputs = tuple(_s(p) for split in ("train", "test") for p in (lay.images(split), lay.labels(split)))
+    return Job("train_classifier", {}, ("train-classifier",), inputs,
+               (_s(lay.classifier_checkpoint), _s(lay.classifier_metrics)), ("classifier", "seed"),
+               threads=2, gpus=_gpus(ctx.params), log=_log(ctx, "train_classifier", w, ()))
+
+
+def _train_model(model: str) -> Callable[[_Ctx, dict], Job]:
+    other = "raster" if model == "arpg" else "arpg"
+
+    def build(ctx: _Ctx, w) -> Job:
+        params, lay = ctx.params, ctx.layout
+        train, tok = params["train"], params["tokenizer"]
+        pretrained = train[f"{model}_pretrained"]
+        rule = f"train_{model}"
+        outputs = (_s(lay.model_checkpoint(model)), _s(lay.model_metrics(model)))
+        keys = ("seed", *_section(params, "train", drop=(f"{other}_model", f"{other}_pretrained")))
+        if pretrained:
+            # Released weights: the command loads them strictly and re-saves model.pt; no training.
+            return Job(rule, {}, ("train", "--model", model), (), outputs, keys, external=(pretrained,),
+                       log=_log(ctx, rule, w, ()))
+        if train["use_flipped"] and not tok["tokenize_flip"]:
+            raise ConfigError(f"{params.get('name')}: train.use_flipped is true but tokenizer.tokenize_flip "
+                              "is false, so no flipped tokens exist; enable one and disable the other")
+        inputs = [_s(lay.tokens("train")), _s(lay.token_labels("train"))]
+        if train["use_flipped"]:
+            inputs.append(_s(lay.tokens("train_flip")))
+        nproc = train["nproc"]
+        return Job(rule, {}, ("train", "--model", model), tuple(inputs), outputs, keys,
+                   launcher=_torchrun(nproc), threads=2 * nproc, gpus=_gpus(params, nproc),
+                   log=_log(ctx, rule, w, ()))
+
+    return build
+
+
+def _sample(ctx: _Ctx, w) -> Job:
+    params, lay = ctx.params, ctx.layout
+    nproc = params["sample"]["nproc"]
+    return Job("sample", dict(w),
+               ("sample", "--model", w["model"], "--steps", w["steps"], "--cfg", w["cfg"], "--order", w["order"]),
+               (_s(lay.model_checkpoint(w["model"])), _s(lay.tokenizer_checkpoint)),
+               (_point_path(lay.samples, w), _point_path(lay.sample_grid, w)),
+               ("seed", *_section(params, "sample", drop=SWEEP_KEYS)),
+               launcher=_torchrun(nproc), threads=nproc, gpus=_gpus(params, nproc),
+               log=_log(ctx, "sample", w, POINT_WILDCARDS))
+
+
+def _reference_stats(ctx: _Ctx, w) -> Job:
+    params, lay = ctx.params, ctx.layout
+    extractor, split = w["extractor"], params["evaluate"]["reference_split"]
+    inputs = [_s(lay.images(split)), _s(lay.labels(split))]
+    if extractor == "classifier":
+        inputs.append(_s(lay.classifier_checkpoint))
+    keys = ("evaluate.reference_split", "evaluate.batch_size")
+    if extractor == "inception":
+        keys += ("evaluate.inception_weights",)
+    return Job("reference_stats", dict(w), ("reference-stats", "--extractor", extractor), tuple(inputs),
+               (_s(lay.reference_stats(extractor, split)),), keys,
+               external=_inception_external(params, [extractor]), gpus=_gpus(params),
+               log=_log(ctx, "reference_stats", w, ("extractor",)))
+
+
+def _evaluate(ctx: _Ctx, w) -> Job:
+    params, lay = ctx.params, ctx.layout
+    return Job("evaluate", dict(w),
+               ("evaluate", "--model", w["model"], "--steps", w["steps"], "--cfg", w["cfg"], "--order", w["order"]),
+               (_point_path(lay.samples, w), *_point_inputs_eval(ctx, w)),
+               (_point_path(lay.metrics, w),), ("evaluate",),
+               external=_inception_external(params, _extractors(params)), gpus=_gpus(params),
+               log=_log(ctx, "evaluate", w, POINT_WILDCARDS))
+
+
+def _profile(ctx: _Ctx, w) -> Job:
+    params, lay = ctx.params, ctx.layout
+    prof = params["profile"]
+    inputs = ()
+    if "default" in prof["models"]:  # the study's own models (+ tokenizer, end-to-end) are timed too
+        inputs = (*(_s(lay.model_checkpoint(m)) for m in MODELS), _s(lay.tokenizer_checkpoint))
+    return Job("profile", {}, ("profile",), inputs, (_s(lay.profile_csv), _s(lay.profile_json)),
+               ("profile", "sample.schedule", "sample.cfg_schedule", "seed"),
+               threads=prof["threads"], gpus=_gpus(params), log=_log(ctx, "profile", w, ()))
+
+
+def _gallery(ctx: _Ctx, w) -> Job:
+    params, lay = ctx.params, ctx.layout
+    inputs = (_s(lay.model_checkpoint("arpg")), _s(lay.tokenizer_checkpoint),
+              _s(lay.images("test")), _s(lay.labels("test")))
+    outputs = tuple(_s(lay.gallery_image(t)) for t in params["gallery"]["tasks"]) + (_s(lay.gallery_json),)
+    return Job("gallery", {}, ("gallery",), inputs, outputs,
+               ("gallery", "sample.schedule", "sample.temperature", "seed"),
+               gpus=_gpus(params), log=_log(ctx, "gallery", w, ()))
+
+
+def _report(ctx: _Ctx, w) -> Job:
+    inputs = report_inputs(ctx.params, ctx.layout, ctx.log_dir)
+    return Job("report", {}, ("report",), tuple(inputs), (), ("report", "name"),
+               output_dir=str(ctx.params["report"]["dir"]), local=True, log=_log(ctx, "report", w, ()))
+
+
+def report_inputs(params: Mapping, layout: Layout, log_dir: str = "logs") -> list[str]:
+    """Every stage output the report reads (outputs of the other jobs of this study)."""
+    ctx = _Ctx(params, layout, log_dir)
+    inputs: list[str] = [_s(layout.data_manifest)]
+    for rule in RULES.values():
+        if rule.name in ("report", "prepare_data"):
+            continue
+        for w in rule.instances(params):
+            job = rule.build(ctx, w)
+            inputs += [o for o in job.outputs if _report_reads(rule.name, o)]
+    return inputs
+
+
+def _report_reads(rule: str, output: str) -> bool:
+    """The report reads metrics, tables and images, not checkpoints, arrays or stats."""
+    return not output.endswith((".pt", ".npy", ".npz"))
+
+
+def _point_instances(params: Mapping) -> list[dict[str, str]]:
+    return [_point_wildcards(p) for p in sweep_points(params)]
+
+
+RULES: dict[str, Rule] = {r.name: r for r in (
+    Rule("prepare_data", (), _prepare_data, lambda p: [{}]),
+    Rule("train_tokenizer", (), _train_tokenizer, lambda p: [{}]),
+    Rule("tokenize", (), _tokenize, lambda p: [{}] if _needs_tokens(p) else []),
+    Rule("train_classifier", (), _train_classifier,
+         lambda p: [{}] if "classifier" in _extractors(p) else []),
+    Rule("train_arpg", (), _train_model("arpg"), lambda p: [{}]),
+    Rule("train_raster", (), _train_model("raster"), lambda p: [{}]),
+    Rule("sample", POINT_WILDCARDS, _sample, _point_instances),
+    Rule("reference_stats", ("extractor",), _reference_stats,
+         lambda p: [{"extractor": x} for x in _extractors(p)]),
+    Rule("evaluate", POINT_WILDCARDS, _evaluate, _point_instances),
+    Rule("profile", (), _profile, lambda p: [{}]),
+    Rule("gallery", (), _gallery, lambda p: [{}]),
+    Rule("report", (), _report, lambda p: [{}]),
+)}
+
+
+# --------------------------------------------------------------------------- public API
+
+def log_dir(params: Mapping) -> str:
+    """Logs of one study: logs/<name>/... (studies with different params files do not mix)."""
+    return f"logs/{params['name']}"
+
+
+def _ctx(params: Mapping) -> _Ctx:
+    return _Ctx(params, Layout.from_params(params), log_dir(params))
+
+
+def jobs(params: Mapping) -> list[Job]:
+    """Every job of the study, in DAG order of the rules."""
+    ctx = _ctx(params)
+    return [rule.build(ctx, w) for rule in RULES.values() for w in rule.instances(params)]
+
+
+def job(params: Mapping, rule: str, wildcards: Mapping[str, str] | None = None) -> Job:
+    """One job, from its rule and wildcard values (Snakemake's input / params functions)."""
+    spec = RULES[rule]
+    w = {k: str(wildcards[k]) for k in spec.wildcards} if wildcards else {}
+    return spec.build(_ctx(params), w)
+
+
+def pattern(params: Mapping, rule: str) -> Job:
+    """A rule's job with `{wildcard}` placeholders in its paths (Snakemake output patterns)."""
+    spec = RULES[rule]
+    return spec.build(_ctx(params), {k: "{" + k + "}" for k in spec.wildcards})
+
+
+def wildcard_constraints() -> dict[str, str]:
+    """Regexes that keep Snakemake from splitting paths at the wrong place."""
+    return {"model": "|".join(MODELS), "steps": r"[0-9]+", "cfg": r"[0-9]+(\.[0-9]+)?",
+            "order": r"[a-z]+(-[a-z]+)?", "extractor": r"[a-z]+(-[a-z]+)?"}
+
+
+def param_values(params: Mapping, keys: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for dotted in keys:
+        node: Any = params
+        for part in dotted.split("."):
+            node = node[part]
+        out[dotted] = node
+    return out
+
+
+def _stat(path: str) -> list:
+    """Identity of a user-given file: changing the weights file reruns its jobs."""
+    p = Path(path)
+    if p.is_file():
+        st = p.stat()
+        return [path, st.st_size, st.st_mtime_ns]
+    if p.is_dir():
+        return [path, "dir", sorted(os.listdir(p))[:2000]]
+    return [path, "missing"]
+
+
+def fingerprint(params: Mapping, job_: Job) -> str:
+    """Hash of the params values (and user-given files) a job reads."""
+    blob = json.dumps({"params": param_values(params, job_.param_keys),
+                       "external": [_stat(p) for p in job_.external]}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def missing_external(params: Mapping) -> list[tuple[str, str]]:
+    """(job name, path) for every user-given file or folder that does not exist."""
+    return [(j.name, p) for j in jobs(params) for p in j.external if not Path(p).exists()]
+
+
+def check_external(params: Mapping) -> None:
+    """Stop before any work when a user-given dataset or weights file is missing."""
+    by_path: dict[str, list[str]] = {}
+    for name, path in missing_external(params):
+        by_path.setdefault(path, []).append(name)
+    if by_path:
+        lines = "\n".join(f"  {path}  (needed by {names[0]}"
+                          + (f" and {len(names) - 1} more job(s))" if len(names) > 1 else ")")
+                          for path, names in by_path.items())
+        raise ConfigError(f"{getattr(params, 'path', 'params')}: these files do not exist:\n{lines}\n"
+                          "put them there or point the params at where they are")
+
+
+__all__ = ["Job", "RULES", "jobs", "job", "pattern", "fingerprint", "param_values", "check_external",
+           "missing_external", "report_inputs", "wildcard_constraints", "log_dir"]

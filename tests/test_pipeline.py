@@ -1,0 +1,394 @@
+"""The study as a pipeline: Snakemake DAG == dvc.yaml == arpg.pipeline.jobs(), reruns, profiles."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from arpg import pipeline
+from arpg.commands import export_dvc
+from arpg.config import load_params
+from arpg.paths import REPO_ROOT, Layout
+
+BIN = Path(sys.executable).parent
+SNAKEMAKE = [str(BIN / "snakemake"), "--snakefile", str(REPO_ROOT / "Snakefile")]
+ENV_PATH = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+
+# Prints every job of the DAG (forced, so existing outputs do not hide jobs) as JSON.
+_DAG_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.enums import Quietness
+from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings
+
+snakefile, workdir, params = sys.argv[1:4]
+with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+    wf_api = api.workflow(resource_settings=ResourceSettings(cores=256),
+                          config_settings=ConfigSettings(config={"params": params}),
+                          snakefile=Path(snakefile), workdir=Path(workdir))
+    wf_api.dag(dag_settings=DAGSettings(forceall=True))
+    wf = wf_api._workflow
+    wf._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True)
+    wf._build_dag()
+    jobs = [{"rule": j.rule.name, "inputs": list(j.input), "outputs": list(j.output), "log": list(j.log),
+             "shell": j.shellcmd, "threads": j.threads, "gpu": dict(j.resources).get("gpu", 0)}
+            for j in wf.dag.jobs if j.rule.name != "all"]
+print("DAG-JSON " + json.dumps(jobs))
+"""
+
+
+def _run(cmd, cwd, **kw):
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=kw.pop("timeout", 300),
+                          env={**os.environ, "PATH": ENV_PATH}, **kw)
+
+
+def snakemake_jobs(params_path: Path, workdir: Path) -> list[dict]:
+    proc = _run([sys.executable, "-c", _DAG_SCRIPT, str(REPO_ROOT / "Snakefile"), str(workdir), str(params_path)],
+                REPO_ROOT)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("DAG-JSON ")), None)
+    assert line, proc.stdout + proc.stderr
+    return json.loads(line[len("DAG-JSON "):])
+
+
+def _abs(path: str, root: Path) -> str:
+    return str(path if Path(path).is_absolute() else root / path)
+
+
+def _cmd(text: str, params_path: str) -> str:
+    text = re.sub(r"\s*>\s*\S+\s+2>&1\s*$", "", text.strip())  # Snakemake's log redirection
+    return text.replace(params_path, "PARAMS")
+
+
+def dvc_jobs(params, root: Path) -> list[dict]:
+    """dvc.yaml rendered into `root` (params file root/params.yaml), as DVC itself resolves it."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    (root / "dvc.yaml").write_text(export_dvc.dump(export_dvc.render(params, "params.yaml", root=root)))
+    if not (root / ".dvc").is_dir():
+        Repo.init(str(root), no_scm=True)
+    out = []
+    with Repo(str(root)) as repo:
+        for stage in repo.index.stages:
+            deps = [d for d in stage.deps if not isinstance(d, ParamsDependency)]
+            keys = [k for d in stage.deps if isinstance(d, ParamsDependency) for k in d.params]
+            out.append({"name": stage.addressing, "cmd": stage.cmd, "deps": [_abs(d.def_path, root) for d in deps],
+                        "outs": [_abs(o.def_path, root) for o in stage.outs], "params": keys})
+    return out
+
+
+def _by_outputs(items, key):
+    table = {}
+    for item in items:
+        outs = frozenset(item[key])
+        assert outs not in table, f"two jobs write {sorted(outs)}"
+        table[outs] = item
+    return table
+
+
+def check_three_way(params_path: Path, root: Path) -> list[pipeline.Job]:
+    """Snakemake's DAG and DVC's stages both equal pipeline.jobs(): commands, inputs, outputs, params."""
+    params = load_params(params_path)
+    jobs = pipeline.jobs(params)
+    expected = _by_outputs([{"job": j, "outs": [_abs(o, root) for o in j.all_outputs]} for j in jobs], "outs")
+    smk = _by_outputs([{**j, "outs": [_abs(o, root) for o in j["outputs"]]}
+                       for j in snakemake_jobs(params_path, root)], "outs")
+    dvc = _by_outputs(dvc_jobs(params, root), "outs")
+    assert set(smk) == set(expected) == set(dvc)
+    for outs, item in expected.items():
+        job = item["job"]
+        cmd = job.command("PARAMS")
+        s, d = smk[outs], dvc[outs]
+        assert s["rule"] == job.rule
+        assert _cmd(s["shell"], str(params_path)) == cmd, job.name
+        assert _cmd(d["cmd"], "params.yaml") == cmd, job.name
+        inputs = {_abs(p, root) for p in job.inputs}
+        assert {_abs(p, root) for p in s["inputs"]} == inputs, job.name
+        assert set(d["deps"]) == inputs | {_abs(p, root) for p in job.external}, job.name
+        assert d["params"] == list(job.param_keys), job.name
+        assert s["gpu"] == job.gpus and s["threads"] == job.threads, job.name
+        assert s["log"] == [job.log]
+    return jobs
+
+
+# --------------------------------------------------------------------------- DAG equivalence
+
+def test_smoke_dag_equals_dvc_and_pipeline(params_file, tmp_path):
+    jobs = check_three_way(params_file("configs/smoke.yaml"), tmp_path)
+    rules = {j.rule for j in jobs}
+    assert rules == set(pipeline.RULES)  # every stage is in the smoke study
+    assert len([j for j in jobs if j.rule == "sample"]) == 4
+
+
+def test_paper_dag_equals_dvc_and_pipeline(params_file, tmp_path):
+    jobs = check_three_way(params_file("configs/paper.yaml"), tmp_path)
+    by_rule = {j.rule: j for j in jobs}
+    # released weights: no tokenize, no classifier; the train rules only import
+    assert "tokenize" not in by_rule and "train_classifier" not in by_rule
+    assert by_rule["train_arpg"].external == ("weights/arpg_300m.pt",) and by_rule["train_arpg"].inputs == ()
+    sample = by_rule["sample"]
+    assert sample.gpus == 8 and sample.launcher[:1] == ("torchrun",)
+
+
+def test_jobs_use_layout_paths():
+    params = load_params(REPO_ROOT / "params.yaml")
+    lay = Layout.from_params(params)
+    jobs = pipeline.jobs(params)
+    from arpg.config import sweep_points
+
+    points = sweep_points(params)
+    sample_outs = {j.outputs for j in jobs if j.rule == "sample"}
+    assert sample_outs == {(str(lay.samples(p)), str(lay.sample_grid(p))) for p in points}
+    assert {j.outputs[0] for j in jobs if j.rule == "evaluate"} == {str(lay.metrics(p)) for p in points}
+    report = next(j for j in jobs if j.rule == "report")
+    assert set(report.inputs) >= {str(lay.metrics(p)) for p in points} | {str(lay.profile_json)}
+    names = [j.name for j in jobs]
+    assert len(names) == len(set(names))
+
+
+def test_committed_dvc_yaml_is_current():
+    params = load_params(REPO_ROOT / "params.yaml")
+    text = export_dvc.dump(export_dvc.render(params, "params.yaml"))
+    assert (REPO_ROOT / "dvc.yaml").read_text() == text, "run `arpg export-dvc` and commit dvc.yaml"
+
+
+def test_export_dvc_check_flags_a_stale_file(tmp_path, params_file, capsys):
+    from arpg.cli import main
+
+    path = params_file("configs/smoke.yaml")
+    out = tmp_path / "dvc.yaml"
+    assert main(["export-dvc", "--params", str(path), "--output", str(out)]) == 0
+    assert main(["export-dvc", "--params", str(path), "--output", str(out), "--check"]) == 0
+    out.write_text(out.read_text().replace("arpg sample", "arpg sampel"))
+    assert main(["export-dvc", "--params", str(path), "--output", str(out), "--check"]) == 2
+    assert "out of date" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+def _prints(params_path):
+    params = load_params(params_path)
+    return {j.name: pipeline.fingerprint(params, j) for j in pipeline.jobs(params)}
+
+
+def test_sweep_change_touches_only_the_jobs_it_feeds(params_file):
+    base = _prints(params_file("configs/smoke.yaml"))
+    more = _prints(params_file("configs/smoke.yaml", **{"sample.steps": [2, 4, 8]}))
+    added = set(more) - set(base)
+    assert added == {"sample@arpg-steps8_cfg2.0_random", "evaluate@arpg-steps8_cfg2.0_random"}
+    assert all(more[name] == fp for name, fp in base.items())  # nothing existing reruns (report: input set)
+    hotter = _prints(params_file("configs/smoke.yaml", **{"sample.temperature": 0.9}))
+    changed = {n for n in base if hotter[n] != base[n]}
+    assert changed == {n for n in base if n.startswith("sample@")} | {"gallery"}
+    raster = _prints(params_file("configs/smoke.yaml", **{"train.raster_model": "LlamaGen-S"}))
+    assert {n for n in base if raster[n] != base[n]} == {"train_raster"}
+
+
+def test_weights_file_identity_enters_the_fingerprint(params_file, tmp_path):
+    weights = tmp_path / "arpg_300m.pt"
+    weights.write_bytes(b"1234")
+    path = params_file("configs/smoke.yaml", **{"train.arpg_pretrained": str(weights)})
+    first = _prints(path)["train_arpg"]
+    weights.write_bytes(b"123456")
+    assert _prints(path)["train_arpg"] != first
+
+
+# --------------------------------------------------------------------------- snakemake CLI
+
+def test_lint_reports_nothing(tmp_path):
+    proc = _run([*SNAKEMAKE, "--lint", "--directory", str(tmp_path)], REPO_ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Lints for" not in proc.stdout + proc.stderr
+
+
+def _job_counts(text: str) -> dict[str, int]:
+    table = text[text.index("Job stats:"):]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def test_paper_dry_run_lists_jobs_and_resources(tmp_path):
+    proc = _run([*SNAKEMAKE, "-n", "-p", "--directory", str(tmp_path), "--config",
+                 f"params={REPO_ROOT / 'configs/paper.yaml'}"], REPO_ROOT)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert _job_counts(out) == {"prepare_data": 1, "train_tokenizer": 1, "train_arpg": 1, "train_raster": 1,
+                                "sample": 12, "reference_stats": 1, "evaluate": 12, "profile": 1, "gallery": 1,
+                                "report": 1, "all": 1, "total": 33}
+    assert "note: weights/arpg_300m.pt does not exist yet (needed by train_arpg)" in out
+    assert re.search(r"torchrun --standalone --nproc_per_node=8 --no-python arpg sample .*--steps 256", out)
+    sample_blocks = re.findall(r"rule sample:\n(?:    .*\n)+", out)
+    assert len(sample_blocks) == 12 and all("gpu=8" in b for b in sample_blocks)
+
+
+def test_slurm_profile_dry_run(tmp_path):
+    config = yaml.safe_load((REPO_ROOT / "workflow/profiles/slurm/config.yaml").read_text())
+    assert config["executor"] == "slurm"
+    rules = _run([*SNAKEMAKE, "--list-rules", "--directory", str(tmp_path)], REPO_ROOT).stdout.split()
+    assert set(config["set-resources"]) <= set(rules)
+    # The plugin is optional (pip install '.[slurm]'); without it only the executor line is unknown
+    # to Snakemake, so dry-run the same profile minus that line.
+    profile = tmp_path / "slurm"
+    profile.mkdir()
+    (profile / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in config.items() if k != "executor"}))
+    proc = _run([*SNAKEMAKE, "-n", "--profile", str(profile), "--directory", str(tmp_path), "--config",
+                 f"params={REPO_ROOT / 'configs/paper.yaml'}"], REPO_ROOT)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    blocks = {m.group(1): m.group(0) for m in re.finditer(r"rule (\w+):\n(?:    .*\n)+", out)}
+    assert "runtime=240" in blocks["sample"] and "gpu=8" in blocks["sample"]
+    assert "slurm_partition=gpu" in blocks["sample"] and "cpus_per_task=32" in blocks["sample"]
+    assert "runtime=10080" in blocks["train_arpg"]
+    assert "gpu=1" in blocks["evaluate"]
+    localrules = (REPO_ROOT / "workflow/rules/common.smk").read_text()
+    assert re.search(r"localrules:\n\s+all,\n\s+report,", localrules)
+
+
+def test_missing_weights_stop_before_any_job(tmp_path):
+    values = yaml.safe_load((REPO_ROOT / "configs/paper.yaml").read_text())
+    values["output_dir"] = str(tmp_path / "outputs")
+    values["report"]["dir"] = str(tmp_path / "report")
+    data = tmp_path / "imagenet"
+    (data / "train" / "n01440764").mkdir(parents=True)
+    values["data"]["path"], values["data"]["test_path"] = str(data / "train"), str(data / "train")
+    path = tmp_path / "paper.yaml"
+    path.write_text(yaml.safe_dump(values))
+    start = time.monotonic()
+    proc = _run([*SNAKEMAKE, "--cores", "1", "--directory", str(tmp_path), "--config", f"params={path}"],
+                REPO_ROOT)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "weights/arpg_300m.pt  (needed by train_arpg)" in out
+    assert "weights/vq_ds16_c2i.pt  (needed by train_tokenizer)" in out
+    assert str(data) not in out.split("these files do not exist")[-1]  # present data is not listed
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "logs").exists()  # no job started
+    assert time.monotonic() - start < 60
+
+
+def test_released_weights_skip_training_jobs(params_file, tmp_path):
+    paths = {"tokenizer.pretrained": tmp_path / "vq_ds16_c2i.pt", "train.arpg_pretrained": tmp_path / "arpg.pt",
+             "train.raster_pretrained": tmp_path / "gpt.pt"}
+    params = load_params(params_file("configs/smoke.yaml", **{k: str(v) for k, v in paths.items()}))
+    jobs = {j.rule: j for j in pipeline.jobs(params)}
+    assert "tokenize" not in jobs
+    lay = params.layout
+    for rule, key in (("train_tokenizer", "tokenizer.pretrained"), ("train_arpg", "train.arpg_pretrained"),
+                      ("train_raster", "train.raster_pretrained")):
+        assert jobs[rule].inputs == () and jobs[rule].external == (str(paths[key]),)
+    assert str(lay.tokens("train")) not in {i for j in jobs.values() for i in j.inputs}
+
+
+def test_configs_are_valid():
+    for name in ("smoke", "paper"):  # the schema requires every key params.yaml has
+        load_params(REPO_ROOT / "configs" / f"{name}.yaml")
+    smoke = load_params(REPO_ROOT / "configs/smoke.yaml")
+    assert smoke["output_dir"] == "outputs/smoke" and smoke["report"]["dir"] == "outputs/smoke/report"
+
+
+# --------------------------------------------------------------------------- end to end
+
+def _executed(out: str) -> dict[str, int]:
+    return _job_counts(out) if "Job stats:" in out else {}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_smoke_study_end_to_end(tmp_path):
+    """The whole smoke DAG with 2 cores; no-op rerun; one sweep value reruns only its jobs; MLflow runs."""
+    values = yaml.safe_load((REPO_ROOT / "configs/smoke.yaml").read_text())
+    values["output_dir"] = str(tmp_path / "outputs")
+    values["report"]["dir"] = str(tmp_path / "report")
+    db = tmp_path / "mlflow.db"
+    values["tracking"]["uri"] = f"sqlite:///{db}"
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(values))
+    env = {**os.environ, "PATH": ENV_PATH, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    cmd = [*SNAKEMAKE, "--cores", "2", "--directory", str(tmp_path), "--config", f"params={path}"]
+
+    def snakemake(timeout):
+        return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+    first = snakemake(1500)
+    assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-5000:]
+    n_jobs = len(pipeline.jobs(load_params(path)))
+    assert _executed(first.stdout + first.stderr)["total"] == n_jobs + 1  # + rule all
+    assert (tmp_path / "report" / "README.md").is_file()
+
+    start = time.monotonic()
+    second = snakemake(300)
+    assert second.returncode == 0 and "Nothing to be done" in second.stdout + second.stderr
+    assert time.monotonic() - start <= 15
+
+    values["sample"]["steps"] = [2, 3, 4]  # one new sweep value
+    path.write_text(yaml.safe_dump(values))
+    third = snakemake(900)
+    assert third.returncode == 0, third.stdout[-5000:] + third.stderr[-5000:]
+    assert _executed(third.stdout + third.stderr) == {"sample": 1, "evaluate": 1, "report": 1, "all": 1, "total": 4}
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.`arpg.role` = 'stage'", max_results=1000)
+    stages = [r.data.tags["arpg.stage"] for r in runs]
+    assert len(runs) >= n_jobs + 2 and all(r.info.status == "FINISHED" for r in runs)
+    for stage in ("sample", "evaluate"):
+        for r in (r for r in runs if r.data.tags["arpg.stage"] == stage):
+            assert {"model", "steps", "cfg", "order", "seed"} <= set(r.data.params), (stage, r.data.params)
+    assert {"prepare-data", "train", "sample", "evaluate", "profile", "gallery", "report"} <= set(stages)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_released_layout_weights_drive_the_sweep(tmp_path):
+    """Released-layout checkpoints (random weights, tiny sizes) -> sample + evaluate every sweep point,
+    with no tokenizer or generator training."""
+    import torch
+
+    from arpg.config import token_grid
+    from arpg.models.registry import build_model
+    from arpg.models.vq import VQConfig, VQModel
+    from arpg.utils import make_generator
+
+    values = yaml.safe_load((REPO_ROOT / "configs/smoke.yaml").read_text())
+    values["output_dir"] = str(tmp_path / "outputs")
+    values["report"]["dir"] = str(tmp_path / "report")
+    values["tracking"]["enabled"] = False
+    path = tmp_path / "released.yaml"
+    path.write_text(yaml.safe_dump(values))
+    params = load_params(path)
+    space = dict(codebook_size=values["tokenizer"]["codebook_size"], num_classes=values["data"]["num_classes"],
+                 grid_size=token_grid(values), generator=make_generator(0))
+    files = {"tokenizer.pretrained": tmp_path / "vq_ds16_c2i.pt", "train.arpg_pretrained": tmp_path / "arpg_300m.pt",
+             "train.raster_pretrained": tmp_path / "c2i_T.pt"}
+    torch.save({"model": VQModel(VQConfig.from_params(params)).state_dict()}, files["tokenizer.pretrained"])
+    torch.save({"state_dict": build_model(values["train"]["arpg_model"], **space).state_dict()},
+               files["train.arpg_pretrained"])
+    torch.save({"model": build_model(values["train"]["raster_model"], **space).state_dict()},
+               files["train.raster_pretrained"])
+    for dotted, file in files.items():
+        section, key = dotted.split(".")
+        values[section][key] = str(file)
+    path.write_text(yaml.safe_dump(values))
+    params = load_params(path)
+    targets = [o for j in pipeline.jobs(params) if j.rule == "evaluate" for o in j.outputs]
+    proc = _run([*SNAKEMAKE, *targets, "--cores", "2", "--directory", str(tmp_path), "--config", f"params={path}"],
+                REPO_ROOT, timeout=1100)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    ran = _executed(out)
+    assert "tokenize" not in ran and ran["sample"] == ran["evaluate"] == len(targets)
+    for model in ("arpg", "raster"):
+        log = (tmp_path / pipeline.job(params, f"train_{model}").log).read_text()
+        assert "training skipped" in log
+    for target in targets:
+        metrics = json.loads(Path(target).read_text())
+        assert metrics["fid_classifier"] > 0

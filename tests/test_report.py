@@ -1,0 +1,150 @@
+"""`arpg report`: tables carry exactly the stage outputs' numbers, plots and copies exist, gaps are errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from arpg import pipeline
+from arpg.config import load_params
+from arpg.engine import report
+from arpg.errors import ArpgError
+
+
+def _png(path, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(path)
+
+
+def _json(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def _fid(model, steps, cfg, order):
+    """A distinct, recomputable value per point (the test's independent reference)."""
+    return round(100.0 / steps + cfg + (0.5 if order != "random" else 0.0) + (3.0 if model == "raster" else 0.0), 6)
+
+
+PROFILE_ROWS = [  # study models at the sampled step counts (batch 4), plus a raster row at 64 tokens
+    {"model": "default", "kind": "arpg", "net": "ARPG-T", "steps": 2, "batch": 4, "gen_img_s_median": 40.0},
+    {"model": "default", "kind": "arpg", "net": "ARPG-T", "steps": 4, "batch": 4, "gen_img_s_median": 25.0},
+    {"model": "default", "kind": "raster", "net": "LlamaGen-T", "steps": 64, "batch": 4, "gen_img_s_median": 2.5},
+]
+
+
+@pytest.fixture
+def study(params_file):
+    """Smoke params in tmp_path with every stage output the report reads, holding known numbers."""
+    params = load_params(params_file("configs/smoke.yaml"))
+    lay = params.layout
+    _json(lay.data_manifest, {"splits": {"train": {"count": 2000, "shape": [2000, 32, 32, 1]},
+                                         "test": {"count": 2000, "shape": [2000, 32, 32, 1]}}})
+    for job in pipeline.jobs(params):
+        if job.rule == "evaluate":
+            p = report.point_of(job)
+            _json(lay.metrics(p), {"model": p.model, "steps": p.steps, "cfg": p.cfg, "order": p.order,
+                                   "fid_classifier": _fid(p.model, p.steps, p.cfg, p.order),
+                                   "is_classifier": 2.0 * p.steps, "accuracy_classifier": 0.25,
+                                   "num_samples": 100, "reference_split": "test", "extractors": ["classifier"]})
+        if job.rule == "sample":
+            _png(lay.sample_grid(report.point_of(job)), 1)
+    _json(lay.tokenizer_metrics, {"steps": 60, "stopped_by": "max_steps", "pretrained": None})
+    _json(lay.tokenize_metrics, {"psnr": 21.5, "ssim": 0.75, "codebook_usage": 0.9})
+    _png(lay.reconstructions, 2)
+    _json(lay.classifier_metrics, {"test_accuracy": 0.81})
+    for model in ("arpg", "raster"):
+        _json(lay.model_metrics(model), {"model": model.upper(), "final_loss": 3.25 if model == "arpg" else 3.5})
+    rows = [{**r, "status": "ok", "e2e_img_s_median": r["gen_img_s_median"] / 2, "peak_mem_bytes": 2**20 * 10,
+             "gen_mem_bytes": 2**20, "kv_cache_bytes": 2**19, "mem_kind": "rss", "device": "cpu",
+             "device_name": "cpu", "threads": 1, "precision": "fp32", "cpu": "Test CPU 9000", "torch": "2.x"}
+            for r in PROFILE_ROWS]
+    _json(lay.profile_json, {"meta": {"cpu": "Test CPU 9000", "cpu_count": 2, "torch": "2.x", "load_avg_1m": 1.5},
+                             "rows": rows, "speedups": [{"model": "default", "batch": 4, "steps": 4, "tokens": 64,
+                                                         "step_ratio": 16.0, "speedup_gen": 10.0}]})
+    lay.profile_csv.write_text("model\n")
+    for task in params["gallery"]["tasks"]:
+        _png(lay.gallery_image(task), 3)
+    _json(lay.gallery_json, {"tasks": {"inpainting": {"unknown_cells": 12}}})
+    return params
+
+
+def _csv(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_tables_hold_the_stage_numbers(study):
+    result = report.build(study)
+    out = result["dir"]
+    quality = _csv(out / "quality.csv")
+    points = [report.point_of(j) for j in pipeline.jobs(study) if j.rule == "evaluate"]
+    assert len(quality) == len(points) == 4
+    for row in quality:
+        expected = _fid(row["model"], int(row["steps"]), float(row["cfg"]), row["order"])
+        assert float(row["fid_classifier"]) == pytest.approx(expected)
+        assert float(row["is_classifier"]) == 2.0 * int(row["steps"])
+    sweep = _csv(out / "fid_vs_steps.csv")  # ARPG random order at cfg_default, and raster
+    assert [(r["model"], int(r["steps"]), r["order"]) for r in sweep] == [
+        ("arpg", 2, "random"), ("arpg", 4, "random"), ("raster", 64, "raster")]
+    assert [r["order"] for r in _csv(out / "orders.csv")] == ["random", "raster"]
+    speed = _csv(out / "speed.csv")
+    assert [float(r["img_s"]) for r in speed] == [40.0, 25.0, 2.5]
+    assert float(speed[0]["peak_mem_mib"]) == 10.0
+    assert float(_csv(out / "speedups.csv")[0]["speedup_gen"]) == 10.0
+    assert float(_csv(out / "tokenizer.csv")[0]["psnr"]) == 21.5
+    assert float(_csv(out / "classifier.csv")[0]["test_accuracy"]) == 0.81
+    assert [float(r["final_loss"]) for r in _csv(out / "training.csv")] == [3.25, 3.5]
+    pareto = _csv(out / "pareto.csv")  # FID joined with the study models' img/s at the same steps
+    assert {(r["model"], int(r["steps"]), float(r["img_s"])) for r in pareto} == {
+        ("arpg", 2, 40.0), ("arpg", 4, 25.0), ("raster", 64, 2.5)}
+    extractors = {r["metric"]: r["extractor"] for r in _csv(out / "metric_extractors.csv")}
+    assert extractors == {"fid_classifier": "classifier", "is_classifier": "classifier",
+                          "accuracy_classifier": "classifier"}
+    assert result["metrics"]["fid_classifier.arpg.s2"] == pytest.approx(_fid("arpg", 2, 2.0, "random"))
+
+
+def test_markdown_states_extractors_hardware_and_images(study):
+    out = report.build(study)["dir"]
+    text = (out / "README.md").read_text()
+    assert report.EXTRACTOR_TEXT["classifier"] in text
+    assert "Test CPU 9000" in text and "1 threads" in text
+    for name in ("fid_vs_steps.png", "throughput_vs_steps.png", "memory.png", "fid_vs_throughput.png",
+                 "tokenizer_reconstructions.png", "gallery/inpainting.png", "grids/arpg/steps2_cfg2.0_random.png"):
+        assert (out / name).is_file(), name
+        assert Image.open(out / name).size[0] > 0
+        assert f"({name})" in text, f"{name} not shown in README.md"
+    assert "**inpainting** (unknown_cells: 12)" in text
+
+
+def test_missing_stage_output_is_named(study):
+    victim = study.layout.metrics(report.point_of(next(j for j in pipeline.jobs(study) if j.rule == "evaluate")))
+    victim.unlink()
+    with pytest.raises(ArpgError, match=str(victim)):
+        report.build(study)
+
+
+def test_pareto_front_matches_brute_force():
+    rng = np.random.default_rng(0)
+    pairs = [{"img_s": float(s), "fid": float(f)} for s, f in zip(rng.integers(1, 20, 40), rng.integers(1, 20, 40))]
+    front = report.pareto_front(pairs, "fid")
+
+    def dominated(p):
+        return any(q["img_s"] >= p["img_s"] and q["fid"] <= p["fid"] and
+                   (q["img_s"] > p["img_s"] or q["fid"] < p["fid"]) for q in pairs)
+
+    expected = {(p["img_s"], p["fid"]) for p in pairs if not dominated(p)}
+    assert {(p["img_s"], p["fid"]) for p in front} == expected
+
+
+def test_extractor_of_prefers_the_longest_name():
+    names = ["classifier", "inception-fid", "inception"]
+    assert report.extractor_of("fid_inception_fid", names) == "inception-fid"
+    assert report.extractor_of("fid_inception", names) == "inception"
+    assert report.extractor_of("precision_classifier", names) == "classifier"
+    assert report.extractor_of("num_samples", names) is None

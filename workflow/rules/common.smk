@@ -1,0 +1,74 @@
+# Load and validate the params file before the DAG is built; helpers for the rules.
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, workflow.basedir)  # the arpg package of this checkout
+
+from arpg import pipeline as PIPE
+from arpg.config import PARAMS_ENV, load_params
+from arpg.errors import ArpgError
+
+# The shell lines call `arpg` / `torchrun`: use the ones next to this Python
+# (e.g. .venv/bin) even when the environment is not activated.
+os.environ.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+CONDA_ENV = "../envs/arpg.yaml"  # relative to workflow/rules/
+
+# --config params=FILE, else $ARPG_PARAMS, else this checkout's params.yaml (absolute: jobs may run elsewhere).
+PARAMS_FILE = str(Path(config.get("params") or os.environ.get(PARAMS_ENV)
+                       or Path(workflow.basedir) / "params.yaml").resolve())
+try:
+    PARAMS = load_params(PARAMS_FILE)
+    PIPE.jobs(PARAMS)  # cross-key checks (e.g. flipped tokens) before the DAG is built
+except ArpgError as _exc:
+    raise WorkflowError(str(_exc)) from None
+
+# User-given datasets and weights are not DAG inputs (a dry run shows the whole DAG without
+# them); a real run checks them before its first job and stops naming every missing path.
+for _name, _path in PIPE.missing_external(PARAMS):
+    print(f"note: {_path} does not exist yet (needed by {_name})", file=sys.stderr)
+
+
+onstart:
+    try:
+        PIPE.check_external(PARAMS)
+    except ArpgError as exc:
+        raise WorkflowError(str(exc)) from None
+
+wildcard_constraints:
+    **PIPE.wildcard_constraints(),
+
+localrules:
+    all,
+    report,
+
+
+def inputs(rule):
+    """Input function: the inputs of the rule's job for the wildcards Snakemake matched."""
+    return lambda wildcards: list(PIPE.job(PARAMS, rule, dict(wildcards)).inputs)
+
+
+def fingerprint(rule):
+    """params: value; changes exactly when a params key (or user file) the job reads changes."""
+    return lambda wildcards: PIPE.fingerprint(PARAMS, PIPE.job(PARAMS, rule, dict(wildcards)))
+
+
+def launcher(rule):
+    """'' or the torchrun prefix (with a trailing space) of a multi-process job."""
+    return lambda wildcards: "".join(a + " " for a in PIPE.job(PARAMS, rule, dict(wildcards)).launcher)
+
+
+def out(rule):
+    return list(PIPE.pattern(PARAMS, rule).outputs)
+
+
+def log(rule):
+    return PIPE.pattern(PARAMS, rule).log
+
+
+def threads(rule):
+    return PIPE.pattern(PARAMS, rule).threads
+
+
+def gpus(rule):
+    return PIPE.pattern(PARAMS, rule).gpus

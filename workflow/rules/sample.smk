@@ -1,0 +1,22 @@
+# One job per sweep point (arpg.config.sweep_points): model, steps, cfg, order.
+# sample.nproc > 1 shards the point across torchrun processes.
+
+
+rule sample:
+    input:
+        inputs("sample"),
+    output:
+        out("sample"),
+    log:
+        log("sample"),
+    params:
+        file=PARAMS_FILE,
+        fingerprint=fingerprint("sample"),
+        launch=launcher("sample"),
+    threads: threads("sample")
+    resources:
+        gpu=gpus("sample"),
+    conda:
+        CONDA_ENV
+    shell:
+        "{params.launch}arpg sample --params {params.file:q} --model {wildcards.model} --steps {wildcards.steps} --cfg {wildcards.cfg} --order {wildcards.order} > {log:q} 2>&1"

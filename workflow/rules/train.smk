@@ -1,0 +1,61 @@
+# Generators and the evaluation classifier. Training runs under torchrun when
+# train.nproc > 1 (params.launch is then the torchrun prefix).
+
+
+rule train_classifier:
+    input:
+        inputs("train_classifier"),
+    output:
+        out("train_classifier"),
+    log:
+        log("train_classifier"),
+    params:
+        file=PARAMS_FILE,
+        fingerprint=fingerprint("train_classifier"),
+    threads: threads("train_classifier")
+    resources:
+        gpu=gpus("train_classifier"),
+    conda:
+        CONDA_ENV
+    shell:
+        "arpg train-classifier --params {params.file:q} > {log:q} 2>&1"
+
+
+rule train_arpg:
+    input:
+        inputs("train_arpg"),
+    output:
+        out("train_arpg"),
+    log:
+        log("train_arpg"),
+    params:
+        file=PARAMS_FILE,
+        fingerprint=fingerprint("train_arpg"),
+        launch=launcher("train_arpg"),
+    threads: threads("train_arpg")
+    resources:
+        gpu=gpus("train_arpg"),
+    conda:
+        CONDA_ENV
+    shell:
+        "{params.launch}arpg train --params {params.file:q} --model arpg > {log:q} 2>&1"
+
+
+rule train_raster:
+    input:
+        inputs("train_raster"),
+    output:
+        out("train_raster"),
+    log:
+        log("train_raster"),
+    params:
+        file=PARAMS_FILE,
+        fingerprint=fingerprint("train_raster"),
+        launch=launcher("train_raster"),
+    threads: threads("train_raster")
+    resources:
+        gpu=gpus("train_raster"),
+    conda:
+        CONDA_ENV
+    shell:
+        "{params.launch}arpg train --params {params.file:q} --model raster > {log:q} 2>&1"
