@@ -27,7 +27,6 @@ from typing import Any, Iterator, Mapping
 from arpg.paths import REPO_ROOT
 
 DEFAULT_DB = REPO_ROOT / "mlflow.db"
-DEFAULT_ARTIFACTS = REPO_ROOT / "mlartifacts"
 _RETRY_SECONDS = 120.0
 _MAX_PARAM_LEN = 6000
 
@@ -160,8 +159,8 @@ def _experiment_id(client, name: str, uri: str) -> str:
             client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
     location = None
-    if uri.startswith("sqlite:///"):
-        location = (DEFAULT_ARTIFACTS / name).as_uri()
+    if uri.startswith("sqlite:///"):  # artifacts beside the database, whichever database it is
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).as_uri()
     return client.create_experiment(name, artifact_location=location)
 
 

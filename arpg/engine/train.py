@@ -554,7 +554,7 @@ def run_train(params, kind: str) -> dict | None:
     info, device = init_distributed(params["device"])
     name = model_name(params, kind)
     cfg = TrainConfig.from_params(params)
-    run_params = {"model": kind, "name": name, "seed": cfg.seed, "steps": cfg.max_steps,
+    run_params = {"model": kind, "name": name, "seed": cfg.seed, "train_steps": cfg.max_steps,
                   "batch_size": cfg.batch_size, "lr": cfg.lr, "world_size": info.world_size}
     tracking = (stage_run(params, "train", run_name=f"train-{kind}", run_params=run_params)
                 if info.is_main else contextlib.nullcontext(NullRun()))
