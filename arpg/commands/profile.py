@@ -1,0 +1,38 @@
+"""`arpg profile`: images/s and peak memory of ARPG vs raster decoding (CSV, JSON, plots, MLflow)."""
+
+from __future__ import annotations
+
+
+def configure(parser) -> None:
+    parser.add_argument("--model", action="append", default=None, metavar="NAME",
+                        help="profile only this entry of profile.models (repeatable); rows of the other "
+                             "models already in profile.json are kept")
+    parser.epilog = ("Sizes, steps, batch sizes, repeats, threads and precision come from the `profile:` "
+                     "section of the params file; sampler options from `sample:`.")
+
+
+def run(args, params) -> None:
+    import json
+
+    from arpg.engine import profile as prof
+    from arpg.tracking import stage_run
+
+    layout = params.layout
+    specs = prof.plan(params, args.model)
+    settings = {f"profile.{k}": v for k, v in params["profile"].items()}
+    with stage_run(params, "profile", run_params=settings) as run:
+        print(f"profiling {len(specs)} configurations (one child process each; "
+              f"threads={params['profile']['threads']}, repeats={params['profile']['repeats']})")
+        rows = prof.run_profile(specs)
+        if args.model and layout.profile_json.is_file():
+            kept = [r for r in json.loads(layout.profile_json.read_text())["rows"] if r["model"] not in args.model]
+            rows = kept + rows
+        meta = {**prof.environment(), "params_file": str(params.path), "params_hash": params.digest,
+                "profile": params["profile"]}
+        doc = prof.write_outputs(rows, layout.profile_csv, layout.profile_json, meta)
+        plots = prof.plot(doc, layout.profile_dir)
+        print(prof.summary(doc))
+        run.log_metrics(prof.metrics(doc))
+        for path in [layout.profile_csv, layout.profile_json, *plots]:
+            run.log_artifact(path)
+        print(f"wrote {layout.profile_csv}, {layout.profile_json} and {len(plots)} plots in {layout.profile_dir}")
