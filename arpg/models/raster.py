@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arpg.models.layers import (
+    BackboneConfig,
     FeedForward,
     RMSNorm,
     apply_rope,
@@ -29,34 +30,8 @@ from arpg.models.layers import (
 
 
 @dataclass
-class RasterConfig:
-    codebook_size: int = 16384
-    num_classes: int = 1000
-    grid_size: int = 16
-    dim: int = 1024
-    n_heads: int = 16
+class RasterConfig(BackboneConfig):
     n_layers: int = 24
-    ffn_multiple_of: int = 256
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-5
-    token_dropout: float = 0.1
-    resid_dropout: float = 0.1
-    ffn_dropout: float = 0.1
-    attn_dropout: float = 0.0
-
-    def __post_init__(self):
-        if self.dim % self.n_heads or (self.dim // self.n_heads) % 4:
-            raise ValueError(
-                f"dim {self.dim} / n_heads {self.n_heads} must give a head dim divisible by 4 (2D RoPE)"
-            )
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def seq_len(self) -> int:
-        return self.grid_size * self.grid_size
 
 
 class Attention(nn.Module):
