@@ -1,0 +1,57 @@
+"""`arpg evaluate --model M --steps S --cfg C --order O`: FID / KID / IS / precision-recall (and
+classifier accuracy) of one sweep point's samples, for every extractor in evaluate.extractors."""
+
+from __future__ import annotations
+
+
+def configure(parser) -> None:
+    parser.add_argument("--model", required=True, choices=("arpg", "raster"))
+    parser.add_argument("--steps", required=True, type=int)
+    parser.add_argument("--cfg", required=True, type=float)
+    parser.add_argument("--order", required=True)
+    parser.add_argument("--export-adm", metavar="PATH.npz", default=None,
+                        help="also write the samples as an ADM-evaluator batch (arr_0 uint8 [N, H, W, 3])")
+
+
+def run(args, params) -> None:
+    import numpy as np
+
+    from arpg.engine.evaluate import (EvalConfig, compute_metrics, export_adm_npz, extractor_weights, file_digest,
+                                      load_reference)
+    from arpg.errors import DataError
+    from arpg.paths import SweepPoint
+    from arpg.tracking import stage_run
+    from arpg.utils import require_file, resolve_device, write_json
+
+    layout = params.layout
+    point = SweepPoint(args.model, args.steps, args.cfg, args.order)
+    path = require_file(layout.samples(point), f"samples of {point.model} {point.tag}",
+                        f"run `arpg sample --model {point.model} --steps {point.steps} --cfg {args.cfg:g} "
+                        f"--order {point.order}` first")
+    with np.load(path) as blob:
+        if "arr_0" not in blob.files or "labels" not in blob.files:
+            raise DataError(f"{path} lacks arr_0 / labels (has {blob.files}); rerun `arpg sample`")
+        images, labels = blob["arr_0"], blob["labels"]
+    device = resolve_device(params["device"])
+    config = EvalConfig.from_params(params)
+    split = params["evaluate"]["reference_split"]
+    run_params = {"model": point.model, "steps": point.steps, "cfg": point.cfg, "order": point.order,
+                  "seed": params["sample"]["seed"], "extractors": ",".join(params["evaluate"]["extractors"])}
+    with stage_run(params, "evaluate", run_name=f"evaluate-{point.model}-{point.tag}",
+                   run_params=run_params) as run:
+        metrics: dict[str, float] = {}
+        for extractor in params["evaluate"]["extractors"]:
+            weights = extractor_weights(params, extractor)
+            reference = load_reference(layout.reference_stats(extractor, split), extractor, file_digest(weights))
+            metrics.update(compute_metrics(images, labels, reference, extractor, weights, config, device))
+        out = {"model": point.model, "steps": point.steps, "cfg": point.cfg, "order": point.order,
+               "seed": params["sample"]["seed"], "num_samples": int(len(images)), "reference_split": split,
+               "extractors": list(params["evaluate"]["extractors"]), **metrics}
+        write_json(layout.metrics(point), out)
+        run.log_metrics(metrics)
+        run.log_artifact(layout.metrics(point))
+    for name, value in metrics.items():
+        print(f"{name}: {value:.6g}")
+    print(f"wrote {layout.metrics(point)}")
+    if args.export_adm:
+        print(f"wrote ADM batch {export_adm_npz(images, args.export_adm)}")

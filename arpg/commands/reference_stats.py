@@ -1,0 +1,37 @@
+"""`arpg reference-stats --extractor X`: features + FID statistics of the real reference split,
+computed once per extractor and cached as a pipeline artifact."""
+
+from __future__ import annotations
+
+
+def configure(parser) -> None:
+    from arpg.engine.evaluate import EXTRACTORS
+
+    parser.add_argument("--extractor", required=True, choices=EXTRACTORS,
+                        help="feature extractor (one of evaluate.extractors)")
+    parser.epilog = "The split comes from evaluate.reference_split."
+
+
+def run(args, params) -> None:
+    import time
+
+    from arpg.data.arrays import load_images
+    from arpg.engine.evaluate import compute_reference, extractor_weights, file_digest, save_reference
+    from arpg.tracking import stage_run
+    from arpg.utils import resolve_device
+
+    layout = params.layout
+    split = params["evaluate"]["reference_split"]
+    device = resolve_device(params["device"])
+    weights = extractor_weights(params, args.extractor)
+    images = load_images(layout, split)
+    out = layout.reference_stats(args.extractor, split)
+    with stage_run(params, "reference-stats", run_name=f"reference-stats-{args.extractor}-{split}",
+                   run_params={"extractor": args.extractor, "split": split}) as run:
+        start = time.monotonic()
+        reference = compute_reference(images, args.extractor, weights, params["evaluate"]["batch_size"], device)
+        save_reference(out, reference, args.extractor, split, file_digest(weights))
+        run.log_metrics({"images": len(images), "feature_dim": reference["features"].shape[1],
+                         "seconds": time.monotonic() - start})
+    print(f"{args.extractor} reference on {split} ({len(images)} images, "
+          f"{reference['features'].shape[1]}-d features) -> {out}")

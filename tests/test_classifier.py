@@ -1,0 +1,136 @@
+"""The evaluation classifier: model, checkpoint, training loop."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from arpg.engine.classifier import ClassifierTrainConfig, accuracy, predict, to_tensor_BCHW, train_classifier
+from arpg.errors import CheckpointError, ConfigError
+from arpg.models.classifier import Classifier, ClassifierConfig, load_classifier, save_classifier
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+CPU = torch.device("cpu")
+
+
+def _toy(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two classes a CNN separates easily: a bright left half vs a bright right half, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    images = rng.integers(0, 60, (n, 16, 16, 1))
+    for i, y in enumerate(labels):
+        images[i, :, (0 if y == 0 else 8):(8 if y == 0 else 16)] += 150
+    return images.astype(np.uint8), labels.astype(np.int64)
+
+
+def test_forward_shapes_and_normalization():
+    model = Classifier(ClassifierConfig(in_channels=3, num_classes=7, resolution=16, width=4, feature_dim=24))
+    logits, features = model(torch.zeros(5, 3, 16, 16))
+    assert logits.shape == (5, 7) and features.shape == (5, 24)
+    assert (features >= 0).all()  # post-ReLU features
+    x = Classifier.normalize(torch.tensor([0, 255], dtype=torch.uint8))
+    assert torch.allclose(x, torch.tensor([-1.0, 1.0]))
+
+
+def test_resolution_must_divide_by_8():
+    with pytest.raises(ConfigError, match="divisible by 8"):
+        ClassifierConfig(resolution=28)
+
+
+def test_checkpoint_roundtrip_and_mismatch(tmp_path):
+    model = Classifier(ClassifierConfig(resolution=16, width=4, feature_dim=8))
+    path = tmp_path / "c.pt"
+    save_classifier(model, path)
+    loaded = load_classifier(path)
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    assert torch.equal(model(x)[0], loaded(x)[0])
+
+    blob = torch.load(path, weights_only=True)
+    blob["state_dict"]["extra.weight"] = torch.zeros(1)
+    del blob["state_dict"]["head.bias"]
+    torch.save(blob, path)
+    with pytest.raises(CheckpointError, match=r"missing \['head.bias'\].*unexpected \['extra.weight'\]"):
+        load_classifier(path)
+    with pytest.raises(CheckpointError, match="arpg train-classifier"):
+        load_classifier(tmp_path / "absent.pt")
+
+
+def test_training_learns_and_is_reproducible():
+    images, labels = _toy(512, seed=0)
+    cfg = ClassifierConfig(num_classes=2, resolution=16, width=4, feature_dim=16)
+    # A generous budget: the schedule follows steps, not the clock, so runs are bit-identical.
+    train = ClassifierTrainConfig(batch_size=64, lr=3e-3, epochs=2, max_minutes=30.0, seed=3)
+    model_a, stats = train_classifier(images, labels, cfg, train, CPU)
+    model_b, _ = train_classifier(images, labels, cfg, train, CPU)
+    assert stats["steps"] == 16 and not stats["stopped_early"]
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(a, b), name
+    test_images, test_labels = _toy(256, seed=1)
+    logits, features = predict(model_a, test_images, 100, CPU)
+    assert logits.shape == (256, 2) and features.shape == (256, 16)
+    assert accuracy(logits, test_labels) > 0.95
+
+
+def test_time_budget_stops_training():
+    images, labels = _toy(256, seed=0)
+    cfg = ClassifierConfig(num_classes=2, resolution=16, width=4, feature_dim=8)
+    _, stats = train_classifier(images, labels, cfg, ClassifierTrainConfig(batch_size=8, epochs=50,
+                                                                           max_minutes=1e-9), CPU)
+    assert stats["stopped_early"] and stats["steps"] == 0
+
+
+def test_schedule_warms_up_then_anneals_to_zero():
+    from arpg.engine.classifier import _lr_at
+
+    lrs = [_lr_at(p, 1.0, 0.1) for p in np.linspace(0, 1, 101)]
+    assert lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_accuracy_and_layout_helpers():
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, -1.0]])
+    assert accuracy(logits, np.array([0, 1, 1])) == pytest.approx(2 / 3)
+    x = to_tensor_BCHW(np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3))
+    assert x.shape == (2, 3, 4, 4) and x[1, 2, 3, 1] == (1 * 48 + 3 * 12 + 1 * 3 + 2)
+
+
+def _fashion(split: str) -> tuple[np.ndarray, np.ndarray]:
+    from arpg.data.prepare import read_idx
+
+    stem = {"train": "train", "test": "t10k"}[split]
+    images = read_idx(FASHION / f"{stem}-images-idx3-ubyte.gz")
+    labels = read_idx(FASHION / f"{stem}-labels-idx1-ubyte.gz")
+    return np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None], labels.astype(np.int64)  # 28 -> 32, centred
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST idx files not installed")
+def test_fashion_mnist_accuracy_within_budget():
+    """The issue's bar: >= 90% test accuracy in <= 2 minutes (default params) on 2 CPU cores
+    (measured: ~91% in 30-45 s; a machine oversubscribed several times over can miss it)."""
+    import yaml
+
+    from arpg.engine.classifier import model_config_from_params
+    from arpg.paths import REPO_ROOT
+
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    train_x, train_y = _fashion("train")
+    test_x, test_y = _fashion("test")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `arpg train-classifier` trains
+    start = time.monotonic()
+    try:
+        model, stats = train_classifier(train_x, train_y, model_config_from_params(params),
+                                        ClassifierTrainConfig.from_params(params), CPU)
+    finally:
+        torch.set_num_threads(threads)
+    logits, _ = predict(model, test_x, 1000, CPU)
+    acc = accuracy(logits, test_y)
+    print(f"fashion-mnist classifier: {acc:.4f} test accuracy, {stats}, {time.monotonic() - start:.1f} s")
+    assert stats["train_seconds"] <= params["classifier"]["max_minutes"] * 60 + 5
+    assert acc >= 0.90
