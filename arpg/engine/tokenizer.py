@@ -1,0 +1,459 @@
+"""VQ tokenizer loops: training, importing a LlamaGen checkpoint, dataset tokenization, metrics.
+
+Training objective (all terms optional by weight, none needs downloaded weights):
+  l1 * |x - x'| + l2 * (x - x')^2                      reconstruction
+  + codebook_weight * (||sg(z) - e||^2 + beta * ||z - sg(e)||^2)   VQ-VAE codebook + commitment (beta 0.25)
+  + adversarial_weight * hinge patch-GAN generator loss (from `adversarial_start` on)
+
+Codebook usage. Codes live on the unit sphere in a low dimension (8): LlamaGen
+showed that l2-normalised, low-dimensional codes keep most of a codebook alive
+(cosine look-up, no norm collapse). On top of that, codes that no batch has
+picked during the last `dead_code_every` steps are restarted onto random
+encoder outputs of the current batch (the standard dead-code restart, as in
+Jukebox / SoundStream): a short CPU run cannot wait for the commitment loss to
+drag far-away codes in, and an unused code is wasted capacity of the token
+vocabulary the generator must model.
+
+Learning rate: linear warm-up over the first 5% of training, then half-cosine
+down to 10%. Progress is the larger of step / max_steps and elapsed /
+max_minutes, so a run stopped by its wall-clock budget has still annealed its
+learning rate instead of stopping at the peak.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from arpg.data.arrays import load_images, load_labels
+from arpg.errors import ArpgError, CheckpointError
+from arpg.models.vq import (VQConfig, VQModel, from_uint8, load_state_strict, load_tokenizer, read_checkpoint,
+                            to_uint8, tokenizer_payload)
+from arpg.utils import atomic_torch_save, make_generator, resolve_device, set_threads, write_json
+
+WARMUP_SHARE = 0.05
+MIN_LR_SHARE = 0.1
+
+
+@dataclass(frozen=True)
+class TokenizerTrainConfig:
+    batch_size: int
+    lr: float
+    weight_decay: float
+    max_steps: int
+    max_minutes: float
+    checkpoint_every: int
+    log_every: int
+    commit_beta: float
+    codebook_weight: float
+    l1_weight: float
+    l2_weight: float
+    adversarial_weight: float
+    adversarial_start: int
+    dead_code_every: int   # 0: no dead-code restarts
+    seed: int
+
+    @classmethod
+    def from_params(cls, params: Mapping) -> "TokenizerTrainConfig":
+        tok = params["tokenizer"]
+        return cls(**{k: tok[k] for k in cls.__dataclass_fields__ if k != "seed"}, seed=params["seed"])
+
+
+# --- discriminator -------------------------------------------------------------------
+
+class PatchDiscriminator(nn.Module):
+    """Small PatchGAN (pix2pix / taming style): one real/fake logit per receptive-field patch."""
+
+    def __init__(self, in_channels: int, width: int = 32, groups: int = 8):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.GroupNorm(groups, 2 * width), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.GroupNorm(groups, 2 * width), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * width, 1, 3, padding=1),
+        )
+
+    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.net(images_BCHW)  # [B, 1, H/4, W/4]
+
+
+# --- metrics -------------------------------------------------------------------------
+
+def psnr(pixels_a: torch.Tensor, pixels_b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of uint8 images [B, ...] (peak 255); identical images give inf."""
+    diff = pixels_a.double() - pixels_b.double()
+    mse_B = diff.pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(255.0 ** 2 / mse_B)
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    return g / g.sum()  # [size]
+
+
+def ssim(pixels_a: torch.Tensor, pixels_b: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03,
+    data range 255, valid window positions only), averaged over channels. Inputs uint8 [B, C, H, W]."""
+    a = pixels_a.double()
+    b = pixels_b.double()
+    C = a.shape[1]
+    g = _gaussian_window()
+    kernel_C1SS = (g[:, None] * g[None, :]).expand(C, 1, -1, -1)
+
+    def blur(x):
+        return F.conv2d(x, kernel_C1SS, groups=C)  # [B, C, H-10, W-10]
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a ** 2
+    var_b = blur(b * b) - mu_b ** 2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return ssim_map.flatten(1).mean(1)
+
+
+def codebook_stats(tokens: np.ndarray | torch.Tensor, codebook_size: int) -> dict:
+    """Share of codes used at least once and perplexity exp(H) of the code histogram."""
+    counts_K = torch.bincount(torch.as_tensor(np.asarray(tokens)).reshape(-1).long(), minlength=codebook_size)
+    return _usage_from_counts(counts_K)
+
+
+def _usage_from_counts(counts_K: torch.Tensor) -> dict:
+    total = counts_K.sum().item()
+    if total == 0:
+        return {"usage": 0.0, "perplexity": 0.0, "codes_used": 0}
+    p_K = counts_K.double() / total
+    entropy = -(p_K[p_K > 0] * p_K[p_K > 0].log()).sum().item()
+    used = int((counts_K > 0).sum())
+    return {"usage": used / counts_K.numel(), "perplexity": math.exp(entropy), "codes_used": used}
+
+
+# --- data ----------------------------------------------------------------------------
+
+def _images_tensor(layout, split: str, channels: int) -> torch.Tensor:
+    """The prepared split as a uint8 tensor [N, C, H, W] (copied out of the memory map)."""
+    images_NHWC = load_images(layout, split)
+    if images_NHWC.ndim != 4 or images_NHWC.shape[-1] != channels:
+        raise ArpgError(f"prepared {split} images have shape {images_NHWC.shape}, expected [N, H, W, {channels}] "
+                        "(data.channels); re-run `arpg prepare-data`")
+    return torch.from_numpy(np.array(images_NHWC)).permute(0, 3, 1, 2).contiguous()
+
+
+class BatchStream:
+    """Shuffled epochs drawn from a dedicated generator; state_dict() makes resume exact."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int):
+        if num_items < batch_size:
+            raise ArpgError(f"training set has {num_items} images, fewer than tokenizer.batch_size "
+                            f"{batch_size}; lower the batch size or prepare more data")
+        self.n, self.batch_size = num_items, batch_size
+        self.gen = make_generator(seed)
+        self.perm = torch.randperm(num_items, generator=self.gen)
+        self.cursor = 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices [B] and a horizontal-flip mask [B] (the tokenizer also encodes flipped images)."""
+        if self.cursor + self.batch_size > self.n:  # drop the ragged tail: every batch is full
+            self.perm = torch.randperm(self.n, generator=self.gen)
+            self.cursor = 0
+        idx_B = self.perm[self.cursor:self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        flip_B = torch.rand(self.batch_size, generator=self.gen) < 0.5
+        return idx_B, flip_B
+
+    def state_dict(self) -> dict:
+        return {"rng": self.gen.get_state(), "perm": self.perm, "cursor": self.cursor}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.gen.set_state(state["rng"])
+        self.perm, self.cursor = state["perm"], int(state["cursor"])
+
+
+def lr_at(progress: float, base_lr: float) -> float:
+    """Linear warm-up, then half-cosine from base_lr to MIN_LR_SHARE * base_lr; progress in [0, 1]."""
+    if progress < WARMUP_SHARE:
+        return base_lr * max(progress, 1e-3) / WARMUP_SHARE
+    t = min(1.0, (progress - WARMUP_SHARE) / (1 - WARMUP_SHARE))
+    return base_lr * (MIN_LR_SHARE + (1 - MIN_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@torch.no_grad()
+def restart_dead_codes(model: VQModel, dead_K: torch.Tensor, z_BDhw: torch.Tensor, gen: torch.Generator) -> int:
+    """Move every dead code onto a random encoder output of the batch; returns how many moved."""
+    dead = dead_K.nonzero().flatten()
+    if dead.numel() == 0:
+        return 0
+    z_ND = z_BDhw.permute(0, 2, 3, 1).reshape(-1, z_BDhw.shape[1])
+    if model.config.l2_norm_codes:
+        z_ND = F.normalize(z_ND, dim=-1)
+    pick = torch.randint(z_ND.shape[0], (dead.numel(),), generator=gen)
+    model.quantize.embedding.weight[dead.to(z_ND.device)] = z_ND[pick.to(z_ND.device)]
+    return int(dead.numel())
+
+
+# --- training ------------------------------------------------------------------------
+
+def _adv_losses(disc: PatchDiscriminator, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hinge losses: (discriminator loss on detached fakes, generator loss)."""
+    d_loss = 0.5 * (F.relu(1 - disc(real)).mean() + F.relu(1 + disc(fake.detach())).mean())
+    g_loss = -disc(fake).mean()
+    return d_loss, g_loss
+
+
+def train_tokenizer(params, run=None, progress: bool = True) -> dict:
+    """Train the VQ tokenizer (resuming from the layout's state file), write tokenizer.pt and metrics."""
+    from tqdm import tqdm
+
+    layout = params.layout
+    vq_cfg = VQConfig.from_params(params)
+    cfg = TokenizerTrainConfig.from_params(params)
+    device = resolve_device(params["device"])
+    set_threads(params["tokenizer"]["threads"])  # 0: torch's default
+    images_NCHW = _images_tensor(layout, "train", vq_cfg.in_channels)
+
+    torch.manual_seed(cfg.seed)  # parameter init only; every draw during training uses `stream.gen`
+    model = VQModel(vq_cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    disc = disc_opt = None
+    if cfg.adversarial_weight > 0:
+        disc = PatchDiscriminator(vq_cfg.in_channels).to(device)
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    stream = BatchStream(images_NCHW.shape[0], cfg.batch_size, cfg.seed)
+    step, elapsed, history = 0, 0.0, []
+
+    if layout.tokenizer_state.is_file():
+        state = read_checkpoint(layout.tokenizer_state)
+        if VQConfig.from_dict(state["config"]) != vq_cfg or bool(state.get("discriminator")) != (disc is not None):
+            raise CheckpointError(f"{layout.tokenizer_state} was written with other tokenizer settings; "
+                                  "delete it to train from scratch")
+        load_state_strict(model, state["model"], str(layout.tokenizer_state))
+        opt.load_state_dict(state["optimizer"])
+        if disc is not None:
+            load_state_strict(disc, state["discriminator"], f"{layout.tokenizer_state} (discriminator)")
+            disc_opt.load_state_dict(state["disc_optimizer"])
+        stream.load_state_dict(state["stream"])
+        step, elapsed, history = int(state["step"]), float(state["elapsed"]), list(state["history"])
+        print(f"resuming tokenizer training at step {step} ({elapsed / 60:.2f} min done)")
+
+    def save_state() -> None:
+        atomic_torch_save({
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "config": asdict(vq_cfg),
+            "discriminator": disc.state_dict() if disc is not None else None,
+            "disc_optimizer": disc_opt.state_dict() if disc is not None else None,
+            "stream": stream.state_dict(), "step": step, "elapsed": elapsed, "history": history,
+        }, layout.tokenizer_state)
+
+    budget = cfg.max_minutes * 60
+    model.train()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train-tokenizer", disable=not progress, dynamic_ncols=True)
+    window, stopped_by = [], "max_steps"
+    t_last = time.monotonic()
+    while step < cfg.max_steps:
+        if elapsed >= budget:
+            stopped_by = "max_minutes"
+            break
+        lr = lr_at(max(step / cfg.max_steps, elapsed / budget), cfg.lr)
+        for group in opt.param_groups + (disc_opt.param_groups if disc_opt else []):
+            group["lr"] = lr
+        idx_B, flip_B = stream.next()
+        pixels = images_NCHW[idx_B]  # [B, C, H, W] uint8
+        pixels = torch.where(flip_B[:, None, None, None], pixels.flip(-1), pixels)
+        x_BCHW = from_uint8(pixels).to(device)
+
+        out = model(x_BCHW)
+        err = out.recon_BCHW - x_BCHW
+        l1, l2 = err.abs().mean(), err.pow(2).mean()
+        vq = out.codebook_loss + cfg.commit_beta * out.commit_loss
+        loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.codebook_weight * vq
+        terms = {"l1": l1.item(), "l2": l2.item(), "codebook": out.codebook_loss.item(),
+                 "commit": out.commit_loss.item()}
+        adversarial_on = disc is not None and step >= cfg.adversarial_start
+        if adversarial_on:
+            d_loss, g_loss = _adv_losses(disc, x_BCHW, out.recon_BCHW)
+            loss = loss + cfg.adversarial_weight * g_loss
+            terms |= {"g_adv": g_loss.item(), "d_loss": d_loss.item()}
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if adversarial_on:
+            # the generator step also filled the discriminator's grads: clear them first
+            disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            disc_opt.step()
+        step += 1
+        restarted = 0
+        if cfg.dead_code_every and step % cfg.dead_code_every == 0:
+            dead_K = model.quantize.usage_counts() == 0
+            restarted = restart_dead_codes(model, dead_K, out.z_BDhw, stream.gen)
+        now = time.monotonic()
+        elapsed += now - t_last
+        t_last = now
+        window.append(terms | {"loss": loss.item()})
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            metrics = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
+            with torch.no_grad():
+                metrics["batch_psnr"] = psnr(to_uint8(out.recon_BCHW.detach().cpu()), pixels).mean().item()
+            window_usage = _usage_from_counts(model.quantize.usage_counts().cpu())
+            metrics |= {"lr": lr, "minutes": elapsed / 60, "usage_window": window_usage["usage"],
+                        "perplexity_window": window_usage["perplexity"], "codes_restarted": restarted}
+            history.append({"step": step, **metrics})
+            window = []
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", psnr=f"{metrics['batch_psnr']:.1f}",
+                            usage=f"{metrics['usage_window']:.2f}")
+            if run is not None:
+                run.log_metrics(metrics, step)
+        if step % cfg.checkpoint_every == 0:
+            save_state()
+            t_last = time.monotonic()  # checkpoint writes are not training time
+    bar.close()
+    save_state()
+    model.eval()
+    atomic_torch_save(tokenizer_payload(model.cpu()), layout.tokenizer_checkpoint)
+    summary = {"steps": step, "minutes": elapsed / 60, "stopped_by": stopped_by,
+               "images_seen": step * cfg.batch_size, "pretrained": None,
+               "final": history[-1] if history else {}, "config": asdict(vq_cfg)}
+    write_json(layout.tokenizer_metrics, summary)
+    return summary
+
+
+def import_pretrained(params) -> dict:
+    """tokenizer.pretrained set: load the LlamaGen checkpoint strictly and write our tokenizer.pt from it."""
+    layout = params.layout
+    path = Path(params["tokenizer"]["pretrained"])
+    vq_cfg = VQConfig.from_params(params)
+    model = load_tokenizer(path, vq_cfg)
+    atomic_torch_save(tokenizer_payload(model), layout.tokenizer_checkpoint)
+    summary = {"steps": 0, "minutes": 0.0, "stopped_by": "pretrained", "pretrained": str(path),
+               "parameters": sum(p.numel() for p in model.parameters()), "config": asdict(vq_cfg)}
+    write_json(layout.tokenizer_metrics, summary)
+    return summary
+
+
+# --- tokenization --------------------------------------------------------------------
+
+@torch.inference_mode()
+def encode_pixels(model: VQModel, pixels_NCHW: torch.Tensor, batch_size: int, device,
+                  flip: bool = False) -> torch.Tensor:
+    """uint8 images [N, C, H, W] -> int64 tokens [N, h, w] (optionally of the horizontally flipped images)."""
+    chunks = []
+    for start in range(0, pixels_NCHW.shape[0], batch_size):
+        pixels = pixels_NCHW[start:start + batch_size]
+        if flip:
+            pixels = pixels.flip(-1)
+        chunks.append(model.encode(from_uint8(pixels).to(device)).cpu())  # [b, h, w]
+    return torch.cat(chunks)
+
+
+@torch.inference_mode()
+def reconstruct_pixels(model: VQModel, pixels_NCHW: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    """uint8 images -> uint8 reconstructions through encode -> tokens -> decode."""
+    chunks = []
+    for start in range(0, pixels_NCHW.shape[0], batch_size):
+        tokens_Bhw = model.encode(from_uint8(pixels_NCHW[start:start + batch_size]).to(device))
+        chunks.append(to_uint8(model.decode(tokens_Bhw)).cpu())  # [b, C, H, W]
+    return torch.cat(chunks)
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """np.save via a temporary file and rename (a plain .npy: np.load(path, mmap_mode='r') works)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
+    os.close(fd)
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def token_dtype(codebook_size: int):
+    return np.int16 if codebook_size <= np.iinfo(np.int16).max + 1 else np.int32
+
+
+def save_grid(originals_NCHW: torch.Tensor, recons_NCHW: torch.Tensor, path: Path, columns: int = 16,
+              scale: int = 2) -> None:
+    """PNG grid: row pairs of originals (top) over their reconstructions (bottom), 2 px gaps."""
+    from PIL import Image
+
+    n, C, H, W = originals_NCHW.shape
+    columns = min(columns, n)
+    rows = math.ceil(n / columns)
+    gap = 2
+    canvas = np.full((rows * 2 * (H + gap) + gap, columns * (W + gap) + gap, C), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        x0 = gap + c * (W + gap)
+        for k, img in enumerate((originals_NCHW[i], recons_NCHW[i])):
+            y0 = gap + (2 * r + k) * (H + gap)
+            canvas[y0:y0 + H, x0:x0 + W] = img.permute(1, 2, 0).numpy()
+    image = Image.fromarray(canvas[..., 0] if C == 1 else canvas)
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
+def tokenize_dataset(params, run=None, batch_size: int = 100, grid_images: int = 32) -> dict:
+    """Encode train / test (and the flipped train set), write tokens + labels, metrics and a grid PNG.
+
+    Batches of 100: larger ones (>32 MB activations) make glibc mmap/munmap every batch (3x the time).
+    """
+    layout = params.layout
+    tok = params["tokenizer"]
+    device = resolve_device(params["device"])
+    set_threads(tok["threads"])
+    vq_cfg = VQConfig.from_params(params)
+    model = load_tokenizer(layout.tokenizer_checkpoint, vq_cfg).to(device)
+    dtype = token_dtype(vq_cfg.codebook_size)
+    timings, stats = {}, {}
+    splits = [("train", "train", False), ("test", "test", False)]
+    if tok["tokenize_flip"]:
+        splits.append(("train_flip", "train", True))
+    pixels_by_split = {}
+    for name, source, flip in splits:
+        if source not in pixels_by_split:
+            pixels_by_split[source] = _images_tensor(layout, source, vq_cfg.in_channels)
+        t0 = time.monotonic()
+        tokens_Nhw = encode_pixels(model, pixels_by_split[source], batch_size, device, flip=flip)
+        timings[f"{name}_seconds"] = time.monotonic() - t0
+        save_npy_atomic(layout.tokens(name), tokens_Nhw.numpy().astype(dtype))
+        # train_flip gets its own copy of the labels, so every split reads the same way
+        save_npy_atomic(layout.token_labels(name), np.asarray(load_labels(layout, source), dtype=np.int64))
+        if name == "train":
+            stats = codebook_stats(tokens_Nhw, vq_cfg.codebook_size)
+
+    test = pixels_by_split["test"][:tok["eval_images"]]
+    recon = reconstruct_pixels(model, test, batch_size, device)
+    psnr_N, ssim_N = psnr(recon, test), ssim(recon, test)
+    save_grid(test[:grid_images], recon[:grid_images], layout.reconstructions)
+    metrics = {
+        "psnr": psnr_N.clamp(max=100).mean().item(),  # a perfect image (inf dB) counts as 100 dB
+        "ssim": ssim_N.mean().item(),
+        "eval_images": int(test.shape[0]),
+        "codebook_usage": stats["usage"], "codebook_perplexity": stats["perplexity"],
+        "codes_used": stats["codes_used"], "codebook_size": vq_cfg.codebook_size,
+        "token_grid": list(tokens_Nhw.shape[1:]), "token_dtype": np.dtype(dtype).name,
+        **timings,
+    }
+    write_json(layout.tokenize_metrics, metrics)
+    if run is not None:
+        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        run.log_artifact(layout.reconstructions)
+        run.log_artifact(layout.tokenize_metrics)
+    return metrics

@@ -1,0 +1,284 @@
+"""Tokenizer loops: metrics against references, resume, tokenization artifacts, pretrained import."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from arpg.cli import main
+from arpg.config import load_params
+from arpg.engine import tokenizer as engine
+from arpg.errors import CheckpointError
+from arpg.models.vq import VQConfig, VQModel, from_uint8, load_tokenizer
+from arpg.utils import make_generator
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one intra-op thread avoids OpenMP spin-waits on a shared, oversubscribed CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TINY = {
+    "data.resolution": 16,
+    "tokenizer.base_channels": 8,
+    "tokenizer.channel_mult": [1, 2],
+    "tokenizer.num_res_blocks": 1,
+    "tokenizer.z_channels": 8,
+    "tokenizer.codebook_size": 32,
+    "tokenizer.codebook_dim": 4,
+    "tokenizer.norm_groups": 4,
+    "tokenizer.batch_size": 8,
+    "tokenizer.max_steps": 4,
+    "tokenizer.max_minutes": 60.0,
+    "tokenizer.checkpoint_every": 2,
+    "tokenizer.log_every": 1,
+    "tokenizer.dead_code_every": 2,
+    "tokenizer.eval_images": 12,
+    "tracking.enabled": False,
+}
+
+
+def blobs(n: int, seed: int, size: int = 16) -> np.ndarray:
+    """uint8 [n, size, size, 1]: bright ellipses on black (structured, like padded Fashion-MNIST)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    out = np.zeros((n, size, size, 1), np.uint8)
+    for i in range(n):
+        cy, cx = rng.uniform(4, size - 4, 2)
+        ry, rx = rng.uniform(2, 5, 2)
+        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        out[i, ..., 0] = np.where(inside, rng.integers(120, 255), 0)
+    return out
+
+
+@pytest.fixture
+def tiny_params(params_file):
+    def make(**overrides):
+        params = load_params(params_file(**(TINY | overrides)))
+        layout = params.layout
+        layout.data_dir.mkdir(parents=True, exist_ok=True)
+        for split, n, seed in (("train", 40, 0), ("test", 12, 1)):
+            np.save(layout.images(split), blobs(n, seed))
+            np.save(layout.labels(split), np.arange(n, dtype=np.int64) % 10)
+        return params
+    return make
+
+
+# --- metrics ----------------------------------------------------------------------------
+
+def test_psnr_matches_formula():
+    gen = make_generator(0)
+    a = torch.randint(0, 256, (3, 1, 16, 16), generator=gen, dtype=torch.uint8)
+    b = torch.randint(0, 256, (3, 1, 16, 16), generator=gen, dtype=torch.uint8)
+    mse = ((a.numpy().astype(np.float64) - b.numpy()) ** 2).reshape(3, -1).mean(1)
+    np.testing.assert_allclose(engine.psnr(a, b).numpy(), 20 * np.log10(255) - 10 * np.log10(mse), rtol=1e-12)
+    assert torch.isinf(engine.psnr(a, a)).all()
+
+
+def ssim_reference(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM of two 2-D images with scipy's Gaussian filter (sigma 1.5, truncate 3.5 -> 11 taps), interior only."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+
+    def f(x):
+        return gaussian_filter(x, 1.5, truncate=3.5)[5:-5, 5:-5]
+
+    mu_a, mu_b = f(a), f(b)
+    va, vb, cov = f(a * a) - mu_a ** 2, f(b * b) - mu_b ** 2, f(a * b) - mu_a * mu_b
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    s = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (va + vb + c2))
+    return float(s.mean())
+
+
+def test_ssim_matches_scipy_reference():
+    gen = make_generator(1)
+    a = torch.randint(0, 256, (2, 1, 24, 20), generator=gen, dtype=torch.uint8)
+    noise = torch.randint(-30, 31, a.shape, generator=gen)
+    b = (a.int() + noise).clamp(0, 255).to(torch.uint8)
+    got = engine.ssim(a, b)
+    for i in range(2):
+        assert got[i].item() == pytest.approx(ssim_reference(a[i, 0].numpy(), b[i, 0].numpy()), abs=1e-10)
+    assert engine.ssim(a, a).sub(1).abs().max().item() < 1e-12
+    assert 0.2 < got.mean().item() < 0.99
+
+
+def test_codebook_stats_on_known_histogram():
+    tokens = np.array([[0, 1], [2, 3]] * 5)  # 4 of 8 codes, equally often
+    stats = engine.codebook_stats(tokens, 8)
+    assert stats["usage"] == 0.5 and stats["codes_used"] == 4
+    assert stats["perplexity"] == pytest.approx(4.0)
+    skewed = engine.codebook_stats(np.array([0, 0, 0, 1]), 4)
+    p = np.array([0.75, 0.25])
+    assert skewed["perplexity"] == pytest.approx(math.exp(-(p * np.log(p)).sum()))
+
+
+def test_lr_schedule_warms_up_then_anneals():
+    warm = [engine.lr_at(engine.WARMUP_SHARE * f, 1.0) for f in (0.0, 0.25, 0.5, 1.0)]
+    assert warm[0] < 0.05 and warm == sorted(warm)
+    assert engine.lr_at(engine.WARMUP_SHARE, 1.0) == pytest.approx(1.0)
+    assert engine.lr_at(1.0, 1.0) == pytest.approx(engine.MIN_LR_SHARE)
+    mid = (1 + engine.WARMUP_SHARE) / 2
+    assert engine.lr_at(mid, 1.0) == pytest.approx((1 + engine.MIN_LR_SHARE) / 2)
+
+
+def test_batch_stream_resume_is_exact():
+    a = engine.BatchStream(10, 4, seed=3)
+    draws = [a.next() for _ in range(2)]
+    state = a.state_dict()
+    b = engine.BatchStream(10, 4, seed=99)
+    b.load_state_dict(state)
+    for _ in range(4):  # crosses an epoch boundary
+        (ia, fa), (ib, fb) = a.next(), b.next()
+        assert torch.equal(ia, ib) and torch.equal(fa, fb)
+    assert sorted(torch.cat([d[0] for d in draws]).tolist()) == sorted(set(torch.cat([d[0] for d in draws]).tolist()))
+
+
+def test_dead_codes_move_onto_batch_latents():
+    cfg = VQConfig(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, z_channels=8,
+                   codebook_size=8, codebook_dim=4, norm_groups=4)
+    model = VQModel(cfg)
+    before = model.quantize.embedding.weight.detach().clone()
+    z = torch.randn(2, 4, 3, 3, generator=make_generator(0))
+    dead = torch.tensor([True, False, False, True, False, False, False, False])
+    assert engine.restart_dead_codes(model, dead, z, make_generator(1)) == 2
+    after = model.quantize.embedding.weight.detach()
+    assert torch.equal(after[~dead], before[~dead])
+    latents = torch.nn.functional.normalize(z.permute(0, 2, 3, 1).reshape(-1, 4), dim=-1)
+    for row in after[dead]:
+        assert (latents - row).abs().sum(1).min() < 1e-6
+
+
+# --- training, resume, tokenization -------------------------------------------------------
+
+def test_training_reduces_loss_and_writes_artifacts(tiny_params):
+    params = tiny_params(**{"tokenizer.max_steps": 30, "tokenizer.log_every": 10, "tokenizer.lr": 0.003})
+    summary = engine.train_tokenizer(params, progress=False)
+    layout = params.layout
+    assert summary["steps"] == 30 and summary["stopped_by"] == "max_steps"
+    state = torch.load(layout.tokenizer_state, weights_only=False)
+    first, last = state["history"][0], state["history"][-1]
+    assert last["loss"] < 0.7 * first["loss"]
+    assert json.loads(layout.tokenizer_metrics.read_text())["steps"] == 30
+    model = load_tokenizer(layout.tokenizer_checkpoint)
+    assert model.config.in_channels == 1 and model.config.codebook_size == 32
+
+
+def test_time_budget_stops_and_checkpoints(tiny_params):
+    params = tiny_params(**{"tokenizer.max_minutes": 1e-4, "tokenizer.max_steps": 1000})
+    summary = engine.train_tokenizer(params, progress=False)
+    assert summary["stopped_by"] == "max_minutes" and 0 < summary["steps"] < 1000
+    assert params.layout.tokenizer_checkpoint.is_file()
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tiny_params, monkeypatch):
+    straight = tiny_params()
+    engine.train_tokenizer(straight, progress=False)
+    expected = torch.load(straight.layout.tokenizer_checkpoint)["model"]
+    for path in (straight.layout.tokenizer_state, straight.layout.tokenizer_checkpoint):
+        path.unlink()
+
+    calls = {"n": 0}
+    forward = VQModel.forward
+
+    def dying_forward(self, x):
+        calls["n"] += 1
+        if calls["n"] == 4:  # during step 4: the checkpoint of step 2 is on disk
+            raise KeyboardInterrupt
+        return forward(self, x)
+
+    monkeypatch.setattr(VQModel, "forward", dying_forward)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train_tokenizer(straight, progress=False)
+    assert torch.load(straight.layout.tokenizer_state, weights_only=False)["step"] == 2
+    monkeypatch.setattr(VQModel, "forward", forward)
+    summary = engine.train_tokenizer(straight, progress=False)
+    assert summary["steps"] == 4
+    resumed = torch.load(straight.layout.tokenizer_checkpoint)["model"]
+    for key, value in expected.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_resume_with_other_sizes_is_refused(tiny_params, params_file):
+    params = tiny_params(**{"tokenizer.max_steps": 2})
+    engine.train_tokenizer(params, progress=False)
+    other = load_params(params_file(**(TINY | {"tokenizer.codebook_size": 64, "tokenizer.max_steps": 2})))
+    with pytest.raises(CheckpointError, match="delete it"):
+        engine.train_tokenizer(other, progress=False)
+
+
+def test_adversarial_loss_trains_the_discriminator(tiny_params):
+    params = tiny_params(**{"tokenizer.adversarial_weight": 0.1, "tokenizer.adversarial_start": 1})
+    engine.train_tokenizer(params, progress=False)
+    state = torch.load(params.layout.tokenizer_state, weights_only=False)
+    logged = [h for h in state["history"] if "d_loss" in h]
+    assert [h["step"] for h in logged] == [2, 3, 4]  # off at step 1, on from adversarial_start
+    assert state["discriminator"] is not None
+
+
+def test_tokenize_writes_grids_labels_metrics_and_grid(tiny_params):
+    params = tiny_params()
+    engine.train_tokenizer(params, progress=False)
+    metrics = engine.tokenize_dataset(params, batch_size=5, grid_images=6)
+    layout = params.layout
+    model = load_tokenizer(layout.tokenizer_checkpoint)
+    train = np.load(layout.images("train"))
+    pixels = torch.from_numpy(train).permute(0, 3, 1, 2)
+    for split, flip in (("train", False), ("train_flip", True)):
+        tokens = np.load(layout.tokens(split), mmap_mode="r")
+        assert tokens.dtype == np.int16 and tokens.shape == (40, 8, 8)
+        source = pixels.flip(-1) if flip else pixels
+        with torch.no_grad():  # same chunking as the stage: conv numerics depend on the batch shape
+            expected = torch.cat([model.encode(from_uint8(source[i:i + 5])) for i in range(0, 40, 5)])
+        assert np.array_equal(np.asarray(tokens), expected.numpy())
+        assert np.array_equal(np.load(layout.token_labels(split)), np.arange(40) % 10)
+    assert np.load(layout.tokens("test")).shape == (12, 8, 8)
+    saved = json.loads(layout.tokenize_metrics.read_text())
+    assert saved["psnr"] == pytest.approx(metrics["psnr"]) and saved["eval_images"] == 12
+    assert 0 < saved["codebook_usage"] <= 1 and 1 <= saved["codebook_perplexity"] <= 32
+    with torch.no_grad():
+        test = torch.from_numpy(np.load(layout.images("test"))).permute(0, 3, 1, 2)
+        recon = engine.reconstruct_pixels(model, test, 5, "cpu")
+    assert saved["psnr"] == pytest.approx(engine.psnr(recon, test).mean().item())
+    from PIL import Image
+    with Image.open(layout.reconstructions) as png:  # 1 column-block of 6 pairs: 2 rows of 16 px + gaps
+        assert png.size == (2 * (6 * 18 + 2), 2 * (2 * 18 + 2))
+
+
+def test_cli_train_and_tokenize(tiny_params, capsys):
+    params = tiny_params(**{"tokenizer.tokenize_flip": False})
+    assert main(["train-tokenizer", "--params", str(params.path), "--no-progress"]) == 0
+    assert main(["tokenize", "--params", str(params.path)]) == 0
+    out = capsys.readouterr().out
+    assert "PSNR" in out and "codes used" in out
+    assert not params.layout.tokens("train_flip").exists()
+
+
+def test_pretrained_checkpoint_is_imported_strictly(tiny_params, tmp_path, capsys):
+    params = tiny_params()
+    cfg = VQConfig.from_params(params)
+    source = VQModel(cfg)
+    good = tmp_path / "vq_ds16_c2i.pt"
+    torch.save({"model": source.state_dict(), "args": argparse.Namespace(codebook_size=32)}, good)
+    imported = tiny_params(**{"tokenizer.pretrained": str(good)})
+    assert main(["train-tokenizer", "--params", str(imported.path)]) == 0
+    model = load_tokenizer(imported.layout.tokenizer_checkpoint)
+    x = torch.rand(2, 1, 16, 16, generator=make_generator(0)) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(model.encode(x), source.eval().encode(x))
+
+    broken = tmp_path / "broken.pt"
+    sd = source.state_dict()
+    sd.pop("quantize.embedding.weight")
+    torch.save({"model": sd}, broken)
+    bad = tiny_params(**{"tokenizer.pretrained": str(broken)})
+    assert main(["train-tokenizer", "--params", str(bad.path)]) == 2
+    err = capsys.readouterr().err
+    assert "missing keys (1): quantize.embedding.weight" in err
