@@ -61,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         from arpg.config import load_params
+        from arpg.utils import set_threads
 
         params = load_params(args.params)
+        set_threads(params["threads"])
         result = module.run(args, params)
     except ArpgError as exc:
         print(f"arpg {args.command}: error: {exc}", file=sys.stderr)

@@ -93,7 +93,8 @@ def require_file(path: str | os.PathLike, what: str, fix: str) -> Path:
 
 
 def set_threads(n: int | None) -> None:
-    import torch
-
+    """n > 0: torch intra-op threads; 0 / None: leave torch's default (OMP_NUM_THREADS or all cores)."""
     if n:
+        import torch
+
         torch.set_num_threads(int(n))

@@ -34,14 +34,7 @@ def run(args, params) -> None:
     run_params = {"seed": params["seed"], **{f"classifier.{k}": v for k, v in params["classifier"].items()}}
     with stage_run(params, "train-classifier", run_params=run_params) as run:
         start = time.monotonic()
-        # One intra-op thread: the net is so small that OpenMP sync dominates, and on a shared
-        # machine 2 spinning threads ran 10-20x slower than 1 (measured); idle, 1 thread is ~1.5x off.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            model, stats = train_classifier(train_x, train_y, model_cfg, train_cfg, device, log=run.log_metrics)
-        finally:
-            torch.set_num_threads(threads)
+        model, stats = train_classifier(train_x, train_y, model_cfg, train_cfg, device, log=run.log_metrics)
         logits_NK, _ = predict(model, test_x, params["evaluate"]["batch_size"], device)
         stats["test_accuracy"] = accuracy(logits_NK, test_y)
         stats["total_seconds"] = time.monotonic() - start

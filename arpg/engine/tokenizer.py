@@ -39,7 +39,7 @@ from arpg.data.arrays import load_images, load_labels
 from arpg.errors import ArpgError, CheckpointError
 from arpg.models.vq import (VQConfig, VQModel, from_uint8, load_state_strict, load_tokenizer, read_checkpoint,
                             to_uint8, tokenizer_payload)
-from arpg.utils import atomic_torch_save, make_generator, resolve_device, set_threads, write_json
+from arpg.utils import atomic_torch_save, make_generator, resolve_device, write_json
 
 WARMUP_SHARE = 0.05
 MIN_LR_SHARE = 0.1
@@ -219,11 +219,13 @@ def train_tokenizer(params, run=None, progress: bool = True) -> dict:
     vq_cfg = VQConfig.from_params(params)
     cfg = TokenizerTrainConfig.from_params(params)
     device = resolve_device(params["device"])
-    set_threads(params["tokenizer"]["threads"])  # 0: torch's default
     images_NCHW = _images_tensor(layout, "train", vq_cfg.in_channels)
 
-    torch.manual_seed(cfg.seed)  # parameter init only; every draw during training uses `stream.gen`
-    model = VQModel(vq_cfg).to(device)
+    # nn.Module init draws from the global RNG: seed it inside a fork so nothing else is disturbed;
+    # every draw during training uses `stream.gen`
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = VQModel(vq_cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     disc = disc_opt = None
     if cfg.adversarial_weight > 0:
@@ -417,7 +419,6 @@ def tokenize_dataset(params, run=None, batch_size: int = 100, grid_images: int =
     layout = params.layout
     tok = params["tokenizer"]
     device = resolve_device(params["device"])
-    set_threads(tok["threads"])
     vq_cfg = VQConfig.from_params(params)
     model = load_tokenizer(layout.tokenizer_checkpoint, vq_cfg).to(device)
     dtype = token_dtype(vq_cfg.codebook_size)
