@@ -17,5 +17,5 @@ include: "workflow/rules/report.smk"
 
 rule all:
     input:
-        PIPE.pattern(PARAMS, "report").output_dir,
+        PIPE.pattern(PARAMS, "report").outputs,
     default_target: True

@@ -159,3 +159,10 @@ class Layout:
     @property
     def gallery_json(self) -> Path:
         return self.gallery_dir / "gallery.json"
+
+    # --- report -------------------------------------------------------------------
+    @property
+    def report_index(self) -> Path:
+        """What `arpg report` wrote into report.dir. The pipeline's report target: report.dir
+        itself is committed for the default study, so its existence proves nothing."""
+        return self.out / "report_index.json"

@@ -296,7 +296,7 @@ def _gallery(ctx: _Ctx, w) -> Job:
 
 def _report(ctx: _Ctx, w) -> Job:
     inputs = report_inputs(ctx.params, ctx.layout, ctx.log_dir)
-    return Job("report", {}, ("report",), tuple(inputs), (), ("report", "name"),
+    return Job("report", {}, ("report",), tuple(inputs), (_s(ctx.layout.report_index),), ("report", "name"),
                output_dir=str(ctx.params["report"]["dir"]), local=True, log=_log(ctx, "report", w, ()))
 
 

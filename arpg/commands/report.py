@@ -11,10 +11,13 @@ def configure(parser) -> None:
 def run(args, params) -> None:
     from arpg.engine.report import build
     from arpg.tracking import stage_run
+    from arpg.utils import write_json
 
     with stage_run(params, "report", run_params={"report.dir": params["report"]["dir"],
                                                  "seed": params["seed"]}) as run:
         result = build(params)
         run.log_metrics(result["metrics"])
         run.log_artifact(result["dir"], "report")
+        write_json(params.layout.report_index, {"dir": str(result["dir"]),
+                                                "files": sorted(str(p) for p in result["paths"])})
         print(f"wrote {len(result['paths'])} files in {result['dir']} (open {result['dir']}/README.md)")

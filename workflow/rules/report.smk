@@ -43,7 +43,7 @@ rule report:
     input:
         inputs("report"),
     output:
-        directory(PIPE.pattern(PARAMS, "report").output_dir),
+        out("report"),
     log:
         log("report"),
     params:
