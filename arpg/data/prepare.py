@@ -26,7 +26,7 @@ import numpy as np
 
 from arpg.errors import ConfigError, DataError
 from arpg.paths import Layout
-from arpg.utils import write_json
+from arpg.utils import atomic_save_npy, write_json
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 FASHION_FILES = {
@@ -221,12 +221,6 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _save_array(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
 def prepare(params) -> dict:
     """Write the prepared arrays and manifest; returns the manifest."""
     data = params["data"]
@@ -246,8 +240,8 @@ def prepare(params) -> dict:
             keep = _cap_per_class(range(len(labels)), data["max_per_class"], lambda i: int(labels[i]))
             raw, labels = raw[keep], labels[keep]
             images = fit_array(raw, geometry)
-            _save_array(layout.images(split), images)
-            _save_array(layout.labels(split), labels)
+            atomic_save_npy(layout.images(split), images)
+            atomic_save_npy(layout.labels(split), labels)
             manifest["sources"][split] = source
             manifest["splits"][split] = {"pixel_mean_source": float(raw.mean() / 255.0)}
     else:
@@ -266,7 +260,7 @@ def prepare(params) -> dict:
         for split, items in splits.items():
             items = _cap_per_class(items, data["max_per_class"], lambda item: item[1])
             labels, skipped = decode_files(items, geometry, data["on_corrupt"], layout.images(split), workers)
-            _save_array(layout.labels(split), labels)
+            atomic_save_npy(layout.labels(split), labels)
             manifest["skipped"] += [dict(s, split=split) for s in skipped]
             manifest["splits"][split] = {}
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -30,7 +29,7 @@ import torch
 
 from arpg.compat import ensure_torchvision_importable
 from arpg.errors import ArpgError, CheckpointError, DataError
-from arpg.utils import make_generator
+from arpg.utils import atomic_path, make_generator
 
 ensure_torchvision_importable()
 import torch_fidelity  # noqa: E402  (needs the torchvision shim above)
@@ -279,17 +278,9 @@ def compute_reference(images_NHWC: np.ndarray, extractor: str, weights: str | os
 
 def save_reference(path: str | os.PathLike, reference: Mapping[str, np.ndarray], extractor: str,
                    split: str, weights_digest: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-    os.close(fd)
-    try:
+    with atomic_path(path, ".npz") as tmp:
         np.savez(tmp, **reference, extractor=np.array(extractor), split=np.array(split),
                  weights_digest=np.array(weights_digest))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_reference(path: str | os.PathLike, extractor: str, weights_digest: str | None = None) -> dict:
@@ -391,13 +382,6 @@ def export_adm_npz(images_NHWC: np.ndarray, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix != ".npz":
         raise ArpgError(f"ADM export path {path} must end in .npz (np.savez appends it otherwise)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-    os.close(fd)
-    try:
+    with atomic_path(path, ".npz") as tmp:
         np.savez(tmp, arr_0=adm_array(images_NHWC))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

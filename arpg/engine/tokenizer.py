@@ -23,8 +23,6 @@ learning rate instead of stopping at the peak.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +37,7 @@ from arpg.data.arrays import load_images, load_labels
 from arpg.errors import ArpgError, CheckpointError
 from arpg.models.vq import (VQConfig, VQModel, from_uint8, load_state_strict, load_tokenizer, read_checkpoint,
                             to_uint8, tokenizer_payload)
-from arpg.utils import atomic_torch_save, make_generator, resolve_device, write_json
+from arpg.utils import atomic_path, atomic_save_npy, atomic_torch_save, make_generator, resolve_device, write_json
 
 WARMUP_SHARE = 0.05
 MIN_LR_SHARE = 0.1
@@ -369,19 +367,6 @@ def reconstruct_pixels(model: VQModel, pixels_NCHW: torch.Tensor, batch_size: in
     return torch.cat(chunks)
 
 
-def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """np.save via a temporary file and rename (a plain .npy: np.load(path, mmap_mode='r') works)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
-    os.close(fd)
-    try:
-        np.save(tmp, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def token_dtype(codebook_size: int):
     return np.int16 if codebook_size <= np.iinfo(np.int16).max + 1 else np.int32
 
@@ -404,11 +389,8 @@ def save_grid(originals_NCHW: torch.Tensor, recons_NCHW: torch.Tensor, path: Pat
             canvas[y0:y0 + H, x0:x0 + W] = img.permute(1, 2, 0).numpy()
     image = Image.fromarray(canvas[..., 0] if C == 1 else canvas)
     image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    image.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, ".png") as tmp:
+        image.save(tmp)
 
 
 def tokenize_dataset(params, run=None, batch_size: int = 100, grid_images: int = 32) -> dict:
@@ -433,9 +415,9 @@ def tokenize_dataset(params, run=None, batch_size: int = 100, grid_images: int =
         t0 = time.monotonic()
         tokens_Nhw = encode_pixels(model, pixels_by_split[source], batch_size, device, flip=flip)
         timings[f"{name}_seconds"] = time.monotonic() - t0
-        save_npy_atomic(layout.tokens(name), tokens_Nhw.numpy().astype(dtype))
+        atomic_save_npy(layout.tokens(name), tokens_Nhw.numpy().astype(dtype))
         # train_flip gets its own copy of the labels, so every split reads the same way
-        save_npy_atomic(layout.token_labels(name), np.asarray(load_labels(layout, source), dtype=np.int64))
+        atomic_save_npy(layout.token_labels(name), np.asarray(load_labels(layout, source), dtype=np.int64))
         if name == "train":
             stats = codebook_stats(tokens_Nhw, vq_cfg.codebook_size)
 
