@@ -38,10 +38,11 @@ def params_file(tmp_path):
     return lambda base="params.yaml", **overrides: write_params(tmp_path, base, **overrides)
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Tiny test tensors: two intra-op threads only contend with each other (and with
-    other jobs on a 2-core machine), so tests run single-threaded."""
+    other jobs on a 2-core machine), so every test starts single-threaded, whatever the
+    test before it set."""
     import torch
 
     torch.set_num_threads(1)

@@ -121,14 +121,9 @@ def test_fashion_mnist_accuracy_within_budget():
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     train_x, train_y = _fashion("train")
     test_x, test_y = _fashion("test")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as `arpg train-classifier` trains
     start = time.monotonic()
-    try:
-        model, stats = train_classifier(train_x, train_y, model_config_from_params(params),
-                                        ClassifierTrainConfig.from_params(params), CPU)
-    finally:
-        torch.set_num_threads(threads)
+    model, stats = train_classifier(train_x, train_y, model_config_from_params(params),
+                                    ClassifierTrainConfig.from_params(params), CPU)
     logits, _ = predict(model, test_x, 1000, CPU)
     acc = accuracy(logits, test_y)
     print(f"fashion-mnist classifier: {acc:.4f} test accuracy, {stats}, {time.monotonic() - start:.1f} s")

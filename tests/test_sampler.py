@@ -18,13 +18,6 @@ GRID, CODES, CLASSES = 4, 32, 3
 N = GRID * GRID
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, overloaded CPU two spinning threads make tiny ops ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _tiny(name: str, seed: int = 0):

@@ -18,13 +18,6 @@ from arpg.errors import CheckpointError
 from arpg.models.vq import VQConfig, VQModel, from_uint8, load_tokenizer
 from arpg.utils import make_generator
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread avoids OpenMP spin-waits on a shared, oversubscribed CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 TINY = {

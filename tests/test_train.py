@@ -29,13 +29,6 @@ CPU = torch.device("cpu")
 V, C, G = 64, 10, 8  # configs/smoke.yaml: codebook 64, 10 classes, 32 px / 4 -> 8x8 tokens
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the machine is shared: two threads per process oversubscribe it and run ~20x slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def structured_tokens(n: int, seed: int = 0, grid: int = G, vocab: int = V, classes: int = C):

@@ -12,13 +12,6 @@ from arpg.errors import CheckpointError, ConfigError
 from arpg.models.vq import (VQConfig, VQModel, load_state_strict, load_tokenizer, tokenizer_payload)
 from arpg.utils import atomic_torch_save, make_generator
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread avoids OpenMP spin-waits on a shared, oversubscribed CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 SMALL = VQConfig(in_channels=3, base_channels=32, channel_mult=(1, 2), num_res_blocks=2, z_channels=32,

@@ -15,13 +15,6 @@ from arpg.utils import make_generator
 GRID, CODES, CLASSES = 4, 32, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, overloaded CPU two spinning threads make tiny ops ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -232,6 +232,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_fid_vs_steps(path: Path, sweep: list[Point], fid_cols: list[str]) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(1, len(fid_cols), figsize=(5 * len(fid_cols), 4), squeeze=False)
@@ -246,10 +253,7 @@ def plot_fid_vs_steps(path: Path, sweep: list[Point], fid_cols: list[str]) -> Pa
         ax.set_ylabel(col)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_throughput(path: Path, speed: list[dict]) -> Path:
@@ -266,10 +270,7 @@ def plot_throughput(path: Path, speed: list[dict]) -> Path:
     ax.set_ylabel("images / s (generation, median)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def pareto_front(pairs: list[dict], fid_col: str) -> list[dict]:
@@ -301,10 +302,7 @@ def plot_pareto(path: Path, pairs: list[dict], fid_col: str) -> Path:
     ax.set_ylabel(fid_col)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_memory(path: Path, speed: list[dict]) -> Path:
@@ -318,10 +316,7 @@ def plot_memory(path: Path, speed: list[dict]) -> Path:
     ax.set_xticks(range(len(rows)), labels, fontsize=6)
     ax.set_ylabel(f"peak memory, MiB (batch {batch})")
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_specs(params) -> list[tuple[str, Any]]:
