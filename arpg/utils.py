@@ -102,6 +102,16 @@ def require_file(path: str | os.PathLike, what: str, fix: str) -> Path:
     return path
 
 
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Lay out, write (120 dpi) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def set_threads(n: int | None) -> None:
     """n > 0: torch intra-op threads; 0 / None: leave torch's default (OMP_NUM_THREADS or all cores)."""
     if n:

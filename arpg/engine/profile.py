@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from arpg.errors import ArpgError, CheckpointError
+from arpg.utils import save_figure
 
 # The one place that pairs an ARPG size with its same-backbone raster twin
 # (same width, heads and total depth; checked when the pair is built).
@@ -686,10 +687,7 @@ def plot(doc: dict, out_dir: Path) -> list[Path]:
         ax.set_ylabel("images / s")
         ax.set_title(model)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / "throughput_vs_steps.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save_figure(fig, out_dir / "throughput_vs_steps.png"))
 
     groups = sorted({(r["model"], r["batch"]) for r in ok}, key=lambda g: (models.index(g[0]), g[1]))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
@@ -707,10 +705,7 @@ def plot(doc: dict, out_dir: Path) -> list[Path]:
     ax.set_xticks(range(len(groups)), [f"{m}\nb={b}" for m, b in groups])
     ax.set_ylabel("MiB (generation peak above the loaded model; max over steps)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / "memory.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save_figure(fig, out_dir / "memory.png"))
 
     gains = doc["speedups"]
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
@@ -729,10 +724,7 @@ def plot(doc: dict, out_dir: Path) -> list[Path]:
         ax.set_ylabel("ARPG / raster images/s")
         ax.set_title(model)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / "speedup_vs_steps.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save_figure(fig, out_dir / "speedup_vs_steps.png"))
     return paths
 
 

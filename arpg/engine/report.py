@@ -21,6 +21,7 @@ from arpg import pipeline
 from arpg.config import token_count
 from arpg.errors import ArpgError
 from arpg.paths import Layout, SweepPoint, format_cfg
+from arpg.utils import save_figure
 
 # What each evaluate.extractors entry measures in (stated next to every metric).
 EXTRACTOR_TEXT = {
@@ -232,13 +233,6 @@ def _plt():
     return plt
 
 
-def _save(plt, fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def plot_fid_vs_steps(path: Path, sweep: list[Point], fid_cols: list[str]) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(1, len(fid_cols), figsize=(5 * len(fid_cols), 4), squeeze=False)
@@ -253,7 +247,7 @@ def plot_fid_vs_steps(path: Path, sweep: list[Point], fid_cols: list[str]) -> Pa
         ax.set_ylabel(col)
         ax.grid(alpha=0.3)
         ax.legend()
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def plot_throughput(path: Path, speed: list[dict]) -> Path:
@@ -270,7 +264,7 @@ def plot_throughput(path: Path, speed: list[dict]) -> Path:
     ax.set_ylabel("images / s (generation, median)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def pareto_front(pairs: list[dict], fid_col: str) -> list[dict]:
@@ -302,7 +296,7 @@ def plot_pareto(path: Path, pairs: list[dict], fid_col: str) -> Path:
     ax.set_ylabel(fid_col)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def plot_memory(path: Path, speed: list[dict]) -> Path:
@@ -316,7 +310,7 @@ def plot_memory(path: Path, speed: list[dict]) -> Path:
     ax.set_xticks(range(len(rows)), labels, fontsize=6)
     ax.set_ylabel(f"peak memory, MiB (batch {batch})")
     ax.grid(alpha=0.3, axis="y")
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def plot_specs(params) -> list[tuple[str, Any]]:
