@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from arpg.models.layers import (
+    BackboneConfig,
     FeedForward,
     RMSNorm,
     apply_rope,
@@ -65,6 +66,47 @@ def test_rope_2d_table_values():
             angle = idx * base ** (-2 * k / (hd // 2))
             assert math.isclose(cos[p + 1, j].item(), math.cos(angle), abs_tol=1e-6)
             assert math.isclose(sin[p + 1, j].item(), math.sin(angle), abs_tol=1e-6)
+
+
+def test_rope_anchor_class_slot_is_cell_minus_one():
+    """class_rope="anchor": the class slot holds the angles of grid cell (-1, -1); the grid rows
+    are those of the released table."""
+    G, hd, base = 5, 16, 10000.0
+    cos, sin = rope_2d(G, G, hd, base, class_rope="anchor")
+    cos0, sin0 = rope_2d(G, G, hd, base)
+    assert torch.equal(cos[1:], cos0[1:]) and torch.equal(sin[1:], sin0[1:])
+    for j in range(hd // 2):
+        angle = -1 * base ** (-2 * (j % (hd // 4)) / (hd // 2))
+        assert math.isclose(cos[0, j].item(), math.cos(angle), abs_tol=1e-6)
+        assert math.isclose(sin[0, j].item(), math.sin(angle), abs_tol=1e-6)
+
+
+def test_anchor_gives_queries_their_absolute_position():
+    """Zero slot: a query's score against the class key is 0 wherever the query is. Anchor: it
+    changes with the query's position (it equals the score against a key one cell up-left of the
+    grid origin on a grid shifted by one)."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 1, 1, 16, generator=g)
+    k = torch.randn(1, 1, 1, 16, generator=g)
+    scores = {}
+    for mode in ("zero", "anchor"):
+        cos, sin = rope_2d(6, 6, 16, class_rope=mode)
+        kc = apply_rope(k, cos[0:1], sin[0:1])
+        scores[mode] = [float((apply_rope(q, cos[p + 1:p + 2], sin[p + 1:p + 2]) * kc).sum()) for p in range(36)]
+    assert all(s == 0.0 for s in scores["zero"])
+    assert len({round(s, 5) for s in scores["anchor"]}) > 30
+    cos7, sin7 = rope_2d(7, 7, 16)  # (r, c) -> (r + 1, c + 1); the anchor -> (0, 0)
+    kc = apply_rope(k, cos7[1:2], sin7[1:2])
+    for p in (0, 9, 35):
+        r, c = divmod(p, 6)
+        slot = 1 + (r + 1) * 7 + (c + 1)
+        want = float((apply_rope(q, cos7[slot:slot + 1], sin7[slot:slot + 1]) * kc).sum())
+        assert math.isclose(scores["anchor"][p], want, rel_tol=1e-4, abs_tol=1e-5)
+
+
+def test_backbone_rejects_unknown_class_rope():
+    with pytest.raises(ValueError, match="class_rope"):
+        BackboneConfig(class_rope="centre")
 
 
 def test_rope_table_extends_to_larger_grid():
@@ -133,3 +175,33 @@ def test_cache_write_attend_writes_in_place_and_attends_prefix():
     att = torch.softmax(q2 @ K.transpose(-1, -2) / 2.0, -1)
     assert torch.allclose(y, att @ V, atol=1e-6)
     assert torch.count_nonzero(kc[:, :, 5]) == 0  # nothing written past the filled prefix
+
+
+@pytest.mark.parametrize("name", ["ARPG-T", "LlamaGen-T"])
+def test_prepacked_linears_give_the_same_logits(name):
+    from arpg.models.layers import prepack_linears_for_cpu
+    from arpg.models.registry import build_model
+
+    gen = torch.Generator().manual_seed(0)
+    model = build_model(name, codebook_size=32, num_classes=3, grid_size=4, generator=gen).eval()
+    head = model.head if hasattr(model, "head") else model.output
+    torch.nn.init.normal_(head.weight, std=0.5, generator=gen)  # the zero-init head would hide errors
+    tokens = torch.randint(0, 32, (3, 16), generator=gen)
+    labels = torch.tensor([0, 2, 1])
+    args = (tokens, labels, torch.stack([torch.randperm(16, generator=gen) for _ in range(3)])) \
+        if name.startswith("ARPG") else (tokens, labels)
+    with torch.inference_mode():
+        want = model(*args)
+        n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+        assert prepack_linears_for_cpu(model) == n_linear > 0
+        got = model(*args)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_prepack_leaves_bf16_models_alone():
+    from arpg.models.layers import prepack_linears_for_cpu
+    from arpg.models.registry import build_model
+
+    model = build_model("ARPG-T", codebook_size=32, num_classes=3, grid_size=4).eval().to(torch.bfloat16)
+    assert prepack_linears_for_cpu(model) == 0
+    assert all("forward" not in vars(m) for m in model.modules())

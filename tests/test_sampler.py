@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from arpg.engine import sampler as S
 from arpg.errors import ArpgError
 from arpg.models.layers import apply_rope, merge_heads, rope_lookup, split_heads
+from arpg.models.layers import CLASS_ROPE
 from arpg.models.registry import build_model
 from arpg.utils import make_generator
 
@@ -20,22 +21,22 @@ N = GRID * GRID
 
 
 
-def _tiny(name: str, seed: int = 0):
+def _tiny(name: str, seed: int = 0, **overrides):
     gen = make_generator(seed)
-    model = build_model(name, codebook_size=CODES, num_classes=CLASSES, grid_size=GRID, generator=gen)
+    model = build_model(name, codebook_size=CODES, num_classes=CLASSES, grid_size=GRID, generator=gen, **overrides)
     head = model.head if hasattr(model, "head") else model.output
     torch.nn.init.normal_(head.weight, std=1.0, generator=gen)  # zero-init head would give uniform logits
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def arpg():
-    return _tiny("ARPG-T")
+@pytest.fixture(scope="module", params=CLASS_ROPE)
+def arpg(request):
+    return _tiny("ARPG-T", class_rope=request.param)
 
 
-@pytest.fixture(scope="module")
-def raster():
-    return _tiny("LlamaGen-T")
+@pytest.fixture(scope="module", params=CLASS_ROPE)
+def raster(request):
+    return _tiny("LlamaGen-T", class_rope=request.param)
 
 
 class Recorder:

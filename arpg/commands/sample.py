@@ -93,6 +93,7 @@ def load_models(params, model: str, device: torch.device):
     """The trained generator and the tokenizer, strictly loaded, eval mode, on `device`."""
     from arpg.config import token_grid
     from arpg.models.checkpoint import load_generator
+    from arpg.models.layers import prepack_linears_for_cpu
     from arpg.models.vq import VQConfig, load_tokenizer
 
     layout = params.layout
@@ -100,6 +101,7 @@ def load_models(params, model: str, device: torch.device):
     generator = load_generator(layout.model_checkpoint(model), codebook_size=params["tokenizer"]["codebook_size"],
                                num_classes=params["data"]["num_classes"], grid_size=token_grid(params),
                                device=device)
+    prepack_linears_for_cpu(generator)  # fp32 CPU decoding: oneDNN with prepacked weights (no-op elsewhere)
     return generator, tokenizer
 
 

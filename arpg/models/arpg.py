@@ -166,7 +166,7 @@ class ARPG(nn.Module):
         out of .to(dtype) (released weights carry no table; bf16 angles would lose precision)."""
         key = (int(grid_size), str(device))
         if key not in self._rope:
-            cos, sin = rope_2d(grid_size, grid_size, self.config.head_dim, self.config.rope_base)
+            cos, sin = rope_2d(grid_size, grid_size, self.config.head_dim, self.config.rope_base, self.config.class_rope)
             self._rope[key] = (cos.to(device), sin.to(device))
         return self._rope[key]
 

@@ -116,7 +116,7 @@ class RasterGPT(nn.Module):
         key = str(device)
         if key not in self._rope:
             cfg = self.config
-            cos, sin = rope_2d(cfg.grid_size, cfg.grid_size, cfg.head_dim, cfg.rope_base)
+            cos, sin = rope_2d(cfg.grid_size, cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.class_rope)
             self._rope[key] = (cos.to(device), sin.to(device))
         return self._rope[key]
 
