@@ -230,7 +230,7 @@ def _train_model(model: str) -> Callable[[_Ctx, dict], Job]:
             inputs.append(_s(lay.tokens("train_flip")))
         nproc = train["nproc"]
         return Job(rule, {}, ("train", "--model", model), tuple(inputs), outputs, keys,
-                   launcher=_torchrun(nproc), threads=2 * nproc, gpus=_gpus(params, nproc),
+                   launcher=_torchrun(nproc), threads=train["threads"] * nproc, gpus=_gpus(params, nproc),
                    log=_log(ctx, rule, w, ()))
 
     return build

@@ -134,10 +134,10 @@ def test_default_models_end_to_end_outputs(tmp_path, params_file):
 
 
 def test_isolated_child_measures_the_kv_cache_growth():
-    # Raster S (8 layers, width 128) on an 8x8 grid keeps 0.5 MiB of fp32 K/V per row: batch 48
-    # (CFG: 96 rows) 48 MiB, batch 1 (2 rows) 1 MiB.
+    # Raster S (8 layers, width 96) on an 8x8 grid keeps 0.38 MiB of fp32 K/V per row (65 slots):
+    # batch 64 (CFG: 128 rows) 49 MiB, batch 1 (2 rows) 0.8 MiB.
     small = tiny(kind="raster", net="LlamaGen-S", grid=8, steps=64, batch=1, repeats=1, warmup=0)
-    big = dataclasses.replace(small, batch=48)
+    big = dataclasses.replace(small, batch=64)
     rows = [P.run_isolated(s) for s in (small, big)]
     assert all(r["status"] == "ok" and r["mem_kind"] == "rss" for r in rows)
     kv_growth = rows[1]["kv_cache_bytes"] - rows[0]["kv_cache_bytes"]
@@ -182,11 +182,13 @@ def test_child_failure_is_an_arpg_error_with_the_cause():
 def test_plan_applies_overrides_and_pairs_twins(params_file):
     params = load_params(params_file(**{"profile.models": ["ARPG-L", "ARPG-S"], "profile.steps": [8, 32],
                                         "profile.batch_sizes": [1, 8],
+                                        "profile.repeats": 3, "profile.warmup": 1,
                                         "profile.overrides": [{"model": "ARPG-L", "steps": [32],
-                                                               "batch_sizes": [1]}]}))
+                                                               "batch_sizes": [1], "warmup": 0}]}))
     specs = P.plan(params)
-    large = [(s.kind, s.net, s.steps, s.batch) for s in specs if s.model == "ARPG-L"]
-    assert large == [("arpg", "ARPG-L", 32, 1), ("raster", "LlamaGen-L", 256, 1)]
+    large = [(s.kind, s.net, s.steps, s.batch, s.repeats, s.warmup) for s in specs if s.model == "ARPG-L"]
+    assert large == [("arpg", "ARPG-L", 32, 1, 3, 0), ("raster", "LlamaGen-L", 256, 1, 3, 0)]
+    assert {(s.repeats, s.warmup) for s in specs if s.model == "ARPG-S"} == {(3, 1)}
     small = [(s.kind, s.steps, s.batch) for s in specs if s.model == "ARPG-S"]
     assert small == [("arpg", 8, 1), ("arpg", 32, 1), ("raster", 256, 1),
                      ("arpg", 8, 8), ("arpg", 32, 8), ("raster", 256, 8)]

@@ -170,7 +170,8 @@ def plan(params, models: Iterable[str] | None = None) -> list[RunSpec]:
                       grid=grid, cfg=float(prof["cfg"]), schedule=sample["schedule"],
                       cfg_schedule=sample["cfg_schedule"], temperature=float(sample["temperature"]),
                       top_k=int(sample["top_k"]), top_p=float(sample["top_p"]),
-                      repeats=int(prof["repeats"]), warmup=int(prof["warmup"]), threads=int(prof["threads"]),
+                      repeats=int(limits.get("repeats", prof["repeats"])),
+                      warmup=int(limits.get("warmup", prof["warmup"])), threads=int(prof["threads"]),
                       omp_wait_policy=prof["omp_wait_policy"],
                       device=params["device"], precision=prof["precision"], compile=bool(prof["compile"]),
                       max_seconds=float(prof["max_seconds"]), seed=int(params["seed"]))
@@ -282,6 +283,7 @@ def _build_generator(spec: RunSpec, device):
     import torch
 
     from arpg.models.checkpoint import load_generator
+    from arpg.models.layers import prepack_linears_for_cpu
     from arpg.models.registry import build_model
     from arpg.utils import make_generator
 
@@ -297,6 +299,9 @@ def _build_generator(spec: RunSpec, device):
     model.eval().requires_grad_(False)
     if spec.precision == "bf16":
         model = model.to(torch.bfloat16)
+    # fp32 on CPU: both decoders run their linears through oneDNN with prepacked weights, as
+    # `arpg sample` does (a no-op on CUDA and in bf16)
+    prepack_linears_for_cpu(model)
     if spec.compile:
         # Compile the transformer blocks; the decoding loops have data-dependent step sizes and stay eager.
         for module in model.modules():
