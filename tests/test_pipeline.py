@@ -396,3 +396,36 @@ def test_released_layout_weights_drive_the_sweep(tmp_path):
     for target in targets:
         metrics = json.loads(Path(target).read_text())
         assert metrics["fid_classifier"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_dvc_repro_runs_the_smoke_study(tmp_path):
+    """`dvc repro` in a fresh git + DVC repository runs every stage of the job list (the one the
+    Snakemake DAG is built from) and writes every output; a second repro has nothing to do."""
+    values = yaml.safe_load((REPO_ROOT / "configs/smoke.yaml").read_text())
+    values["output_dir"] = str(tmp_path / "outputs")
+    values["report"]["dir"] = str(tmp_path / "report")
+    db = tmp_path / "mlflow.db"
+    values["tracking"]["uri"] = f"sqlite:///{db}"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(values))
+    params = load_params(tmp_path / "params.yaml")
+    (tmp_path / "dvc.yaml").write_text(export_dvc.dump(export_dvc.render(params, "params.yaml", root=tmp_path)))
+    env = {**os.environ, "PATH": ENV_PATH, "MLFLOW_TRACKING_URI": f"sqlite:///{db}", "DVC_NO_ANALYTICS": "1"}
+
+    def run(*cmd, timeout=300):
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=env)
+        assert proc.returncode == 0, f"{cmd}: " + proc.stdout[-5000:] + proc.stderr[-5000:]
+        return proc.stdout + proc.stderr
+
+    run("git", "init", "-q")
+    run(str(BIN / "dvc"), "init", "-q")
+    run(str(BIN / "dvc"), "repro", timeout=1500)
+    jobs = pipeline.jobs(params)
+    missing = [o for j in jobs for o in j.outputs if not Path(o).exists()]
+    assert not missing, missing
+    lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
+    # foreach stages lock as "<stage>@<item>": one entry per job of the job list
+    assert len(lock) == len(jobs), sorted(lock)
+    assert "Data and pipelines are up to date" in run(str(BIN / "dvc"), "repro")
+    assert (tmp_path / "report" / "README.md").is_file()
