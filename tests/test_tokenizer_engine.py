@@ -217,7 +217,7 @@ def test_adversarial_loss_trains_the_discriminator(tiny_params):
 
 
 def test_tokenize_writes_grids_labels_metrics_and_grid(tiny_params):
-    params = tiny_params()
+    params = tiny_params(**{"tokenizer.tokenize_flip": True})
     engine.train_tokenizer(params, progress=False)
     metrics = engine.tokenize_dataset(params, batch_size=5, grid_images=6)
     layout = params.layout
