@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,7 +111,11 @@ def test_tables_hold_the_stage_numbers(study):
 
 
 def test_markdown_states_extractors_hardware_and_images(study):
+    stale = Path(study["report"]["dir"]) / "grids" / "arpg" / "steps3_cfg9.0_random.png"  # an old sweep point
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"old")
     out = report.build(study)["dir"]
+    assert not stale.exists()
     text = (out / "README.md").read_text()
     assert report.EXTRACTOR_TEXT["classifier"] in text
     assert "Test CPU 9000" in text and "1 threads" in text

@@ -454,6 +454,10 @@ def build(params, out_dir: Path | None = None) -> dict[str, Any]:
     md += ["## Training\n", markdown_table(train_rows, train_cols)]
 
     # --- grids and galleries ---------------------------------------------------------
+    # These folders hold only what this build copies: a grid of a sweep point no longer in the
+    # params would otherwise stay in the (committed) report.
+    for owned in ("grids", "gallery"):
+        shutil.rmtree(out / owned, ignore_errors=True)
     md.append("## Sample grids\n")
     for job in [j for j in pipeline.jobs(params) if j.rule == "sample"]:
         p = point_of(job)
