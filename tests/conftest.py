@@ -32,6 +32,23 @@ def write_params(tmp_path: Path, base: str = "params.yaml", **overrides) -> Path
     return path
 
 
+
+def tiny_model(name: str, *, codebook_size: int, num_classes: int, grid_size: int, seed: int = 0,
+               head_std: float = 1.0, **overrides):
+    """A registry model in eval mode with a seeded init and a random output head: the released
+    zero-init head gives uniform logits, which would hide decoding and numerics errors."""
+    import torch
+
+    from arpg.models.registry import build_model
+    from arpg.utils import make_generator
+
+    gen = make_generator(seed)
+    model = build_model(name, codebook_size=codebook_size, num_classes=num_classes, grid_size=grid_size,
+                        generator=gen, **overrides)
+    head = model.head if hasattr(model, "head") else model.output
+    torch.nn.init.normal_(head.weight, std=head_std, generator=gen)
+    return model.eval()
+
 @pytest.fixture
 def params_file(tmp_path):
     """Factory: params_file(**overrides) -> Path to a params file living in tmp_path."""

@@ -10,10 +10,9 @@ import torch.nn.functional as F
 
 from arpg.engine import sampler as S
 from arpg.errors import ArpgError
-from arpg.models.layers import apply_rope, merge_heads, rope_lookup, split_heads
-from arpg.models.layers import CLASS_ROPE
-from arpg.models.registry import build_model
+from arpg.models.layers import CLASS_ROPE, apply_rope, merge_heads, rope_lookup, split_heads
 from arpg.utils import make_generator
+from conftest import tiny_model
 
 GRID, CODES, CLASSES = 4, 32, 3
 N = GRID * GRID
@@ -22,11 +21,7 @@ N = GRID * GRID
 
 
 def _tiny(name: str, seed: int = 0, **overrides):
-    gen = make_generator(seed)
-    model = build_model(name, codebook_size=CODES, num_classes=CLASSES, grid_size=GRID, generator=gen, **overrides)
-    head = model.head if hasattr(model, "head") else model.output
-    torch.nn.init.normal_(head.weight, std=1.0, generator=gen)  # zero-init head would give uniform logits
-    return model.eval()
+    return tiny_model(name, codebook_size=CODES, num_classes=CLASSES, grid_size=GRID, seed=seed, **overrides)
 
 
 @pytest.fixture(scope="module", params=CLASS_ROPE)
