@@ -110,7 +110,7 @@ def test_bf16_compiled_training_learns(tmp_path, kind, name):
     model = tiny_model(name, codebook_size=vocab, num_classes=classes, grid_size=grid, head_std=0.02)
     cfg = TrainConfig(batch_size=32, lr=5e-3, warmup_steps=5, max_steps=80, log_every=20, checkpoint_every=1000,
                       precision="bf16", compile=True)
-    result = train(model.train(), kind, data, cfg, state_path=tmp_path / "s.pt", device=CUDA, progress=False)
+    result = train(model, kind, data, cfg, state_path=tmp_path / "s.pt", device=CUDA, progress=False)
     print(f"{kind}: final loss {result.final_loss:.4f} vs ln({vocab}) = {math.log(vocab):.4f}")
     assert result.steps == 80 and result.final_loss < 0.5 * math.log(vocab)
     assert next(model.parameters()).dtype == torch.float32  # autocast: the weights stay fp32
