@@ -16,6 +16,7 @@ from arpg.engine.train import TokenData, TrainConfig, train
 from arpg.models.vq import VQConfig
 from arpg.utils import make_generator
 from conftest import tiny_model
+from test_profile import _reference_kv_bytes, tiny
 from test_train import structured_tokens
 
 pytestmark = [pytest.mark.cuda,
@@ -35,11 +36,13 @@ def _exact_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+def _tiny(name: str):
+    return tiny_model(name, codebook_size=CODES, num_classes=CLASSES, grid_size=GRID, seed=3)
+
+
 def _pair(name: str):
     """The same seeded tiny model on CPU and on CUDA."""
-    cpu = tiny_model(name, codebook_size=CODES, num_classes=CLASSES, grid_size=GRID, seed=3)
-    gpu = tiny_model(name, codebook_size=CODES, num_classes=CLASSES, grid_size=GRID, seed=3).to(CUDA)
-    return cpu, gpu
+    return _tiny(name), _tiny(name).to(CUDA)
 
 
 @pytest.mark.parametrize("name", ["ARPG-T", "LlamaGen-T"])
@@ -82,8 +85,7 @@ def test_bf16_decoding_runs_and_mostly_agrees_with_fp32():
     labels_B = torch.arange(8, device=CUDA) % CLASSES
     order_N = torch.rand(N, generator=make_generator(5)).argsort()
     _, fp32 = _pair("ARPG-T")
-    bf16 = tiny_model("ARPG-T", codebook_size=CODES, num_classes=CLASSES, grid_size=GRID, seed=3).to(CUDA,
-                                                                                                    torch.bfloat16)
+    bf16 = _tiny("ARPG-T").to(CUDA, torch.bfloat16)
     outs = [generate_arpg(m, labels_B, steps=4, cfg=2.0, top_k=1, order=order_N, generator=make_generator(0, CUDA))
             for m in (fp32, bf16)]
     assert outs[1].shape == (8, N) and int(outs[1].min()) >= 0 and int(outs[1].max()) < CODES
@@ -132,18 +134,14 @@ def test_vq_codes_and_decoding_match_cpu():
 @pytest.mark.parametrize("precision,compile", [("fp32", False), ("bf16", True)])
 def test_profile_row_on_cuda(precision, compile):
     """A CUDA row: events timing, allocator peaks, and a KV count at the generation dtype."""
-    base = dict(model="ARPG-T", net="ARPG-T", checkpoint=None, tokenizer=P.RANDOM_VQ16, codebook_size=64,
-                num_classes=10, grid=4, batch=2, cfg=4.0, schedule="arccos", cfg_schedule="linear",
-                temperature=1.0, top_k=0, top_p=1.0, repeats=2, warmup=1, threads=1, omp_wait_policy="passive",
-                device="cuda", precision=precision, compile=compile, max_seconds=300.0, seed=0)
-    specs = [P.RunSpec(kind="arpg", steps=4, **base),
-             P.RunSpec(**{**base, "net": "LlamaGen-T"}, kind="raster", steps=N)]
+    cuda = dict(tokenizer=P.RANDOM_VQ16, batch=2, device="cuda", precision=precision, compile=compile,
+                max_seconds=300.0)  # the first call compiles
+    specs = [tiny(**cuda), tiny(kind="raster", net="LlamaGen-T", steps=N, **cuda)]
     rows = P.run_profile(specs, log=print)  # isolated children, as `arpg profile` runs them
     itemsize = 2 if precision == "bf16" else 4
     for row in rows:
         assert row["status"] == "ok" and row["device"].startswith("cuda") and row["mem_kind"] == "cuda_allocated"
         assert row["gen_mem_bytes"] > 0 and row["e2e_s_median"] >= row["gen_s_median"] > 0
         assert row["precision"] == precision and row["compile"] == compile
-    layers = {"arpg": 2 + 1, "raster": 4}  # ARPG-T: 2 pass-1 layers + the shared K/V; LlamaGen-T: 4
-    for row in rows:  # K and V x layers x (batch 2, doubled by CFG) x N contexts x dim 64
-        assert row["kv_cache_bytes"] == 2 * layers[row["kind"]] * 4 * N * 64 * itemsize
+    for row in rows:  # batch 2, doubled by CFG
+        assert row["kv_cache_bytes"] == _reference_kv_bytes(row["net"], 4, N, itemsize)
