@@ -50,6 +50,24 @@ def _version() -> str:
     return f"arpg {__version__}"
 
 
+RECORD_READS_ENV = "ARPG_RECORD_READS"
+
+
+def _record_reads(argv: list[str], params) -> None:
+    """With $ARPG_RECORD_READS set to a folder, write the params keys this command read there
+    (tests compare them with the keys arpg/pipeline.py declares for its job)."""
+    import json
+    import os
+    import uuid
+    from pathlib import Path
+
+    folder = os.environ.get(RECORD_READS_ENV)
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        doc = {"argv": argv, "reads": sorted(params.reads)}
+        (Path(folder) / f"{uuid.uuid4().hex}.json").write_text(json.dumps(doc))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = next((a for a in argv if a in COMMANDS), None)
@@ -60,12 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        from arpg.config import load_params
+        from arpg.config import load_params, stage_threads
         from arpg.utils import set_threads
 
         params = load_params(args.params)
-        set_threads(params["threads"])
+        set_threads(stage_threads(params, args.command))
         result = module.run(args, params)
+        _record_reads(argv, params)
     except ArpgError as exc:
         print(f"arpg {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -21,25 +21,55 @@ from arpg.paths import DEFAULT_PARAMS, SCHEMA_PATH, Layout, SweepPoint
 PARAMS_ENV = "ARPG_PARAMS"
 
 
+def unrecorded(params: Mapping) -> Mapping:
+    """The plain values behind `params` (for placing and labelling work, not computing it)."""
+    return params.values if isinstance(params, Params) else params
+
+
 def default_params_path() -> Path:
     return Path(os.environ.get(PARAMS_ENV) or DEFAULT_PARAMS)
 
 
+class ParamsView(Mapping[str, Any]):
+    """A read-only section of the params that records the dotted key of every leaf it hands out
+    (lists count as leaves): what a command reads is then known, not assumed (tests compare it with
+    the keys arpg/pipeline.py declares for the command's job, which feed its fingerprint)."""
+
+    def __init__(self, node: Mapping[str, Any], prefix: str, reads: set[str]):
+        self._node, self._prefix, self._reads = node, prefix, reads
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._node[key]
+        dotted = f"{self._prefix}.{key}" if self._prefix else key
+        if isinstance(value, Mapping):
+            return ParamsView(value, dotted, self._reads)
+        self._reads.add(dotted)
+        return value
+
+    def __contains__(self, key: object) -> bool:  # a membership test reads no value
+        return key in self._node
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._node)
+
+    def __len__(self) -> int:
+        return len(self._node)
+
+
 @dataclass(frozen=True)
-class Params(Mapping[str, Any]):
-    """Validated parameters: a read-only mapping plus where they came from."""
+class Params(ParamsView):
+    """Validated parameters: a read-only, read-recording mapping plus where they came from.
+
+    `params["train"]["lr"]` records `train.lr` in `reads`. Code that only places or labels work
+    (output paths, MLflow, the job list) reads `values`, the plain dict, and records nothing."""
 
     path: Path
     values: dict = field(repr=False)
+    reads: set = field(default_factory=set, repr=False, compare=False)
 
-    def __getitem__(self, key: str) -> Any:
-        return self.values[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.values)
-
-    def __len__(self) -> int:
-        return len(self.values)
+    def __post_init__(self) -> None:
+        for name, value in (("_node", self.values), ("_prefix", ""), ("_reads", self.reads)):
+            object.__setattr__(self, name, value)  # the view's state on a frozen dataclass
 
     @property
     def digest(self) -> str:
@@ -165,6 +195,17 @@ def _check_consistency(values: dict, source: str) -> None:
     if too_many:
         raise ConfigError(
             f"{source}: sample.steps {too_many} exceed the {token_count(values)} tokens of the grid")
+
+
+def stage_threads(values: Mapping, command: str) -> int:
+    """Torch intra-op threads of one `arpg` command. Always a params value, never the cores a
+    scheduler happens to grant: conv kernels (tokenizer, classifier) give other bits at another
+    thread count, so the count is part of what determines a result."""
+    if command == "train":
+        return values["train"]["threads"]
+    if command == "profile":
+        return values["profile"]["threads"]
+    return values["threads"]
 
 
 def token_grid(values: Mapping) -> int:

@@ -15,3 +15,7 @@ class CheckpointError(ArpgError):
 
 class DataError(ArpgError):
     """A data source or prepared artifact that is missing or unusable."""
+
+
+class TrainingDiverged(ArpgError):
+    """A training loss that became NaN or infinite: the stage stops, the last good checkpoint stays."""

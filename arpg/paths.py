@@ -40,7 +40,8 @@ class Layout:
 
     @classmethod
     def from_params(cls, params) -> "Layout":
-        return cls(Path(params["output_dir"]))
+        values = params.values if isinstance(getattr(params, "values", None), dict) else params  # unrecorded
+        return cls(Path(values["output_dir"]))
 
     # --- data -------------------------------------------------------------
     @property

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from arpg.config import sweep_points
+from arpg.config import sweep_points, unrecorded
 from arpg.errors import ConfigError
 from arpg.paths import Layout, SweepPoint, format_cfg
 
@@ -71,9 +71,11 @@ class Job:
     def all_outputs(self) -> tuple[str, ...]:
         return self.outputs + ((self.output_dir,) if self.output_dir else ())
 
-    def command(self, params_file: str) -> str:
-        """The shell command (what Snakemake's `shell:` line and DVC's `cmd` run)."""
-        argv = [*self.launcher, "arpg", self.args[0], "--params", params_file, *self.args[1:]]
+    def command(self, params_file: str | None) -> str:
+        """The shell command: DVC's `cmd` (with --params), Snakemake's `shell:` line (params_file None:
+        Snakemake jobs find the params file through $ARPG_PARAMS, so its path is in no fingerprint)."""
+        params_args = ["--params", params_file] if params_file else []
+        argv = [*self.launcher, "arpg", self.args[0], *params_args, *self.args[1:]]
         return " ".join(shlex.quote(a) if "${" not in a else a for a in argv)
 
 
@@ -125,6 +127,20 @@ def _section(params: Mapping, section: str, *, drop: tuple[str, ...] = ()) -> tu
     return tuple(f"{section}.{k}" for k in params[section] if k not in drop)
 
 
+# Params keys shared by several stages (tests/test_reproducible.py checks every job's keys against
+# what its command really reads).
+VQ_KEYS = ("data.channels", *(f"tokenizer.{k}" for k in (
+    "base_channels", "channel_mult", "num_res_blocks", "z_channels", "codebook_size", "codebook_dim",
+    "l2_norm_codes", "norm_groups", "dropout")))  # the tokenizer's architecture
+TOKEN_SPACE_KEYS = ("data.resolution", "data.num_classes", "tokenizer.channel_mult", "tokenizer.codebook_size")
+DECODING_KEYS = tuple(f"sample.{k}" for k in ("schedule", "cfg_schedule", "temperature", "top_k", "top_p"))
+COMPUTE_KEYS = ("device", "threads")  # every computing stage: where and with how many threads
+
+
+def _keys(*groups) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(k for g in groups for k in ((g,) if isinstance(g, str) else g)))
+
+
 def _gpus(params: Mapping, nproc: int = 1) -> int:
     return nproc if str(params["device"]).startswith("cuda") else 0
 
@@ -162,6 +178,14 @@ def _point_inputs_eval(ctx: _Ctx, w: Mapping[str, str]) -> list[str]:
     return inputs
 
 
+EVAL_METRIC_KEYS = tuple(f"evaluate.{k}" for k in ("batch_size", "kid_subset_size", "precision_recall"))
+
+
+def _evaluate_keys(params: Mapping) -> tuple[str, ...]:
+    keys = _keys(COMPUTE_KEYS, "seed", "sample.seed", _section(params, "evaluate", drop=("inception_weights",)))
+    return keys + (("evaluate.inception_weights",) if "inception" in _extractors(params) else ())
+
+
 def _inception_external(params: Mapping, extractors) -> tuple[str, ...]:
     weights = params["evaluate"]["inception_weights"]
     return (weights,) if "inception" in extractors and weights else ()
@@ -173,18 +197,24 @@ def _prepare_data(ctx: _Ctx, w) -> Job:
     lay, data = ctx.layout, ctx.params["data"]
     outputs = [_s(p) for split in ("train", "test") for p in (lay.images(split), lay.labels(split))]
     external = tuple(p for p in (data["path"], data["test_path"]) if p)
-    return Job("prepare_data", {}, ("prepare-data",), (), (*outputs, _s(lay.data_manifest)),
-               ("data", "seed"), external=external, log=_log(ctx, "prepare_data", w, ()))
+    keys = _keys("threads", _section(ctx.params, "data", drop=("on_corrupt", "test_path", "test_fraction")))
+    if data["source"] == "imagefolder":  # a folder of files: decoding errors and a held-out split
+        keys += ("data.on_corrupt", "data.test_path") + (() if data["test_path"] else ("data.test_fraction", "seed"))
+    return Job("prepare_data", {}, ("prepare-data",), (), (*outputs, _s(lay.data_manifest)), keys,
+               external=external, threads=ctx.params["threads"], log=_log(ctx, "prepare_data", w, ()))
 
 
 def _train_tokenizer(ctx: _Ctx, w) -> Job:
     lay, tok = ctx.layout, ctx.params["tokenizer"]
     pretrained = tok["pretrained"]
     inputs = () if pretrained else (_s(lay.images("train")),)
+    keys = _keys(COMPUTE_KEYS, VQ_KEYS, "tokenizer.pretrained")
+    if not pretrained:
+        keys += _keys(_section(ctx.params, "tokenizer", drop=("eval_images", "tokenize_flip")), "seed")
     return Job("train_tokenizer", {}, ("train-tokenizer",), inputs,
-               (_s(lay.tokenizer_checkpoint), _s(lay.tokenizer_metrics)),
-               ("tokenizer", "seed"), external=(pretrained,) if pretrained else (),
-               threads=2, gpus=0 if pretrained else _gpus(ctx.params), log=_log(ctx, "train_tokenizer", w, ()))
+               (_s(lay.tokenizer_checkpoint), _s(lay.tokenizer_metrics)), tuple(dict.fromkeys(keys)),
+               external=(pretrained,) if pretrained else (), threads=ctx.params["threads"],
+               gpus=0 if pretrained else _gpus(ctx.params), log=_log(ctx, "train_tokenizer", w, ()))
 
 
 def _tokenize(ctx: _Ctx, w) -> Job:
@@ -196,16 +226,18 @@ def _tokenize(ctx: _Ctx, w) -> Job:
         outputs += [_s(lay.tokens("train_flip")), _s(lay.token_labels("train_flip"))]
     outputs += [_s(lay.tokenize_metrics), _s(lay.reconstructions)]
     return Job("tokenize", {}, ("tokenize",), tuple(inputs), tuple(outputs),
-               ("tokenizer.tokenize_flip", "tokenizer.eval_images", "tokenizer.batch_size"),
-               threads=2, gpus=_gpus(ctx.params), log=_log(ctx, "tokenize", w, ()))
+               _keys(COMPUTE_KEYS, VQ_KEYS, "tokenizer.tokenize_flip", "tokenizer.eval_images"),
+               threads=ctx.params["threads"], gpus=_gpus(ctx.params), log=_log(ctx, "tokenize", w, ()))
 
 
 def _train_classifier(ctx: _Ctx, w) -> Job:
     lay = ctx.layout
     inputs = tuple(_s(p) for split in ("train", "test") for p in (lay.images(split), lay.labels(split)))
     return Job("train_classifier", {}, ("train-classifier",), inputs,
-               (_s(lay.classifier_checkpoint), _s(lay.classifier_metrics)), ("classifier", "seed"),
-               threads=2, gpus=_gpus(ctx.params), log=_log(ctx, "train_classifier", w, ()))
+               (_s(lay.classifier_checkpoint), _s(lay.classifier_metrics)),
+               _keys(COMPUTE_KEYS, "classifier", "seed", "data.channels", "data.num_classes", "data.resolution",
+                     EVAL_METRIC_KEYS),  # + the sanity row: real test halves through the evaluate path
+               threads=ctx.params["threads"], gpus=_gpus(ctx.params), log=_log(ctx, "train_classifier", w, ()))
 
 
 def _train_model(model: str) -> Callable[[_Ctx, dict], Job]:
@@ -217,7 +249,8 @@ def _train_model(model: str) -> Callable[[_Ctx, dict], Job]:
         pretrained = train[f"{model}_pretrained"]
         rule = f"train_{model}"
         outputs = (_s(lay.model_checkpoint(model)), _s(lay.model_metrics(model)))
-        keys = ("seed", *_section(params, "train", drop=(f"{other}_model", f"{other}_pretrained")))
+        keys = _keys("device", "seed", TOKEN_SPACE_KEYS,
+                     _section(params, "train", drop=(f"{other}_model", f"{other}_pretrained")))
         if pretrained:
             # Released weights: the command loads them strictly and re-saves model.pt; no training.
             return Job(rule, {}, ("train", "--model", model), (), outputs, keys, external=(pretrained,),
@@ -243,8 +276,9 @@ def _sample(ctx: _Ctx, w) -> Job:
                ("sample", "--model", w["model"], "--steps", w["steps"], "--cfg", w["cfg"], "--order", w["order"]),
                (_s(lay.model_checkpoint(w["model"])), _s(lay.tokenizer_checkpoint)),
                (_point_path(lay.samples, w), _point_path(lay.sample_grid, w)),
-               ("seed", *_section(params, "sample", drop=SWEEP_KEYS)),
-               launcher=_torchrun(nproc), threads=nproc, gpus=_gpus(params, nproc),
+               # sample.nproc only shards the work: every batch has its own seed, so it is not a result key
+               _keys(COMPUTE_KEYS, VQ_KEYS, TOKEN_SPACE_KEYS, _section(params, "sample", drop=(*SWEEP_KEYS, "nproc"))),
+               launcher=_torchrun(nproc), threads=params["threads"] * nproc, gpus=_gpus(params, nproc),
                log=_log(ctx, "sample", w, POINT_WILDCARDS))
 
 
@@ -254,12 +288,12 @@ def _reference_stats(ctx: _Ctx, w) -> Job:
     inputs = [_s(lay.images(split)), _s(lay.labels(split))]
     if extractor == "classifier":
         inputs.append(_s(lay.classifier_checkpoint))
-    keys = ("evaluate.reference_split", "evaluate.batch_size")
+    keys = _keys(COMPUTE_KEYS, "evaluate.reference_split", "evaluate.batch_size")
     if extractor == "inception":
         keys += ("evaluate.inception_weights",)
     return Job("reference_stats", dict(w), ("reference-stats", "--extractor", extractor), tuple(inputs),
                (_s(lay.reference_stats(extractor, split)),), keys,
-               external=_inception_external(params, [extractor]), gpus=_gpus(params),
+               external=_inception_external(params, [extractor]), threads=params["threads"], gpus=_gpus(params),
                log=_log(ctx, "reference_stats", w, ("extractor",)))
 
 
@@ -268,8 +302,9 @@ def _evaluate(ctx: _Ctx, w) -> Job:
     return Job("evaluate", dict(w),
                ("evaluate", "--model", w["model"], "--steps", w["steps"], "--cfg", w["cfg"], "--order", w["order"]),
                (_point_path(lay.samples, w), *_point_inputs_eval(ctx, w)),
-               (_point_path(lay.metrics, w),), ("evaluate",),
-               external=_inception_external(params, _extractors(params)), gpus=_gpus(params),
+               (_point_path(lay.metrics, w),), _evaluate_keys(params),
+               external=_inception_external(params, _extractors(params)), threads=params["threads"],
+               gpus=_gpus(params),
                log=_log(ctx, "evaluate", w, POINT_WILDCARDS))
 
 
@@ -277,10 +312,11 @@ def _profile(ctx: _Ctx, w) -> Job:
     params, lay = ctx.params, ctx.layout
     prof = params["profile"]
     inputs = ()
+    keys = _keys("device", "profile", DECODING_KEYS, "seed")
     if "default" in prof["models"]:  # the study's own models (+ tokenizer, end-to-end) are timed too
         inputs = (*(_s(lay.model_checkpoint(m)) for m in MODELS), _s(lay.tokenizer_checkpoint))
-    return Job("profile", {}, ("profile",), inputs, (_s(lay.profile_csv), _s(lay.profile_json)),
-               ("profile", "sample.schedule", "sample.cfg_schedule", "seed"),
+        keys += _keys(TOKEN_SPACE_KEYS, *(f"train.{m}_model" for m in MODELS))
+    return Job("profile", {}, ("profile",), inputs, (_s(lay.profile_csv), _s(lay.profile_json)), keys,
                threads=prof["threads"], gpus=_gpus(params), log=_log(ctx, "profile", w, ()))
 
 
@@ -290,18 +326,23 @@ def _gallery(ctx: _Ctx, w) -> Job:
               _s(lay.images("test")), _s(lay.labels("test")))
     outputs = tuple(_s(lay.gallery_image(t)) for t in params["gallery"]["tasks"]) + (_s(lay.gallery_json),)
     return Job("gallery", {}, ("gallery",), inputs, outputs,
-               ("gallery", "sample.schedule", "sample.temperature", "seed"),
-               gpus=_gpus(params), log=_log(ctx, "gallery", w, ()))
+               _keys(COMPUTE_KEYS, "gallery", DECODING_KEYS, "seed", VQ_KEYS, TOKEN_SPACE_KEYS),
+               threads=params["threads"], gpus=_gpus(params), log=_log(ctx, "gallery", w, ()))
 
 
 def _report(ctx: _Ctx, w) -> Job:
     inputs = report_inputs(ctx.params, ctx.layout, ctx.log_dir)
-    return Job("report", {}, ("report",), tuple(inputs), (_s(ctx.layout.report_index),), ("report", "name"),
+    # what the text and tables show besides the stage outputs: titles, sweep defaults, the grid
+    keys = _keys("threads", "report", "name", "data.source", "data.num_classes", "data.resolution",
+                 "tokenizer.channel_mult", "evaluate.extractors", "gallery.tasks", "sample.cfg_default",
+                 "sample.steps_default")
+    return Job("report", {}, ("report",), tuple(inputs), (_s(ctx.layout.report_index),), keys,
                output_dir=str(ctx.params["report"]["dir"]), local=True, log=_log(ctx, "report", w, ()))
 
 
 def report_inputs(params: Mapping, layout: Layout, log_dir: str = "logs") -> list[str]:
     """Every stage output the report reads (outputs of the other jobs of this study)."""
+    params = unrecorded(params)  # placing work is no read of the stage's inputs
     ctx = _Ctx(params, layout, log_dir)
     inputs: list[str] = [_s(layout.data_manifest)]
     for rule in RULES.values():
@@ -342,6 +383,11 @@ RULES: dict[str, Rule] = {r.name: r for r in (
 
 # --------------------------------------------------------------------------- public API
 
+def python_path_with(folder: str) -> str:
+    """$PYTHONPATH with `folder` first: jobs import that checkout's arpg."""
+    return os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH")) if p)
+
+
 def log_dir(params: Mapping) -> str:
     """Logs of one study: logs/<name>/... (studies with different params files do not mix)."""
     return f"logs/{params['name']}"
@@ -353,12 +399,14 @@ def _ctx(params: Mapping) -> _Ctx:
 
 def jobs(params: Mapping) -> list[Job]:
     """Every job of the study, in DAG order of the rules."""
+    params = unrecorded(params)  # placing work is no read of the stage's inputs
     ctx = _ctx(params)
     return [rule.build(ctx, w) for rule in RULES.values() for w in rule.instances(params)]
 
 
 def job(params: Mapping, rule: str, wildcards: Mapping[str, str] | None = None) -> Job:
     """One job, from its rule and wildcard values (Snakemake's input / params functions)."""
+    params = unrecorded(params)  # placing work is no read of the stage's inputs
     spec = RULES[rule]
     w = {k: str(wildcards[k]) for k in spec.wildcards} if wildcards else {}
     return spec.build(_ctx(params), w)
@@ -366,6 +414,7 @@ def job(params: Mapping, rule: str, wildcards: Mapping[str, str] | None = None) 
 
 def pattern(params: Mapping, rule: str) -> Job:
     """A rule's job with `{wildcard}` placeholders in its paths (Snakemake output patterns)."""
+    params = unrecorded(params)  # placing work is no read of the stage's inputs
     spec = RULES[rule]
     return spec.build(_ctx(params), {k: "{" + k + "}" for k in spec.wildcards})
 
@@ -386,12 +435,23 @@ def param_values(params: Mapping, keys: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def _stat(path: str) -> list:
-    """Identity of a user-given file: changing the weights file reruns its jobs."""
+_DIGEST_EDGE = 1 << 20  # bytes hashed at each end of a user-given file
+
+
+def _identity(path: str) -> list:
+    """What a user-given file's content is, cheaply and independent of where it lives or when it was
+    copied: its size and a hash of its first and last MiB (a changed weights file reruns its jobs; a
+    copy, a move or a touched mtime does not). A folder: its sorted entry names."""
     p = Path(path)
     if p.is_file():
-        st = p.stat()
-        return [path, st.st_size, st.st_mtime_ns]
+        size = p.stat().st_size
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            h.update(fh.read(_DIGEST_EDGE))
+            if size > 2 * _DIGEST_EDGE:
+                fh.seek(size - _DIGEST_EDGE)
+            h.update(fh.read(_DIGEST_EDGE))
+        return [path, size, h.hexdigest()[:16]]
     if p.is_dir():
         return [path, "dir", sorted(os.listdir(p))[:2000]]
     return [path, "missing"]
@@ -399,13 +459,15 @@ def _stat(path: str) -> list:
 
 def fingerprint(params: Mapping, job_: Job) -> str:
     """Hash of the params values (and user-given files) a job reads."""
+    params = unrecorded(params)  # placing work is no read of the stage's inputs
     blob = json.dumps({"params": param_values(params, job_.param_keys),
-                       "external": [_stat(p) for p in job_.external]}, sort_keys=True, default=str)
+                       "external": [_identity(p) for p in job_.external]}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def missing_external(params: Mapping) -> list[tuple[str, str]]:
     """(job name, path) for every user-given file or folder that does not exist."""
+    params = unrecorded(params)  # placing work is no read of the stage's inputs
     return [(j.name, p) for j in jobs(params) for p in j.external if not Path(p).exists()]
 
 

@@ -24,14 +24,16 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from arpg.config import unrecorded
 from arpg.paths import REPO_ROOT
 
-DEFAULT_DB = REPO_ROOT / "mlflow.db"
+DEFAULT_DB = "mlflow.db"  # relative to the working directory (the checkout's root under Snakemake / DVC)
 _RETRY_SECONDS = 120.0
 _MAX_PARAM_LEN = 6000
 
 
 def tracking_uri(params: Mapping) -> str:
+    params = unrecorded(params)  # where runs are logged is no input of a stage's results
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
@@ -39,11 +41,12 @@ def tracking_uri(params: Mapping) -> str:
     if uri:
         if "://" in uri or uri.startswith("databricks"):
             return uri
-        return f"sqlite:///{(REPO_ROOT / uri).resolve()}"
-    return f"sqlite:///{DEFAULT_DB}"
+        return f"sqlite:///{Path(uri).resolve()}"  # relative: to the working directory, not the install
+    return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
 
 
 def experiment_name(params: Mapping) -> str:
+    params = unrecorded(params)
     return params["tracking"]["experiment"] or f"arpg-{params['name']}"
 
 
@@ -173,7 +176,7 @@ def _study_run_id(client, experiment_id: str, params) -> str:
     )
     if runs:
         return runs[0].info.run_id
-    run = client.create_run(experiment_id, run_name=f"study-{params['name']}-{digest}", tags={
+    run = client.create_run(experiment_id, run_name=f"study-{unrecorded(params)['name']}-{digest}", tags={
         "arpg.role": "study", "arpg.params_hash": digest, "arpg.params_file": str(params.path),
     })
     StageRun(client, run.info.run_id).log_params(params.flat())
@@ -189,7 +192,7 @@ def stage_run(params, stage: str, run_name: str | None = None,
     stages (model, steps, cfg, order, seed) so MLflow's compare view can plot
     one metric against another directly.
     """
-    if not params["tracking"]["enabled"]:
+    if not unrecorded(params)["tracking"]["enabled"]:
         yield NullRun()
         return
     from mlflow.tracking import MlflowClient

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from arpg.errors import ArpgError
+from arpg.errors import ArpgError, TrainingDiverged
 
 
 def resolve_device(name: str = "auto"):
@@ -22,6 +22,32 @@ def resolve_device(name: str = "auto"):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ArpgError(f"device {name!r} requested but CUDA is not available; set device: auto or cpu in params")
     return device
+
+
+def require_finite(value: float, what: str, step: int, fix: str, state_path: str | os.PathLike | None = None) -> None:
+    """Stop a training stage at its first non-finite loss, before the step is applied or saved,
+    so nothing diverged is ever written as an output and the last good checkpoint is kept."""
+    import math
+
+    if not math.isfinite(value):
+        kept = (f" The last good checkpoint is kept in {state_path} (a rerun resumes from it; delete it to "
+                "start over with new settings)." if state_path else "")
+        raise TrainingDiverged(f"{what} is {value} at step {step}: training diverged and stopped without "
+                               f"writing its outputs; {fix}.{kept}")
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(device) -> Iterator[None]:
+    """Training on CPU: deterministic kernels only (a non-deterministic one fails loudly instead of
+    making two runs of the same params differ). On CUDA the caller's setting is kept."""
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(before or torch.device(device).type == "cpu")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def make_generator(seed: int, device="cpu"):
@@ -85,6 +111,10 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def _json_default(obj: Any):
+    from collections.abc import Mapping
+
+    if isinstance(obj, Mapping):  # a params section (arpg.config.ParamsView)
+        return dict(obj)
     if hasattr(obj, "item"):
         return obj.item()
     if hasattr(obj, "tolist"):
@@ -112,9 +142,8 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def set_threads(n: int | None) -> None:
-    """n > 0: torch intra-op threads; 0 / None: leave torch's default (OMP_NUM_THREADS or all cores)."""
-    if n:
-        import torch
+def set_threads(n: int) -> None:
+    """torch intra-op threads (params' value for the stage: see arpg.config.stage_threads)."""
+    import torch
 
-        torch.set_num_threads(int(n))
+    torch.set_num_threads(int(n))

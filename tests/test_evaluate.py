@@ -1,4 +1,5 @@
-"""Evaluation through torch-fidelity: FID sanity, equality with torch-fidelity, extractors, commands."""
+"""Evaluation through torch-fidelity: FID sanity, equality with torch-fidelity, extractors, commands,
+bootstrap intervals."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import pytest
 import torch
 
 from arpg.engine.classifier import ClassifierTrainConfig, accuracy, predict, train_classifier
-from arpg.engine.evaluate import (EvalConfig, ImageArrayDataset, SPECS, adm_array,
+from arpg.engine.evaluate import (BOOTSTRAP_LEVEL, BootstrapConfig, EvalConfig, ImageArrayDataset, SPECS,
+                                  ResampledPrecisionRecall, adm_array, bootstrap_indices, bootstrap_intervals,
                                   compute_metrics, compute_reference, default_inception_fid_path, export_adm_npz,
-                                  extractor_weights, file_digest, load_reference, save_reference)
+                                  extractor_weights, file_digest, load_reference, metrics_from_features,
+                                  prc_features_to_metric, reference_from_features, save_reference)
 from arpg.errors import ArpgError, DataError
 from arpg.models.classifier import ClassifierConfig, save_classifier
 
@@ -217,9 +220,147 @@ def test_commands_end_to_end(tmp_path, params_file):
     adm = tmp_path / "adm.npz"
     assert main(["evaluate", "--params", str(path), "--model", "arpg", "--steps", "8", "--cfg", "2.0",
                  "--order", "random", "--export-adm", str(adm)]) == 0
-    metrics = json.loads(layout.metrics(point).read_text())
+    written = layout.metrics(point).read_bytes()
+    metrics = json.loads(written)
     assert metrics["num_samples"] == 120 and metrics["steps"] == 8 and metrics["extractors"] == ["classifier"]
+    assert metrics["bootstrap"]["replicates"] == load_params(path)["evaluate"]["bootstrap"] > 0
+    assert metrics["bootstrap"]["level"] == 0.95
     for name in ("fid", "kid", "isc", "precision", "recall", "accuracy"):
-        assert np.isfinite(metrics[f"{name}_classifier"])
+        value, band = metrics[f"{name}_classifier"], metrics["intervals"][f"{name}_classifier"]
+        assert np.isfinite(value)
+        assert band["lo"] < value < band["hi"] and band["se"] > 0, (name, value, band)
+    assert set(metrics["intervals"]) == {f"{m}_classifier" for m in
+                                         ("fid", "kid", "isc", "precision", "recall", "accuracy")}
+    assert main(["evaluate", "--params", str(path), "--model", "arpg", "--steps", "8", "--cfg", "2.0",
+                 "--order", "random"]) == 0
+    assert layout.metrics(point).read_bytes() == written  # same inputs and seed: the same bytes
     with np.load(adm) as blob:
         assert blob["arr_0"].shape == (120, 32, 32, 3)
+
+
+# --- bootstrap intervals (synthetic features: no extractor runs) ------------------------------
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile, typed in as the independent reference
+
+
+def _synthetic(n: int, seed: int, *, dim: int = 4, shift: float = 0.5, classes: int = 4):
+    """Gaussian 'generated' features shifted from a 'reference' of 1000 rows, class-balanced labels
+    and logits whose arg-max is right for a known share of each class (10/40/70/90% at n=400)."""
+    gen = torch.Generator().manual_seed(seed)
+    labels_N = np.repeat(np.arange(classes), n // classes)
+    per_class = n // classes
+    right_N = np.concatenate([np.arange(per_class) < round(per_class * share)
+                              for share in (0.1, 0.4, 0.7, 0.9)[:classes]])
+    predicted_N = np.where(right_N, labels_N, (labels_N + 1) % classes)
+    logits_NK = torch.randn(n, classes, generator=gen) + 10.0 * torch.nn.functional.one_hot(
+        torch.from_numpy(predicted_N), classes)
+    feats = {"features": torch.randn(n, dim, generator=gen) + shift, "logits": logits_NK}
+    reference = reference_from_features(torch.randn(1000, dim, generator=gen))
+    return feats, labels_N, right_N, reference
+
+
+def _intervals(feats, labels, reference, replicates, seed=0, **cfg):
+    config = EvalConfig(**{"kid_subset_size": 50, "precision_recall": False, **cfg})
+    point = metrics_from_features(feats, labels, reference, "classifier", config)
+    return point, bootstrap_intervals(feats, labels, reference, "classifier", config,
+                                      BootstrapConfig(replicates=replicates, seed=seed), point)
+
+
+def test_bootstrap_se_of_accuracy_matches_theory_and_numpy():
+    """Accuracy is a mean of per-row hits: its bootstrap se is known in closed form (within-class
+    resampling: sqrt(sum_k (n_k / n)^2 p_k (1 - p_k) / n_k) with the sample's own p_k), and the
+    exact replicates can be redone in numpy from the same indices."""
+    feats, labels, right, reference = _synthetic(400, 0)
+    point, intervals = _intervals(feats, labels, reference, replicates=400)
+    band = intervals["accuracy_classifier"]
+    assert point["accuracy_classifier"] == pytest.approx(right.mean())
+
+    stratified = np.sqrt(sum((1 / 4) ** 2 * p * (1 - p) / 100 for p in (0.1, 0.4, 0.7, 0.9)))  # 0.0198
+    pooled = np.sqrt(right.mean() * (1 - right.mean()) / 400)  # 0.0250: what ignoring the classes would give
+    assert band["se"] == pytest.approx(stratified, rel=0.1)  # B = 400: se itself is within ~3.5%
+    assert band["se"] < 0.9 * pooled
+
+    idx_BN = bootstrap_indices(400, 400, 0, labels).numpy()
+    assert all(np.array_equal(labels[idx], labels) for idx in idx_BN)  # class counts kept
+    se = np.std([right[idx].mean() for idx in idx_BN], ddof=1)
+    assert band["se"] == pytest.approx(se, rel=1e-6)  # accuracy is a float32 mean
+    assert band["lo"] == pytest.approx(point["accuracy_classifier"] - Z95 * se, rel=1e-6)
+    assert band["hi"] == pytest.approx(point["accuracy_classifier"] + Z95 * se, rel=1e-6)
+    assert band["replicates"] == 400 and BOOTSTRAP_LEVEL == 0.95
+
+
+def test_bootstrap_without_labels_resamples_all_rows():
+    idx_BN = bootstrap_indices(50, 200, 3)
+    assert idx_BN.shape == (200, 50) and idx_BN.min() >= 0 and idx_BN.max() < 50
+    counts = np.bincount(idx_BN.numpy().ravel(), minlength=50) / 200  # each row drawn once per replicate on average
+    assert abs(counts.mean() - 1) < 1e-12 and counts.std() < 0.2
+    assert not all(np.array_equal(np.sort(idx), np.arange(50)) for idx in idx_BN.numpy())
+
+
+def test_bootstrap_is_seeded_and_leaves_the_global_rng_alone():
+    feats, labels, _, reference = _synthetic(200, 1)
+    state = torch.get_rng_state()
+    _, first = _intervals(feats, labels, reference, replicates=20, seed=5)
+    _, again = _intervals(feats, labels, reference, replicates=20, seed=5)
+    _, other = _intervals(feats, labels, reference, replicates=20, seed=6)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert first == again
+    assert set(first) == {"fid_classifier", "kid_classifier", "isc_classifier", "accuracy_classifier"}
+    for name in first:
+        assert first[name]["se"] != other[name]["se"], name
+
+
+def test_intervals_contain_the_point_and_narrow_as_n_grows():
+    se = {}
+    for n in (200, 800):
+        feats, labels, _, reference = _synthetic(n, 2)
+        # KID subsets grow with n, as the set does (fixed-size subsets would hold its se up)
+        point, intervals = _intervals(feats, labels, reference, replicates=40, precision_recall=True,
+                                      kid_subset_size=n // 2, kid_subsets=5)
+        for name, band in intervals.items():
+            assert band["lo"] < point[name] < band["hi"], (n, name, band)
+            assert band["hi"] - band["lo"] == pytest.approx(2 * Z95 * band["se"])
+        assert intervals["fid_classifier"]["lo"] > 0  # the shift (0.5 per dim) is far above the noise
+        se[n] = {name: band["se"] for name, band in intervals.items()}
+    assert set(se[800]) == {"fid_classifier", "kid_classifier", "isc_classifier", "precision_classifier",
+                            "recall_classifier", "accuracy_classifier"}
+    for name in se[800]:  # 4x the rows: about half the se (measured 0.32-0.52; FID / KID's bias terms add to it)
+        assert 0.15 < se[800][name] / se[200][name] < 0.75, (name, se[200][name], se[800][name])
+
+
+def test_bootstrap_off_and_non_finite_values():
+    import json
+
+    feats, labels, _, reference = _synthetic(100, 3)
+    point, intervals = _intervals(feats, labels, reference, replicates=0)
+    assert intervals == {}
+    assert BootstrapConfig(replicates=0, seed=0).record()["replicates"] == 0
+    point["fid_classifier"] = float("nan")  # a non-finite headline figure: its interval is null, not NaN
+    intervals = bootstrap_intervals(feats, labels, reference, "classifier",
+                                    EvalConfig(kid_subset_size=50, precision_recall=False),
+                                    BootstrapConfig(replicates=5, seed=0), point)
+    assert intervals["fid_classifier"]["lo"] is None and intervals["fid_classifier"]["hi"] is None
+    assert intervals["fid_classifier"]["se"] > 0
+    json.dumps(intervals, allow_nan=False)  # strict JSON
+
+
+@pytest.mark.parametrize("neighbours, max_pairs", [(16, 10**9), (1, 10**9), (16, 0)],
+                         ids=["kept-neighbours", "rows-done-exactly", "direct"])
+def test_resampled_precision_recall_equals_torch_fidelity_on_the_resample(neighbours, max_pairs):
+    """The replicates' precision / recall without a k-NN pass each = torch-fidelity's on the resampled
+    rows (neighbours=1 sends most rows down the exact path; max_pairs=0 makes every replicate
+    torch-fidelity's own computation)."""
+    gen = torch.Generator().manual_seed(4)
+    gen_ND, ref_ND = torch.randn(300, 8, generator=gen).relu(), 1.1 * torch.randn(300, 8, generator=gen).relu()
+    fast = ResampledPrecisionRecall(gen_ND, ref_ND, 3, neighbours=neighbours, max_pairs=max_pairs)
+    assert fast.direct == (max_pairs == 0)
+    values = []
+    for idx_N in bootstrap_indices(300, 8, 0, np.arange(300) % 3):
+        theirs = prc_features_to_metric(gen_ND[idx_N], ref_ND, prc_neighborhood=3, prc_batch_size=1000,
+                                        save_cpu_ram=True, verbose=False)
+        ours = fast(idx_N)
+        # indicator means: a float rounding at a ball's edge could move one row, a wrong radius moves many
+        assert ours[0] == pytest.approx(theirs["precision"], abs=1 / 300 + 1e-9)
+        assert ours[1] == pytest.approx(theirs["recall"], abs=1 / 300 + 1e-9)
+        values.append(ours)
+    assert len(set(values)) > 1  # the replicates differ

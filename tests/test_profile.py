@@ -206,7 +206,8 @@ def test_plan_rejects_unknown_sizes_and_too_many_steps(params_file):
         P.plan(load_params(params_file(**{"profile.models": ["default"], "profile.steps": [128],
                                           "profile.overrides": []})))
     with pytest.raises(ArpgError, match="not in profile.models"):
-        P.plan(load_params(params_file(**{"profile.models": ["default"]})))  # overrides name ARPG-L
+        P.plan(load_params(params_file(**{"profile.models": ["default"], "profile.overrides": [
+            {"model": "ARPG-L", "steps": [32], "batch_sizes": [1]}]})))
 
 
 def _row(kind, steps, img_s, **extra):

@@ -80,6 +80,32 @@ def _csv(path):
         return list(csv.DictReader(fh))
 
 
+BOOTSTRAP = {"replicates": 20, "level": 0.95, "method": "normal interval (test record)", "kid_subsets": 10}
+
+
+def _fid_se(model, order):
+    """FID se per point: 0.5, but 20 for the raster baseline (its differences then drown in noise)."""
+    return 20.0 if model == "raster" else 0.5
+
+
+def _with_intervals(params, bootstrap=BOOTSTRAP):
+    """Rewrite the study's metrics files with a bootstrap record and intervals of known se (z = 1.96)."""
+    z = 1.959963984540054
+    for job in pipeline.jobs(params):
+        if job.rule != "evaluate":
+            continue
+        path = params.layout.metrics(report.point_of(job))
+        doc = json.loads(path.read_text())
+        intervals = {}
+        if bootstrap["replicates"]:
+            for name, se in (("fid_classifier", _fid_se(doc["model"], doc["order"])), ("accuracy_classifier", 0.01)):
+                intervals[name] = {"se": se, "lo": doc[name] - z * se, "hi": doc[name] + z * se, "replicates": 20}
+            if doc["order"] == "raster" and doc["model"] == "arpg":  # a non-finite se is written as null
+                intervals["accuracy_classifier"] = {"se": None, "lo": None, "hi": None, "replicates": 0}
+        path.write_text(json.dumps({**doc, "bootstrap": bootstrap, "intervals": intervals}))
+    return params
+
+
 def test_tables_hold_the_stage_numbers(study):
     result = report.build(study)
     out = result["dir"]
@@ -153,3 +179,78 @@ def test_extractor_of_prefers_the_longest_name():
     assert report.extractor_of("fid_inception", names) == "inception"
     assert report.extractor_of("precision_classifier", names) == "classifier"
     assert report.extractor_of("num_samples", names) is None
+
+
+def _line(text, start):
+    return next(line for line in text.splitlines() if line.startswith(start))
+
+
+def test_intervals_in_tables_plots_and_the_noise_section(study, monkeypatch):
+    """FID 52 / 27 / 27.5 / 7.0625 (ARPG 2 and 4 steps, ARPG 4 steps raster order, raster baseline) with
+    se 0.5, 0.5, 0.5, 20: 4 vs 2 steps (-25 +- 1.39) and 2 steps vs raster (+44.9 +- 39.2) exceed the noise,
+    4 steps vs raster (+19.9) and raster vs random order (+0.5 +- 1.39) do not."""
+    params = _with_intervals(study)
+    bars = {}
+
+    from matplotlib.container import ErrorbarContainer
+
+    from arpg.utils import save_figure
+
+    def keep_error_bars(fig, path):  # per axis, per errorbar call: the bars' (y_lo, y_hi), read before closing
+        bars[Path(path).name] = [[[(round(seg[0][1], 2), round(seg[1][1], 2)) for seg in c.lines[2][0].get_segments()]
+                                  for c in ax.containers if isinstance(c, ErrorbarContainer)] for ax in fig.axes]
+        return save_figure(fig, path)
+
+    monkeypatch.setattr(report, "save_figure", keep_error_bars)
+    out = report.build(params)["dir"]
+    text = (out / "README.md").read_text()
+
+    rows = {(r["model"], r["steps"], r["order"]): r for r in _csv(out / "quality.csv")}
+    arpg2 = rows["arpg", "2", "random"]
+    assert float(arpg2["fid_classifier_se"]) == 0.5
+    assert float(arpg2["fid_classifier_lo"]) == pytest.approx(52 - 0.98, abs=1e-3)
+    assert float(arpg2["fid_classifier_hi"]) == pytest.approx(52 + 0.98, abs=1e-3)
+    assert rows["arpg", "4", "raster"]["accuracy_classifier_se"] == ""  # null in the metrics file
+    assert "is_classifier_se" not in arpg2  # no interval stored for it
+    assert "| arpg | 2 | 2.0 | random | 52 ± 0.98 | 4 | 0.25 ± 0.02 |" in text
+    assert "| raster | 64 | 2.0 | raster | 7.062 ± 39 | 128 | 0.25 ± 0.02 |" in text
+    assert "| arpg | 4 | 2.0 | raster | 27.5 ± 0.98 | 8 | 0.25 |" in text  # null interval: bare value
+    assert "from 20 bootstrap replicates per point (normal interval (test record))" in text
+
+    assert "## Which differences exceed the noise" in text
+    assert "|b - a| > 1.96 * sqrt(se_a^2 + se_b^2)" in text and "conservative" in text
+    assert ("| ARPG 4 steps vs ARPG 2 steps | fid_classifier | 52 ± 0.98 | 27 ± 0.98 | -25 | [-26.39, -23.61] "
+            "| yes |") in text
+    real, noise = _line(text, "- **Steps**, `fid_classifier`").split("Within the noise:")
+    assert "ARPG 2 steps vs raster (+44.94, 95% [5.726, 84.15])" in real and "ARPG 4 steps vs ARPG 2 steps (-25" in real
+    assert "ARPG 4 steps vs raster (+19.94" in noise
+    real, noise = _line(text, "- **Orders**, `fid_classifier`").split("Within the noise:")
+    assert "none" in real and "raster order vs random order (+0.5" in noise
+    assert "No interval: raster order vs random order" in _line(text, "- **Orders**, `accuracy_classifier`")
+
+    verdicts = {(r["comparison"], r["metric"]): r for r in _csv(out / "differences.csv")}
+    assert {k[0] for k in verdicts} == {"ARPG 2 steps vs raster", "ARPG 4 steps vs raster",
+                                        "ARPG 4 steps vs ARPG 2 steps", "raster order vs random order"}
+    assert [verdicts[c, "fid_classifier"]["significant"] for c in ("ARPG 2 steps vs raster", "ARPG 4 steps vs raster",
+                                                                    "ARPG 4 steps vs ARPG 2 steps",
+                                                                    "raster order vs random order")] == \
+        ["True", "False", "True", "False"]
+    row = verdicts["ARPG 4 steps vs ARPG 2 steps", "fid_classifier"]
+    assert float(row["diff"]) == -25.0 and float(row["diff_se"]) == pytest.approx(0.5 * 2 ** 0.5)
+    assert verdicts["raster order vs random order", "accuracy_classifier"]["significant"] == ""
+
+    arpg_bars, raster_bars = [(51.02, 52.98), (26.02, 27.98)], [(-32.14, 46.26)]  # FID -+ 1.96 se
+    assert bars["fid_vs_steps.png"] == [[arpg_bars, raster_bars]]  # one FID column: one axis
+    assert bars["fid_vs_throughput.png"] == [[arpg_bars, raster_bars]]
+
+
+def test_bootstrap_off_shows_bare_numbers(study):
+    params = _with_intervals(study, {**BOOTSTRAP, "replicates": 0})
+    out = report.build(params)["dir"]
+    text = (out / "README.md").read_text()
+    assert "±" not in text
+    assert text.count("Intervals are off (`evaluate.bootstrap: 0`") == 2  # quality tables, noise section
+    assert "no difference between sweep points can be told from sampling noise" in text
+    assert not (out / "differences.csv").exists()
+    assert not any(c.endswith(("_se", "_lo", "_hi")) for c in _csv(out / "quality.csv")[0])
+    assert "| arpg | 2 | 2.0 | random | 52 | 4 | 0.25 |" in text

@@ -8,10 +8,11 @@ def configure(parser) -> None:
 
 
 def run(args, params) -> None:
+    from arpg.config import unrecorded
     from arpg.data.prepare import prepare
     from arpg.tracking import stage_run
 
-    data = params["data"]
+    data = unrecorded(params)["data"]  # MLflow labels; prepare() reads what it uses
     with stage_run(params, "prepare-data", run_params={f"data.{k}": v for k, v in data.items()}) as run:
         manifest = prepare(params)
         for split, info in manifest["splits"].items():

@@ -14,12 +14,13 @@ def configure(parser) -> None:
 def run(args, params) -> None:
     import json
 
+    from arpg.config import unrecorded
     from arpg.engine import profile as prof
     from arpg.tracking import stage_run
 
     layout = params.layout
     specs = prof.plan(params, args.model)
-    settings = {f"profile.{k}": v for k, v in params["profile"].items()}
+    settings = {f"profile.{k}": v for k, v in unrecorded(params)["profile"].items()}  # MLflow labels
     with stage_run(params, "profile", run_params=settings) as run:
         print(f"profiling {len(specs)} configurations (one child process each; "
               f"threads={params['profile']['threads']}, repeats={params['profile']['repeats']})")

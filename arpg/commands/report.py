@@ -9,12 +9,13 @@ def configure(parser) -> None:
 
 
 def run(args, params) -> None:
+    from arpg.config import unrecorded
     from arpg.engine.report import build
     from arpg.tracking import stage_run
     from arpg.utils import write_json
 
     with stage_run(params, "report", run_params={"report.dir": params["report"]["dir"],
-                                                 "seed": params["seed"]}) as run:
+                                                 "seed": unrecorded(params)["seed"]}) as run:
         result = build(params)
         run.log_metrics(result["metrics"])
         run.log_artifact(result["dir"], "report")

@@ -9,15 +9,15 @@ def configure(parser) -> None:
 
 
 def run(args, params) -> None:
+    from arpg.config import unrecorded
     from arpg.engine.tokenizer import tokenize_dataset
     from arpg.tracking import stage_run
 
     layout = params.layout
-    with stage_run(params, "tokenize", run_params={"seed": params["seed"], "model": "vq"}) as tracker:
+    with stage_run(params, "tokenize", run_params={"seed": unrecorded(params)["seed"], "model": "vq"}) as tracker:
         m = tokenize_dataset(params, tracker)
     h, w = m["token_grid"]
-    print(f"token grids {h}x{w} ({m['token_dtype']}) in {layout.tokens_dir}: "
-          + ", ".join(f"{k[:-8]} {v:.1f}s" for k, v in m.items() if k.endswith("_seconds")))
+    print(f"token grids {h}x{w} ({m['token_dtype']}) in {layout.tokens_dir}")
     print(f"test reconstruction ({m['eval_images']} images): PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}")
     print(f"codebook (train tokens): {m['codes_used']}/{m['codebook_size']} codes used ({m['codebook_usage']:.1%}), "
           f"perplexity {m['codebook_perplexity']:.1f}")

@@ -17,6 +17,7 @@ def run(args, params) -> None:
 
     import torch
 
+    from arpg.config import unrecorded
     from arpg.data.arrays import load_images, load_labels
     from arpg.engine.classifier import (ClassifierTrainConfig, accuracy, model_config_from_params, predict,
                                         train_classifier)
@@ -31,13 +32,14 @@ def run(args, params) -> None:
     model_cfg = model_config_from_params(params)
     train_x, train_y = load_images(layout, "train"), load_labels(layout, "train")
     test_x, test_y = load_images(layout, "test"), load_labels(layout, "test")
-    run_params = {"seed": params["seed"], **{f"classifier.{k}": v for k, v in params["classifier"].items()}}
+    plain = unrecorded(params)  # MLflow labels
+    run_params = {"seed": plain["seed"], **{f"classifier.{k}": v for k, v in plain["classifier"].items()}}
     with stage_run(params, "train-classifier", run_params=run_params) as run:
         start = time.monotonic()
         model, stats = train_classifier(train_x, train_y, model_cfg, train_cfg, device, log=run.log_metrics)
         logits_NK, _ = predict(model, test_x, params["evaluate"]["batch_size"], device)
         stats["test_accuracy"] = accuracy(logits_NK, test_y)
-        stats["total_seconds"] = time.monotonic() - start
+        seconds = time.monotonic() - start  # the log and MLflow only: the metrics file holds results
         save_classifier(model, layout.classifier_checkpoint)
 
         # Sanity row: real test images through the same evaluate path (half A as "samples"
@@ -50,13 +52,13 @@ def run(args, params) -> None:
         stats["real_test_halves"] = compute_metrics(test_x[half_a], test_y[half_a], reference, "classifier",
                                                     ckpt, eval_cfg, device)
         write_json(layout.classifier_metrics, stats)
-        run.log_metrics({k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})
+        run.log_metrics({k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}
+                        | {"train_seconds": seconds})
         run.log_metrics({f"real_{k}": v for k, v in stats["real_test_halves"].items()})
         run.log_artifact(layout.classifier_metrics)
     real = stats["real_test_halves"]
     print(f"classifier: test accuracy {stats['test_accuracy']:.4f} after {stats['steps']} steps "
-          f"({stats['epochs_completed']:.2f} epochs) in {stats['train_seconds']:.1f} s"
-          + (" (stopped at classifier.max_minutes)" if stats["stopped_early"] else ""))
+          f"({stats['epochs']} epochs) in {seconds:.1f} s")
     print(f"real test halves: accuracy_classifier {real['accuracy_classifier']:.4f}, "
           f"isc_classifier {real['isc_classifier']:.3f}, fid_classifier {real['fid_classifier']:.4f}")
     print(f"wrote {layout.classifier_checkpoint} and {layout.classifier_metrics}")

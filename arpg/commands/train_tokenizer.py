@@ -10,13 +10,18 @@ def configure(parser) -> None:
 
 
 def run(args, params) -> None:
+    import time
+
+    from arpg.config import unrecorded
     from arpg.engine.tokenizer import import_pretrained, train_tokenizer
     from arpg.tracking import stage_run
 
     tok = params["tokenizer"]
     layout = params.layout
-    run_params = {f"tokenizer.{k}": v for k, v in tok.items()} | {"seed": params["seed"], "model": "vq"}
+    run_params = ({f"tokenizer.{k}": v for k, v in unrecorded(params)["tokenizer"].items()}  # MLflow labels
+                  | {"seed": unrecorded(params)["seed"], "model": "vq"})
     with stage_run(params, "train-tokenizer", run_params=run_params) as tracker:
+        start = time.monotonic()
         if tok["pretrained"]:
             summary = import_pretrained(params)
             print(f"loaded {summary['pretrained']} strictly ({summary['parameters']:,} parameters); "
@@ -24,10 +29,9 @@ def run(args, params) -> None:
         else:
             summary = train_tokenizer(params, tracker, progress=not args.no_progress)
             final = summary["final"]
-            print(f"trained {summary['steps']} steps in {summary['minutes']:.2f} min "
-                  f"(stopped by {summary['stopped_by']}); last window: loss {final.get('loss', float('nan')):.4f}, "
+            print(f"trained {summary['steps']} steps in {time.monotonic() - start:.1f} s; last window: loss {final.get('loss', float('nan')):.4f}, "
                   f"batch PSNR {final.get('batch_psnr', float('nan')):.2f} dB, "
                   f"codes used {final.get('usage_window', float('nan')):.1%}")
             print(f"wrote {layout.tokenizer_checkpoint}")
-        tracker.log_metrics({"train_steps": summary["steps"], "train_minutes": summary["minutes"]})
+        tracker.log_metrics({"train_steps": summary["steps"], "train_minutes": (time.monotonic() - start) / 60})
         tracker.log_artifact(layout.tokenizer_metrics)

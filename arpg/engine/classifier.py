@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 
 from arpg.errors import DataError
 from arpg.models.classifier import Classifier, ClassifierConfig
-from arpg.utils import make_generator
+from arpg.utils import deterministic_algorithms, make_generator, require_finite
 
 
 @dataclass(frozen=True)
@@ -21,15 +20,13 @@ class ClassifierTrainConfig:
     batch_size: int = 256
     lr: float = 2e-3
     epochs: int = 3
-    max_minutes: float = 2.0  # wall-clock budget; training stops early (and says so) when reached
     warmup_fraction: float = 0.05
     seed: int = 0
 
     @classmethod
     def from_params(cls, params: Mapping) -> "ClassifierTrainConfig":
         c = params["classifier"]
-        return cls(batch_size=c["batch_size"], lr=c["lr"], epochs=c["epochs"],
-                   max_minutes=c["max_minutes"], seed=params["seed"])
+        return cls(batch_size=c["batch_size"], lr=c["lr"], epochs=c["epochs"], seed=params["seed"])
 
 
 def model_config_from_params(params: Mapping) -> ClassifierConfig:
@@ -58,12 +55,8 @@ def _lr_at(progress: float, base: float, warmup: float) -> float:
 def train_classifier(images_NHWC: np.ndarray, labels_N: np.ndarray, model_config: ClassifierConfig,
                      config: ClassifierTrainConfig, device: torch.device,
                      log: Callable[[dict, int], None] | None = None, log_every: int = 50) -> tuple[Classifier, dict]:
-    """Train from scratch with AdamW + warm-up / cosine; returns (model in eval mode, run stats).
-
-    Progress is the larger of the step fraction and the wall-clock fraction of
-    `max_minutes`, so on a slow (or shared) machine the schedule still anneals to
-    zero by the deadline instead of being cut off at a high learning rate.
-    """
+    """Train from scratch with AdamW + warm-up / cosine over `epochs` (a step count: the weights
+    never depend on the machine's speed); returns (model in eval mode, run stats)."""
     images_NCHW = to_tensor_BCHW(images_NHWC)  # [N, C, H, W] uint8
     labels_N = torch.as_tensor(np.array(labels_N), dtype=torch.long)  # a copy: memmaps are read-only
     n = images_NCHW.shape[0]
@@ -81,36 +74,28 @@ def train_classifier(images_NHWC: np.ndarray, labels_N: np.ndarray, model_config
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = config.epochs * steps_per_epoch
-    budget_s = config.max_minutes * 60.0
-    start = time.monotonic()
-    step, stopped_early, loss = 0, False, torch.tensor(float("nan"))
+    step, loss = 0, torch.tensor(float("nan"))
     model.train()
-    for epoch in range(config.epochs):
-        order_N = torch.randperm(n, generator=gen)  # [N]
-        for first in range(0, n, config.batch_size):
-            idx_B = order_N[first:first + config.batch_size]  # [B]
-            x_BCHW = Classifier.normalize(images_NCHW[idx_B].to(device))  # [B, C, H, W]
-            y_B = labels_N[idx_B].to(device)  # [B]
-            progress = max(step / total, (time.monotonic() - start) / budget_s)
-            if progress >= 1.0:
-                stopped_early = True
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(progress, config.lr, config.warmup_fraction)
-            logits_BK, _ = model(x_BCHW)  # [B, K]
-            loss = F.cross_entropy(logits_BK, y_B)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if log is not None and step % log_every == 0:
-                log({"train_loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}, step)
-        if stopped_early:
-            break
+    with deterministic_algorithms(device):
+        for epoch in range(config.epochs):
+            order_N = torch.randperm(n, generator=gen)  # [N]
+            for first in range(0, n, config.batch_size):
+                idx_B = order_N[first:first + config.batch_size]  # [B]
+                x_BCHW = Classifier.normalize(images_NCHW[idx_B].to(device))  # [B, C, H, W]
+                y_B = labels_N[idx_B].to(device)  # [B]
+                for group in optimizer.param_groups:
+                    group["lr"] = _lr_at(step / total, config.lr, config.warmup_fraction)
+                logits_BK, _ = model(x_BCHW)  # [B, K]
+                loss = F.cross_entropy(logits_BK, y_B)
+                require_finite(loss.item(), "classifier loss", step + 1, "lower classifier.lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                if log is not None and step % log_every == 0:
+                    log({"train_loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}, step)
     model.eval()
-    stats = {"steps": step, "planned_steps": total, "epochs_completed": step / steps_per_epoch,
-             "train_seconds": time.monotonic() - start, "final_train_loss": loss.item(),
-             "stopped_early": stopped_early, "train_images": n}
+    stats = {"steps": step, "epochs": config.epochs, "final_train_loss": loss.item(), "train_images": n}
     return model, stats
 
 

@@ -14,10 +14,9 @@ Jukebox / SoundStream): a short CPU run cannot wait for the commitment loss to
 drag far-away codes in, and an unused code is wasted capacity of the token
 vocabulary the generator must model.
 
-Learning rate: linear warm-up over the first 5% of training, then half-cosine
-down to 10%. Progress is the larger of step / max_steps and elapsed /
-max_minutes, so a run stopped by its wall-clock budget has still annealed its
-learning rate instead of stopping at the peak.
+Learning rate: linear warm-up over the first 5% of `max_steps`, then half-cosine
+down to 10%. The budget is a step count, never wall-clock time, so the weights
+are a function of the params alone (not of the machine's speed or load).
 """
 
 from __future__ import annotations
@@ -37,7 +36,8 @@ from arpg.data.arrays import load_images, load_labels
 from arpg.errors import ArpgError, CheckpointError
 from arpg.models.vq import (VQConfig, VQModel, from_uint8, load_state_strict, load_tokenizer, read_checkpoint,
                             to_uint8, tokenizer_payload)
-from arpg.utils import atomic_path, atomic_save_npy, atomic_torch_save, make_generator, resolve_device, write_json
+from arpg.utils import (atomic_path, atomic_save_npy, atomic_torch_save, deterministic_algorithms, make_generator,
+                        require_finite, resolve_device, write_json)
 
 WARMUP_SHARE = 0.05
 MIN_LR_SHARE = 0.1
@@ -49,7 +49,6 @@ class TokenizerTrainConfig:
     lr: float
     weight_decay: float
     max_steps: int
-    max_minutes: float
     checkpoint_every: int
     log_every: int
     commit_beta: float
@@ -211,6 +210,11 @@ def _adv_losses(disc: PatchDiscriminator, real: torch.Tensor, fake: torch.Tensor
 
 def train_tokenizer(params, run=None, progress: bool = True) -> dict:
     """Train the VQ tokenizer (resuming from the layout's state file), write tokenizer.pt and metrics."""
+    with deterministic_algorithms(resolve_device(params["device"])):
+        return _train_tokenizer(params, run, progress)
+
+
+def _train_tokenizer(params, run, progress: bool) -> dict:
     from tqdm import tqdm
 
     layout = params.layout
@@ -230,7 +234,7 @@ def train_tokenizer(params, run=None, progress: bool = True) -> dict:
         disc = PatchDiscriminator(vq_cfg.in_channels).to(device)
         disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     stream = BatchStream(images_NCHW.shape[0], cfg.batch_size, cfg.seed)
-    step, elapsed, history = 0, 0.0, []
+    step, history = 0, []
 
     if layout.tokenizer_state.is_file():
         state = read_checkpoint(layout.tokenizer_state)
@@ -243,27 +247,22 @@ def train_tokenizer(params, run=None, progress: bool = True) -> dict:
             load_state_strict(disc, state["discriminator"], f"{layout.tokenizer_state} (discriminator)")
             disc_opt.load_state_dict(state["disc_optimizer"])
         stream.load_state_dict(state["stream"])
-        step, elapsed, history = int(state["step"]), float(state["elapsed"]), list(state["history"])
-        print(f"resuming tokenizer training at step {step} ({elapsed / 60:.2f} min done)")
+        step, history = int(state["step"]), list(state["history"])
+        print(f"resuming tokenizer training at step {step}")
 
     def save_state() -> None:
         atomic_torch_save({
             "model": model.state_dict(), "optimizer": opt.state_dict(), "config": asdict(vq_cfg),
             "discriminator": disc.state_dict() if disc is not None else None,
             "disc_optimizer": disc_opt.state_dict() if disc is not None else None,
-            "stream": stream.state_dict(), "step": step, "elapsed": elapsed, "history": history,
+            "stream": stream.state_dict(), "step": step, "history": history,
         }, layout.tokenizer_state)
 
-    budget = cfg.max_minutes * 60
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train-tokenizer", disable=not progress, dynamic_ncols=True)
-    window, stopped_by = [], "max_steps"
-    t_last = time.monotonic()
+    window = []
     while step < cfg.max_steps:
-        if elapsed >= budget:
-            stopped_by = "max_minutes"
-            break
-        lr = lr_at(max(step / cfg.max_steps, elapsed / budget), cfg.lr)
+        lr = lr_at(step / cfg.max_steps, cfg.lr)
         for group in opt.param_groups + (disc_opt.param_groups if disc_opt else []):
             group["lr"] = lr
         idx_B, flip_B = stream.next()
@@ -283,6 +282,8 @@ def train_tokenizer(params, run=None, progress: bool = True) -> dict:
             d_loss, g_loss = _adv_losses(disc, x_BCHW, out.recon_BCHW)
             loss = loss + cfg.adversarial_weight * g_loss
             terms |= {"g_adv": g_loss.item(), "d_loss": d_loss.item()}
+        # a diverged step is never applied: the state file keeps the last good checkpoint
+        require_finite(loss.item(), "tokenizer loss", step + 1, "lower tokenizer.lr", layout.tokenizer_state)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -296,9 +297,6 @@ def train_tokenizer(params, run=None, progress: bool = True) -> dict:
         if cfg.dead_code_every and step % cfg.dead_code_every == 0:
             dead_K = model.quantize.usage_counts() == 0
             restarted = restart_dead_codes(model, dead_K, out.z_BDhw, stream.gen)
-        now = time.monotonic()
-        elapsed += now - t_last
-        t_last = now
         window.append(terms | {"loss": loss.item()})
         bar.update(1)
 
@@ -307,7 +305,7 @@ def train_tokenizer(params, run=None, progress: bool = True) -> dict:
             with torch.no_grad():
                 metrics["batch_psnr"] = psnr(to_uint8(out.recon_BCHW.detach().cpu()), pixels).mean().item()
             window_usage = _usage_from_counts(model.quantize.usage_counts().cpu())
-            metrics |= {"lr": lr, "minutes": elapsed / 60, "usage_window": window_usage["usage"],
+            metrics |= {"lr": lr, "usage_window": window_usage["usage"],
                         "perplexity_window": window_usage["perplexity"], "codes_restarted": restarted}
             history.append({"step": step, **metrics})
             window = []
@@ -317,13 +315,11 @@ def train_tokenizer(params, run=None, progress: bool = True) -> dict:
                 run.log_metrics(metrics, step)
         if step % cfg.checkpoint_every == 0:
             save_state()
-            t_last = time.monotonic()  # checkpoint writes are not training time
     bar.close()
     save_state()
     model.eval()
     atomic_torch_save(tokenizer_payload(model.cpu()), layout.tokenizer_checkpoint)
-    summary = {"steps": step, "minutes": elapsed / 60, "stopped_by": stopped_by,
-               "images_seen": step * cfg.batch_size, "pretrained": None,
+    summary = {"steps": step, "images_seen": step * cfg.batch_size, "pretrained": None,
                "final": history[-1] if history else {}, "config": asdict(vq_cfg)}
     write_json(layout.tokenizer_metrics, summary)
     return summary
@@ -336,7 +332,7 @@ def import_pretrained(params) -> dict:
     vq_cfg = VQConfig.from_params(params)
     model = load_tokenizer(path, vq_cfg)
     atomic_torch_save(tokenizer_payload(model), layout.tokenizer_checkpoint)
-    summary = {"steps": 0, "minutes": 0.0, "stopped_by": "pretrained", "pretrained": str(path),
+    summary = {"steps": 0, "pretrained": str(path),
                "parameters": sum(p.numel() for p in model.parameters()), "config": asdict(vq_cfg)}
     write_json(layout.tokenizer_metrics, summary)
     return summary
@@ -393,11 +389,13 @@ def save_grid(originals_NCHW: torch.Tensor, recons_NCHW: torch.Tensor, path: Pat
         image.save(tmp)
 
 
-def tokenize_dataset(params, run=None, batch_size: int = 100, grid_images: int = 32) -> dict:
+TOKENIZE_BATCH = 100  # larger batches (>32 MB activations) make glibc mmap/munmap every batch (3x the time)
+
+
+def tokenize_dataset(params, run=None, batch_size: int = TOKENIZE_BATCH, grid_images: int = 32) -> dict:
     """Encode train / test (and the flipped train set), write tokens + labels, metrics and a grid PNG.
 
-    Batches of 100: larger ones (>32 MB activations) make glibc mmap/munmap every batch (3x the time).
-    """
+    The metrics file holds results only; encoding times go to the log and MLflow."""
     layout = params.layout
     tok = params["tokenizer"]
     device = resolve_device(params["device"])
@@ -415,6 +413,7 @@ def tokenize_dataset(params, run=None, batch_size: int = 100, grid_images: int =
         t0 = time.monotonic()
         tokens_Nhw = encode_pixels(model, pixels_by_split[source], batch_size, device, flip=flip)
         timings[f"{name}_seconds"] = time.monotonic() - t0
+        print(f"encoded {name}: {timings[name + '_seconds']:.1f} s")
         atomic_save_npy(layout.tokens(name), tokens_Nhw.numpy().astype(dtype))
         # train_flip gets its own copy of the labels, so every split reads the same way
         atomic_save_npy(layout.token_labels(name), np.asarray(load_labels(layout, source), dtype=np.int64))
@@ -432,11 +431,10 @@ def tokenize_dataset(params, run=None, batch_size: int = 100, grid_images: int =
         "codebook_usage": stats["usage"], "codebook_perplexity": stats["perplexity"],
         "codes_used": stats["codes_used"], "codebook_size": vq_cfg.codebook_size,
         "token_grid": list(tokens_Nhw.shape[1:]), "token_dtype": np.dtype(dtype).name,
-        **timings,
     }
     write_json(layout.tokenize_metrics, metrics)
     if run is not None:
-        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        run.log_metrics({k: v for k, v in (metrics | timings).items() if isinstance(v, (int, float))})
         run.log_artifact(layout.reconstructions)
         run.log_artifact(layout.tokenize_metrics)
     return metrics

@@ -11,7 +11,8 @@ Determinism contract (CPU, fp32): the weights after step s are a pure function o
 * nn.Dropout inside the model can only use the global RNG, so each micro-step runs
   inside `fork_rng` seeded from (seed, DROPOUT, step, micro, rank): no global state
   leaks and none has to be saved;
-* everything else (model, optimizer, EMA, step, wall time) is in the atomic state file.
+* everything else (model, optimizer, EMA, step) is in the atomic state file;
+* the budget is `max_steps`, never wall-clock time: a slow or loaded machine trains the same weights.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from arpg.errors import CheckpointError, ConfigError, DataError
-from arpg.utils import atomic_torch_save, make_generator
+from arpg.utils import atomic_torch_save, deterministic_algorithms, make_generator, require_finite
 
 KINDS = ("arpg", "raster")
 
@@ -56,7 +57,6 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 100
     max_steps: int = 1500
-    max_minutes: float = 5.0      # wall-clock budget of the training loop, summed over resumes
     grad_clip: float = 1.0        # 0: off
     class_dropout: float = 0.1
     ema: float = 0.0              # EMA decay; 0: off
@@ -75,7 +75,7 @@ class TrainConfig:
 
     def trajectory(self) -> dict[str, Any]:
         """The fields that determine the weights: a resume must match them exactly."""
-        skip = {"max_minutes", "checkpoint_every", "log_every", "compile"}
+        skip = {"checkpoint_every", "log_every", "compile"}
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k not in skip}
 
 
@@ -262,9 +262,8 @@ class LossModule(nn.Module):
 class TrainResult:
     steps: int
     final_loss: float | None      # mean loss of the last logging window
-    tokens_per_s: float
-    wall_s: float                 # training-loop wall time, summed over resumes
-    stopped_by: str               # max_steps | max_minutes
+    tokens_per_s: float           # this process's loop (the log and MLflow; not a result)
+    wall_s: float                 # this process's training-loop wall time
     sampling_state: dict          # EMA weights when enabled, else the trained weights
 
 
@@ -324,7 +323,7 @@ def train(model: nn.Module, kind: str, data: TokenData, cfg: TrainConfig, *, sta
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
     gen = make_generator(derive_seed(cfg.seed, STREAM_SAMPLES))
-    step, elapsed, tokens_seen, last_loss = 0, 0.0, 0, None
+    step, tokens_seen, last_loss = 0, 0, None
     window_sum, window_count = torch.zeros((), dtype=torch.float64, device=device), 0  # loss since last log
 
     state = load_state(state_path)
@@ -336,7 +335,7 @@ def train(model: nn.Module, kind: str, data: TokenData, cfg: TrainConfig, *, sta
             raise CheckpointError(f"train state {state_path} does not fit the model ({exc}); delete it") from exc
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
-        step, elapsed, tokens_seen = state["step"], state["elapsed_s"], state["tokens_seen"]
+        step, tokens_seen = state["step"], state["tokens_seen"]
         last_loss, window_count = state["last_loss"], state["window"][1]
         window_sum.fill_(state["window"][0])
         if dist_info.is_main and progress:
@@ -362,8 +361,6 @@ def train(model: nn.Module, kind: str, data: TokenData, cfg: TrainConfig, *, sta
 
     order = BatchOrder(len(data), cfg.batch_size, cfg.seed)
     seq_len = data.seq_len
-    budget_s = cfg.max_minutes * 60.0
-    stopped_by = "max_steps"
 
     def save_state() -> None:
         if not dist_info.is_main:
@@ -372,18 +369,9 @@ def train(model: nn.Module, kind: str, data: TokenData, cfg: TrainConfig, *, sta
             "kind": kind, "name": name, "model_config": _model_config(model), "trajectory": cfg.trajectory(),
             "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "generator": gen.get_state(),
-            "elapsed_s": elapsed, "tokens_seen": tokens_seen, "last_loss": last_loss,
+            "tokens_seen": tokens_seen, "last_loss": last_loss,
             "window": (float(window_sum), window_count),
         }, state_path)
-
-    def out_of_time() -> bool:
-        if not dist_info.enabled:
-            return elapsed >= budget_s
-        import torch.distributed as dist
-
-        over = torch.tensor([int(elapsed >= budget_s)], device=device)
-        dist.broadcast(over, src=0)  # rank 0's clock decides, so every rank stops at the same step
-        return bool(over.item())
 
     def flush_window() -> float | None:
         nonlocal window_count
@@ -403,12 +391,8 @@ def train(model: nn.Module, kind: str, data: TokenData, cfg: TrainConfig, *, sta
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {name or kind}", unit="step",
                disable=not (dist_info.is_main and progress), dynamic_ncols=True)
     tick, tick_tokens = time.perf_counter(), tokens_seen
-    loop_start, elapsed_at_start = time.perf_counter(), elapsed
+    loop_start, tokens_at_start = time.perf_counter(), tokens_seen
     while step < cfg.max_steps:
-        elapsed = elapsed_at_start + time.perf_counter() - loop_start
-        if out_of_time():
-            stopped_by = "max_minutes"
-            break
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -430,9 +414,12 @@ def train(model: nn.Module, kind: str, data: TokenData, cfg: TrainConfig, *, sta
                     loss = engine(*args)
                 (loss / cfg.grad_accum).backward()
             step_loss += loss.detach().float() / cfg.grad_accum
-        grad_norm = None
-        if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        # The norm of the all-reduced gradients is the same on every rank, so all ranks stop together
+        # when any rank's loss diverged; the step is never applied, and the state file keeps the last
+        # good checkpoint. An infinite max_norm only measures (the clip factor is exactly 1).
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        require_finite(float(step_loss) + float(grad_norm), f"{name or kind} training loss (or its gradient)",
+                       step + 1, "lower train.lr or raise train.warmup_steps", state_path)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
@@ -450,14 +437,12 @@ def train(model: nn.Module, kind: str, data: TokenData, cfg: TrainConfig, *, sta
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
             if tracker is not None and dist_info.is_main:
                 metrics = {"loss": last_loss, "lr": lr, "tokens_per_s": tok_s}
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
+                metrics["grad_norm"] = float(grad_norm)
                 tracker.log_metrics(metrics, step)
         if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-            elapsed = elapsed_at_start + time.perf_counter() - loop_start
             save_state()
     bar.close()
-    elapsed = elapsed_at_start + time.perf_counter() - loop_start
+    elapsed = time.perf_counter() - loop_start
     last_loss = flush_window()
     save_state()
     if dist_info.enabled:
@@ -465,8 +450,8 @@ def train(model: nn.Module, kind: str, data: TokenData, cfg: TrainConfig, *, sta
 
         dist.barrier()  # the state on disk is complete before any rank returns
     sampling = {k: v.detach().clone() for k, v in (ema.state_dict() if ema is not None else model.state_dict()).items()}
-    return TrainResult(steps=step, final_loss=last_loss, tokens_per_s=tokens_seen / max(elapsed, 1e-9),
-                       wall_s=elapsed, stopped_by=stopped_by, sampling_state=sampling)
+    return TrainResult(steps=step, final_loss=last_loss, tokens_per_s=(tokens_seen - tokens_at_start) / max(elapsed, 1e-9),
+                       wall_s=elapsed, sampling_state=sampling)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -568,29 +553,23 @@ def run_train(params, kind: str) -> dict | None:
             if info.is_main:
                 print(f"{kind}: {name}, {n_params:,} parameters, {len(data):,} sequences of {data.seq_len} "
                       f"tokens, {info.world_size} process(es) on {device}")
-            deterministic = torch.are_deterministic_algorithms_enabled()
-            # CPU kernels are deterministic already; this makes any non-deterministic one fail loudly
-            torch.use_deterministic_algorithms(deterministic or device.type == "cpu")
-            try:
+            with deterministic_algorithms(device):
                 result = train(model, kind, data, cfg, state_path=params.layout.model_state(kind), device=device,
                                dist_info=info, tracker=tracker, name=name)
-            finally:
-                torch.use_deterministic_algorithms(deterministic)
             if not info.is_main:
                 return None
             uniform = math.log(codebook_size(params))
             model.load_state_dict(result.sampling_state)
+            # results only: speed goes to the log and MLflow, so the file is the same on any machine
             metrics = {"model": name, "kind": kind, "parameters": n_params, "steps": result.steps,
-                       "max_steps": cfg.max_steps, "stopped_by": result.stopped_by,
                        "final_loss": result.final_loss, "uniform_loss": uniform,
-                       "tokens_per_s": result.tokens_per_s, "wall_s": result.wall_s,
                        "world_size": info.world_size, "weights": "ema" if cfg.ema > 0 else "final",
                        "ema_decay": cfg.ema, "precision": "bf16" if cfg.precision == "bf16" and device.type == "cuda" else "fp32"}
             tracker.log_metrics({"final_loss": result.final_loss, "uniform_loss": uniform,
                                  "train_tokens_per_s": result.tokens_per_s, "train_wall_s": result.wall_s},
                                 result.steps)
             final = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
-            print(f"{kind}: {result.steps} steps ({result.stopped_by}), final loss {final} vs "
+            print(f"{kind}: {result.steps} steps, final loss {final} vs "
                   f"uniform-guess ln({codebook_size(params)}) = {uniform:.4f}; {result.tokens_per_s:,.0f} tokens/s, "
                   f"{result.wall_s:.1f} s; sampling weights: {metrics['weights']}")
             _write_outputs(params, kind, model, metrics, tracker)

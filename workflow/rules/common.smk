@@ -9,6 +9,9 @@ from arpg import pipeline as PIPE
 from arpg.config import PARAMS_ENV, load_params
 from arpg.errors import ArpgError
 
+# Jobs run this checkout's arpg even when the environment's arpg is installed from another checkout.
+os.environ.update(PYTHONPATH=PIPE.python_path_with(workflow.basedir))
+
 # The shell lines call `arpg` / `torchrun`: use the ones next to this Python
 # (e.g. .venv/bin) even when the environment is not activated.
 os.environ.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -17,6 +20,9 @@ CONDA_ENV = "../envs/arpg.yaml"  # relative to workflow/rules/
 # --config params=FILE, else $ARPG_PARAMS, else this checkout's params.yaml (absolute: jobs may run elsewhere).
 PARAMS_FILE = str(Path(config.get("params") or os.environ.get(PARAMS_ENV)
                        or Path(workflow.basedir) / "params.yaml").resolve())
+# Jobs read the params file through $ARPG_PARAMS, so its path is in no rule's params: an identical
+# copy elsewhere (or a moved checkout) reruns nothing; each job's `fingerprint` holds the values it reads.
+os.environ[PARAMS_ENV] = PARAMS_FILE
 try:
     PARAMS = load_params(PARAMS_FILE)
     PIPE.jobs(PARAMS)  # cross-key checks (e.g. flipped tokens) before the DAG is built

@@ -9,13 +9,12 @@ rule prepare_data:
     log:
         log("prepare_data"),
     params:
-        file=PARAMS_FILE,
         fingerprint=fingerprint("prepare_data"),
     threads: threads("prepare_data")
     conda:
         CONDA_ENV
     shell:
-        "arpg prepare-data --params {params.file:q} > {log:q} 2>&1"
+        "arpg prepare-data > {log:q} 2>&1"
 
 
 rule train_tokenizer:
@@ -26,7 +25,6 @@ rule train_tokenizer:
     log:
         log("train_tokenizer"),
     params:
-        file=PARAMS_FILE,
         fingerprint=fingerprint("train_tokenizer"),
     threads: threads("train_tokenizer")
     resources:
@@ -34,7 +32,7 @@ rule train_tokenizer:
     conda:
         CONDA_ENV
     shell:
-        "arpg train-tokenizer --params {params.file:q} > {log:q} 2>&1"
+        "arpg train-tokenizer > {log:q} 2>&1"
 
 
 rule tokenize:
@@ -45,7 +43,6 @@ rule tokenize:
     log:
         log("tokenize"),
     params:
-        file=PARAMS_FILE,
         fingerprint=fingerprint("tokenize"),
     threads: threads("tokenize")
     resources:
@@ -53,4 +50,4 @@ rule tokenize:
     conda:
         CONDA_ENV
     shell:
-        "arpg tokenize --params {params.file:q} > {log:q} 2>&1"
+        "arpg tokenize > {log:q} 2>&1"

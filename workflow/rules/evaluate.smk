@@ -9,7 +9,6 @@ rule reference_stats:
     log:
         log("reference_stats"),
     params:
-        file=PARAMS_FILE,
         fingerprint=fingerprint("reference_stats"),
     threads: threads("reference_stats")
     resources:
@@ -17,7 +16,7 @@ rule reference_stats:
     conda:
         CONDA_ENV
     shell:
-        "arpg reference-stats --params {params.file:q} --extractor {wildcards.extractor} > {log:q} 2>&1"
+        "arpg reference-stats --extractor {wildcards.extractor} > {log:q} 2>&1"
 
 
 rule evaluate:
@@ -28,7 +27,6 @@ rule evaluate:
     log:
         log("evaluate"),
     params:
-        file=PARAMS_FILE,
         fingerprint=fingerprint("evaluate"),
     threads: threads("evaluate")
     resources:
@@ -36,4 +34,4 @@ rule evaluate:
     conda:
         CONDA_ENV
     shell:
-        "arpg evaluate --params {params.file:q} --model {wildcards.model} --steps {wildcards.steps} --cfg {wildcards.cfg} --order {wildcards.order} > {log:q} 2>&1"
+        "arpg evaluate --model {wildcards.model} --steps {wildcards.steps} --cfg {wildcards.cfg} --order {wildcards.order} > {log:q} 2>&1"

@@ -9,7 +9,6 @@ rule profile:
     log:
         log("profile"),
     params:
-        file=PARAMS_FILE,
         fingerprint=fingerprint("profile"),
     threads: threads("profile")
     resources:
@@ -17,7 +16,7 @@ rule profile:
     conda:
         CONDA_ENV
     shell:
-        "arpg profile --params {params.file:q} > {log:q} 2>&1"
+        "arpg profile > {log:q} 2>&1"
 
 
 rule gallery:
@@ -28,7 +27,6 @@ rule gallery:
     log:
         log("gallery"),
     params:
-        file=PARAMS_FILE,
         fingerprint=fingerprint("gallery"),
     threads: threads("gallery")
     resources:
@@ -36,7 +34,7 @@ rule gallery:
     conda:
         CONDA_ENV
     shell:
-        "arpg gallery --params {params.file:q} > {log:q} 2>&1"
+        "arpg gallery > {log:q} 2>&1"
 
 
 rule report:
@@ -47,9 +45,8 @@ rule report:
     log:
         log("report"),
     params:
-        file=PARAMS_FILE,
         fingerprint=fingerprint("report"),
     conda:
         CONDA_ENV
     shell:
-        "arpg report --params {params.file:q} > {log:q} 2>&1"
+        "arpg report > {log:q} 2>&1"

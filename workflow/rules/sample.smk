@@ -10,7 +10,6 @@ rule sample:
     log:
         log("sample"),
     params:
-        file=PARAMS_FILE,
         fingerprint=fingerprint("sample"),
         launch=launcher("sample"),
     threads: threads("sample")
@@ -19,4 +18,4 @@ rule sample:
     conda:
         CONDA_ENV
     shell:
-        "{params.launch}arpg sample --params {params.file:q} --model {wildcards.model} --steps {wildcards.steps} --cfg {wildcards.cfg} --order {wildcards.order} > {log:q} 2>&1"
+        "{params.launch}arpg sample --model {wildcards.model} --steps {wildcards.steps} --cfg {wildcards.cfg} --order {wildcards.order} > {log:q} 2>&1"

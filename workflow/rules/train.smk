@@ -10,7 +10,6 @@ rule train_classifier:
     log:
         log("train_classifier"),
     params:
-        file=PARAMS_FILE,
         fingerprint=fingerprint("train_classifier"),
     threads: threads("train_classifier")
     resources:
@@ -18,7 +17,7 @@ rule train_classifier:
     conda:
         CONDA_ENV
     shell:
-        "arpg train-classifier --params {params.file:q} > {log:q} 2>&1"
+        "arpg train-classifier > {log:q} 2>&1"
 
 
 rule train_arpg:
@@ -29,7 +28,6 @@ rule train_arpg:
     log:
         log("train_arpg"),
     params:
-        file=PARAMS_FILE,
         fingerprint=fingerprint("train_arpg"),
         launch=launcher("train_arpg"),
     threads: threads("train_arpg")
@@ -38,7 +36,7 @@ rule train_arpg:
     conda:
         CONDA_ENV
     shell:
-        "{params.launch}arpg train --params {params.file:q} --model arpg > {log:q} 2>&1"
+        "{params.launch}arpg train --model arpg > {log:q} 2>&1"
 
 
 rule train_raster:
@@ -49,7 +47,6 @@ rule train_raster:
     log:
         log("train_raster"),
     params:
-        file=PARAMS_FILE,
         fingerprint=fingerprint("train_raster"),
         launch=launcher("train_raster"),
     threads: threads("train_raster")
@@ -58,4 +55,4 @@ rule train_raster:
     conda:
         CONDA_ENV
     shell:
-        "{params.launch}arpg train --params {params.file:q} --model raster > {log:q} 2>&1"
+        "{params.launch}arpg train --model raster > {log:q} 2>&1"

@@ -1,0 +1,379 @@
+"""One params file, one result.
+
+* A command reads exactly the params keys its job declares in arpg/pipeline.py (recorded by
+  `arpg.config.Params` while the smoke study runs, not assumed), so job fingerprints cannot drift.
+* An identical params copy, or the study folder moved elsewhere, reruns nothing; changing one key
+  reruns exactly the jobs that read it and what depends on them (Snakemake's own dry run).
+* A second fresh run in another folder writes the same bytes (checkpoints, samples, metrics).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from arpg import pipeline
+from arpg.cli import RECORD_READS_ENV
+from arpg.config import load_params, unrecorded
+from arpg.errors import ArpgError
+from arpg.paths import REPO_ROOT, SCHEMA_PATH
+
+BIN = Path(sys.executable).parent
+SMOKE = REPO_ROOT / "configs" / "smoke.yaml"
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+ENV.pop("MLFLOW_TRACKING_URI", None)  # tracking.uri null: mlflow.db in the study folder (the working directory)
+
+# Prints, for each params file, the jobs Snakemake's dry run would run (one process: ~0.2 s a file).
+_NEEDRUN_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.enums import Quietness
+from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings
+
+snakefile, workdir, listing = sys.argv[1:4]
+out = {}
+for params in json.loads(Path(listing).read_text()):
+    with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+        wf_api = api.workflow(resource_settings=ResourceSettings(cores=2),
+                              config_settings=ConfigSettings(config={"params": params}),
+                              snakefile=Path(snakefile), workdir=Path(workdir))
+        wf_api.dag(dag_settings=DAGSettings())
+        wf = wf_api._workflow
+        wf._prepare_dag(forceall=False, ignore_incomplete=True, lock_warn_only=True)
+        wf._build_dag()
+        out[params] = sorted([j.rule.name, dict(j.wildcards)] for j in wf.dag.needrun_jobs() if j.rule.name != "all")
+print("NEEDRUN-JSON " + json.dumps(out))
+"""
+
+
+def snakemake(root: Path, params_file: Path, *targets: str, timeout: int = 1500) -> str:
+    cmd = [str(BIN / "snakemake"), "--snakefile", str(REPO_ROOT / "Snakefile"), "--cores", "2",
+           "--directory", str(root), "--config", f"params={params_file}", *targets]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    return proc.stdout + proc.stderr
+
+
+def needrun(root: Path, params_files: list[Path]) -> dict[str, set[str]]:
+    """Job names (pipeline.Job.name) that a Snakemake dry run in `root` would run, per params file."""
+    listing = root / "needrun.json"
+    listing.write_text(json.dumps([str(p) for p in params_files]))
+    proc = subprocess.run([sys.executable, "-c", _NEEDRUN_SCRIPT, str(REPO_ROOT / "Snakefile"), str(root),
+                           str(listing)], cwd=root, capture_output=True, text=True, timeout=600, env=ENV)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("NEEDRUN-JSON ")), None)
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = {}
+    for path, jobs in json.loads(line[len("NEEDRUN-JSON "):]).items():
+        params = load_params(path)
+        out[path] = {pipeline.job(params, rule, wildcards).name for rule, wildcards in jobs}
+    return out
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    """The smoke study run from scratch in a folder of its own, every command recording its reads."""
+    root = tmp_path_factory.mktemp("study-a")
+    shutil.copy(SMOKE, root / "params.yaml")  # relative output_dir, report.dir and MLflow store
+    env_before = ENV.get(RECORD_READS_ENV)
+    ENV[RECORD_READS_ENV] = str(root / "reads")
+    try:
+        snakemake(root, root / "params.yaml")
+    finally:
+        ENV.pop(RECORD_READS_ENV) if env_before is None else ENV.update({RECORD_READS_ENV: env_before})
+    return root
+
+
+def _leaves(values: dict, dotted: str) -> list[str]:
+    node = values
+    for part in dotted.split("."):
+        node = node[part]
+    if isinstance(node, dict):
+        return [leaf for key in node for leaf in _leaves(values, f"{dotted}.{key}")]
+    return [dotted]
+
+
+def declared_leaves(params, job: pipeline.Job) -> set[str]:
+    return {leaf for key in job.param_keys for leaf in _leaves(unrecorded(params), key)}
+
+
+def _recorded(root: Path) -> dict[tuple[str, ...], set[str]]:
+    """argv (without --params) -> params keys that command read."""
+    out: dict[tuple[str, ...], set[str]] = {}
+    for file in (root / "reads").glob("*.json"):
+        doc = json.loads(file.read_text())
+        argv = list(doc["argv"])
+        if "--params" in argv:
+            del argv[argv.index("--params"):argv.index("--params") + 2]
+        out.setdefault(tuple(argv), set()).update(doc["reads"])
+    return out
+
+
+# --------------------------------------------------------------------------- declared == read
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_every_command_reads_exactly_the_keys_its_job_declares(study):
+    params = load_params(study / "params.yaml")
+    recorded = _recorded(study)
+    problems = []
+    for job in pipeline.jobs(params):
+        reads = recorded.get(job.args)
+        if reads is None:
+            problems.append(f"{job.name}: no record of `arpg {' '.join(job.args)}`")
+            continue
+        declared = declared_leaves(params, job)
+        if reads - declared:
+            problems.append(f"{job.name} reads undeclared {sorted(reads - declared)}")
+        if declared - reads:
+            problems.append(f"{job.name} declares unread {sorted(declared - reads)}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_read_recording_sees_leaves_and_lists_not_sections(params_file):
+    params = load_params(params_file())
+    params["train"]["lr"], params["sample"]["steps"]  # noqa: B018 - reads under test
+    assert "lr" in params["train"] and "data" in params  # membership is no read
+    assert params.reads == {"train.lr", "sample.steps"}
+    assert json.loads(json.dumps(unrecorded(params)))["train"]["lr"] == params["train"]["lr"]
+    assert params.reads == {"train.lr", "sample.steps"}  # the plain values record nothing
+
+
+# --------------------------------------------------------------------------- what reruns
+
+def _schema_node(dotted: str) -> dict:
+    node = json.loads(SCHEMA_PATH.read_text())
+    for part in dotted.split("."):
+        node = node["properties"][part]
+    return node
+
+
+def _candidates(dotted: str, value):
+    """Other valid-looking values for one params leaf, most ordinary first."""
+    node = _schema_node(dotted)
+    items = node["items"] if isinstance(node.get("items"), dict) else {}
+    enum = node.get("enum") or items.get("enum")
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, int):
+        return [value + 1, value - 1, value * 2]
+    if isinstance(value, float):
+        return [value * 1.5, value * 0.5, value + 1.0]
+    if isinstance(value, str):
+        other = {"name": [value + "x"], "device": ["cpu"] if value != "cpu" else []}
+        return [v for v in (enum or []) if v != value] or other.get(dotted, [])
+    if isinstance(value, list):
+        options = [value[:-1]] if len(value) > 1 else []
+        if enum:
+            options += [value + [v] for v in enum if v not in value]
+        elif value and isinstance(value[0], (int, float)) and not isinstance(value[0], bool):
+            options += [[value[0] + 1, *value[1:]], [*value[:-1], value[-1] * 0.5]]
+        return options
+    return []  # null: a user-given file or folder would have to exist
+
+
+# Keys that place or label work rather than compute it, or name user files: no mutation is tried.
+NOT_MUTATED = {"output_dir", "data.path", "report.dir", "tracking.enabled", "tracking.uri",
+               "tracking.experiment"}
+
+
+def _mutations(values: dict, root: Path):
+    """(key, params file) for every leaf with a valid changed value."""
+    flat = []
+
+    def walk(prefix, node):
+        for key, value in node.items():
+            dotted = f"{prefix}.{key}" if prefix else key
+            walk(dotted, value) if isinstance(value, dict) else flat.append((dotted, value))
+
+    walk("", values)
+    out, untried = [], []
+    for i, (dotted, value) in enumerate(flat):
+        if dotted in NOT_MUTATED:
+            continue
+        for candidate in _candidates(dotted, value):
+            changed = copy.deepcopy(values)
+            node = changed
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node[part]
+            node[leaf] = candidate
+            path = root / "mutations" / f"{i:03d}.yaml"
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(yaml.safe_dump(changed))
+            try:
+                pipeline.jobs(load_params(path))
+            except ArpgError:
+                continue
+            out.append((dotted, path))
+            break
+        else:
+            untried.append(dotted)
+    return out, untried
+
+
+def expected_reruns(before, after, key: str) -> set[str]:
+    """Jobs that read `key` (or are new, or have other inputs), plus everything downstream of them."""
+    old = {j.name: j for j in pipeline.jobs(before)}
+    jobs = pipeline.jobs(after)
+    direct = {j.name for j in jobs if j.name not in old or key in declared_leaves(after, j)
+              or set(j.inputs) != set(old[j.name].inputs) or j.outputs != old[j.name].outputs
+              or j.launcher != old[j.name].launcher}  # the shell line changed (processes per job)
+    producer = {o: j.name for j in jobs for o in j.all_outputs}
+    changed = True
+    while changed:
+        grown = direct | {j.name for j in jobs if any(producer.get(i) in direct for i in j.inputs)}
+        changed, direct = grown != direct, grown
+    return direct
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_an_identical_copy_or_a_moved_study_reruns_nothing(study, tmp_path):
+    elsewhere = tmp_path / "elsewhere" / "copy.yaml"
+    elsewhere.parent.mkdir()
+    shutil.copy(study / "params.yaml", elsewhere)
+    assert needrun(study, [elsewhere, study / "params.yaml"]) == {str(elsewhere): set(),
+                                                                  str(study / "params.yaml"): set()}
+    moved = tmp_path / "moved"
+    shutil.copytree(study, moved, symlinks=True)  # keeps mtimes, as `mv` does
+    assert needrun(moved, [moved / "params.yaml"]) == {str(moved / "params.yaml"): set()}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_each_params_key_reruns_exactly_the_jobs_that_read_it(study, tmp_path):
+    values = yaml.safe_load((study / "params.yaml").read_text())
+    before = load_params(study / "params.yaml")
+    mutations, untried = _mutations(values, tmp_path)
+    # every leaf but those listed is exercised (a new key without a valid mutation fails here)
+    assert set(untried) <= {"data.test_path", "data.max_per_class", "tokenizer.pretrained", "train.arpg_pretrained",
+                            "train.raster_pretrained", "evaluate.inception_weights"}, untried
+    assert len(mutations) >= 80
+    ran = needrun(study, [path for _, path in mutations])
+    wrong = []
+    for key, path in mutations:
+        want = expected_reruns(before, load_params(path), key)
+        got = ran[str(path)]
+        if got != want:
+            wrong.append(f"{key}: Snakemake reruns {sorted(got - want)} too, and not {sorted(want - got)}")
+    assert not wrong, "\n".join(wrong)
+
+
+# --------------------------------------------------------------------------- same bytes
+
+def _result_files(root: Path, params) -> list[Path]:
+    """Every output of the training, sampling and evaluation jobs (profile and report hold timings)."""
+    files = [Path(o) for j in pipeline.jobs(params) if j.rule not in ("profile", "report", "gallery")
+             for o in j.outputs]
+    return [root / f for f in files]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_second_fresh_run_elsewhere_writes_the_same_bytes(study, tmp_path):
+    params = load_params(study / "params.yaml")
+    shutil.copy(study / "params.yaml", tmp_path / "params.yaml")
+    targets = [o for j in pipeline.jobs(params) if j.rule == "evaluate" for o in j.outputs]
+    out = snakemake(tmp_path, tmp_path / "params.yaml", *targets)
+    assert "train_tokenizer" in out and "train_arpg" in out  # trained again from scratch
+    first, second = _result_files(study, params), _result_files(tmp_path, params)
+    assert len(first) >= 30
+    differ = [str(a.relative_to(study)) for a, b in zip(first, second) if a.read_bytes() != b.read_bytes()]
+    assert not differ, differ
+
+
+# --------------------------------------------------------------------------- DVC
+
+@pytest.fixture(scope="module")
+def dvc_study(tmp_path_factory) -> Path:
+    """The smoke study run by `dvc repro` in a fresh git + DVC repository (dvc.yaml from the job list)."""
+    from arpg.commands import export_dvc
+
+    root = tmp_path_factory.mktemp("dvc-study")
+    shutil.copy(SMOKE, root / "params.yaml")
+    params = load_params(root / "params.yaml")
+    (root / "dvc.yaml").write_text(export_dvc.dump(export_dvc.render(params, "params.yaml", root=root)))
+    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], [str(BIN / "dvc"), "repro"]):
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=1500,
+                              env={**ENV, "DVC_NO_ANALYTICS": "1"})
+        assert proc.returncode == 0, f"{cmd}: " + proc.stdout[-5000:] + proc.stderr[-5000:]
+    return root
+
+
+def _dvc(root: Path, *args: str) -> str:
+    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**ENV, "DVC_NO_ANALYTICS": "1"})
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_dvc_repro_runs_every_job_and_then_has_nothing_to_do(dvc_study):
+    params = load_params(dvc_study / "params.yaml")
+    jobs = pipeline.jobs(params)
+    missing = [o for j in jobs for o in j.outputs if not (dvc_study / o).exists()]
+    assert not missing, missing
+    lock = yaml.safe_load((dvc_study / "dvc.lock").read_text())["stages"]
+    assert len(lock) == len(jobs), sorted(lock)  # foreach stages lock as "<stage>@<item>"
+    assert "Data and pipelines are up to date" in _dvc(dvc_study, "status")
+    assert (dvc_study / params["report"]["dir"] / "README.md").is_file()
+
+
+_DVC_STATUS_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+from dvc.repo import Repo
+
+root, listing = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
+params_file, original = root / "params.yaml", (root / "params.yaml").read_bytes()
+out = {}
+try:
+    for path in listing:
+        params_file.write_bytes(Path(path).read_bytes())
+        with Repo(str(root)) as repo:
+            out[path] = sorted(repo.status())
+finally:
+    params_file.write_bytes(original)
+print("STATUS-JSON " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_dvc_status_names_exactly_the_stages_that_read_a_changed_key(dvc_study, tmp_path):
+    """`dvc status` after one params key changed lists the stages whose command reads it (DVC then
+    reruns their dependents through the deps in dvc.yaml). Keys that change the job list itself
+    need `arpg export-dvc` first and are left to the Snakemake test above."""
+    values = yaml.safe_load((dvc_study / "params.yaml").read_text())
+    before = load_params(dvc_study / "params.yaml")
+    old = {j.name: j for j in pipeline.jobs(before)}
+    same_shape = []
+    for key, path in _mutations(values, tmp_path)[0]:
+        after = load_params(path)
+        jobs = pipeline.jobs(after)
+        if {j.name for j in jobs} == set(old) and all(
+                (j.inputs, j.outputs, j.launcher) == (old[j.name].inputs, old[j.name].outputs, old[j.name].launcher)
+                for j in jobs):
+            same_shape.append((key, path, {j.name for j in jobs if key in declared_leaves(after, j)}))
+    assert len(same_shape) >= 60
+    listing = tmp_path / "listing.json"
+    listing.write_text(json.dumps([str(p) for _, p, _ in same_shape]))
+    proc = subprocess.run([sys.executable, "-c", _DVC_STATUS_SCRIPT, str(dvc_study), str(listing)], cwd=dvc_study,
+                          capture_output=True, text=True, timeout=1500, env={**ENV, "DVC_NO_ANALYTICS": "1"})
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("STATUS-JSON ")), None)
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    status = json.loads(line[len("STATUS-JSON "):])
+    # DVC names foreach items "<stage>@<item>", as pipeline.Job.name does
+    wrong = [f"{key}: dvc status names {sorted(set(status[str(path)]) ^ want)} wrongly"
+             for key, path, want in same_shape if set(status[str(path)]) != want]
+    assert not wrong, "\n".join(wrong)
