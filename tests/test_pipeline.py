@@ -304,53 +304,6 @@ def _executed(out: str) -> dict[str, int]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
-def test_smoke_study_end_to_end(tmp_path):
-    """The whole smoke DAG with 2 cores; no-op rerun; one sweep value reruns only its jobs; MLflow runs."""
-    values = yaml.safe_load((REPO_ROOT / "configs/smoke.yaml").read_text())
-    values["output_dir"] = str(tmp_path / "outputs")
-    values["report"]["dir"] = str(tmp_path / "report")
-    db = tmp_path / "mlflow.db"
-    values["tracking"]["uri"] = f"sqlite:///{db}"
-    path = tmp_path / "smoke.yaml"
-    path.write_text(yaml.safe_dump(values))
-    env = {**os.environ, "PATH": ENV_PATH, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
-    cmd = [*SNAKEMAKE, "--cores", "2", "--directory", str(tmp_path), "--config", f"params={path}"]
-
-    def snakemake(timeout):
-        return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-
-    first = snakemake(1500)
-    assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-5000:]
-    n_jobs = len(pipeline.jobs(load_params(path)))
-    assert _executed(first.stdout + first.stderr)["total"] == n_jobs + 1  # + rule all
-    assert (tmp_path / "report" / "README.md").is_file()
-
-    start = time.monotonic()
-    second = snakemake(300)
-    assert second.returncode == 0 and "Nothing to be done" in second.stdout + second.stderr
-    assert time.monotonic() - start <= 15
-
-    values["sample"]["steps"] = [2, 3, 4]  # one new sweep value
-    path.write_text(yaml.safe_dump(values))
-    third = snakemake(900)
-    assert third.returncode == 0, third.stdout[-5000:] + third.stderr[-5000:]
-    assert _executed(third.stdout + third.stderr) == {"sample": 1, "evaluate": 1, "report": 1, "all": 1, "total": 4}
-
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string="tags.`arpg.role` = 'stage'", max_results=1000)
-    stages = [r.data.tags["arpg.stage"] for r in runs]
-    assert len(runs) >= n_jobs + 2 and all(r.info.status == "FINISHED" for r in runs)
-    for stage in ("sample", "evaluate"):
-        for r in (r for r in runs if r.data.tags["arpg.stage"] == stage):
-            assert {"model", "steps", "cfg", "order", "seed"} <= set(r.data.params), (stage, r.data.params)
-    assert {"prepare-data", "train", "sample", "evaluate", "profile", "gallery", "report"} <= set(stages)
-
-
-@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_released_layout_weights_drive_the_sweep(tmp_path):
     """Released-layout checkpoints (random weights, tiny sizes) -> sample + evaluate every sweep point,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -86,7 +87,7 @@ def study(tmp_path_factory) -> Path:
     env_before = ENV.get(RECORD_READS_ENV)
     ENV[RECORD_READS_ENV] = str(root / "reads")
     try:
-        snakemake(root, root / "params.yaml")
+        (root / "first-run.log").write_text(snakemake(root, root / "params.yaml"))
     finally:
         ENV.pop(RECORD_READS_ENV) if env_before is None else ENV.update({RECORD_READS_ENV: env_before})
     return root
@@ -268,6 +269,32 @@ def test_each_params_key_reruns_exactly_the_jobs_that_read_it(study, tmp_path):
     assert not wrong, "\n".join(wrong)
 
 
+def _executed(out: str) -> dict[str, int]:
+    """Snakemake's 'Job stats' table: rule -> count ({} when nothing ran)."""
+    table = out[out.index("Job stats:"):] if "Job stats:" in out else ""
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_the_first_run_ran_every_job_and_logged_each_stage_to_mlflow(study):
+    from mlflow.tracking import MlflowClient
+
+    params = load_params(study / "params.yaml")
+    n_jobs = len(pipeline.jobs(params))
+    assert _executed((study / "first-run.log").read_text())["total"] == n_jobs + 1  # + rule all
+    assert (study / params["report"]["dir"] / "README.md").is_file()
+    client = MlflowClient(tracking_uri=f"sqlite:///{study / 'mlflow.db'}")  # tracking.uri null: the working dir
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.`arpg.role` = 'stage'", max_results=1000)
+    assert len(runs) >= n_jobs and all(r.info.status == "FINISHED" for r in runs)
+    for stage in ("sample", "evaluate"):
+        for r in (r for r in runs if r.data.tags["arpg.stage"] == stage):
+            assert {"model", "steps", "cfg", "order", "seed"} <= set(r.data.params), (stage, r.data.params)
+    assert {"prepare-data", "train", "sample", "evaluate", "profile", "gallery", "report"} <= {
+        r.data.tags["arpg.stage"] for r in runs}
+
+
 # --------------------------------------------------------------------------- same bytes
 
 def _result_files(root: Path, params) -> list[Path]:
@@ -377,3 +404,15 @@ def test_dvc_status_names_exactly_the_stages_that_read_a_changed_key(dvc_study, 
     wrong = [f"{key}: dvc status names {sorted(set(status[str(path)]) ^ want)} wrongly"
              for key, path, want in same_shape if set(status[str(path)]) != want]
     assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_new_sweep_value_runs_only_its_point_and_the_report(study):
+    """Last of the study's tests: it adds outputs to the study folder."""
+    values = yaml.safe_load((study / "params.yaml").read_text())
+    values["sample"]["steps"] = [*values["sample"]["steps"], 3]
+    grown = study / "grown.yaml"
+    grown.write_text(yaml.safe_dump(values))
+    assert _executed(snakemake(study, grown)) == {"sample": 1, "evaluate": 1, "report": 1, "all": 1, "total": 4}
+    assert "Nothing to be done" in snakemake(study, grown)

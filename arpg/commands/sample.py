@@ -82,11 +82,9 @@ def save_png(image, path) -> None:
 
 
 def save_npz(path, **arrays) -> None:
-    from arpg.utils import atomic_write_bytes
+    from arpg.utils import atomic_save_npz
 
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save_npz(path, **arrays)
 
 
 def load_models(params, model: str, device: torch.device):

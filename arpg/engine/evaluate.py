@@ -35,7 +35,7 @@ import torch
 
 from arpg.compat import ensure_torchvision_importable
 from arpg.errors import ArpgError, CheckpointError, DataError
-from arpg.utils import atomic_path, make_generator
+from arpg.utils import atomic_save_npz, make_generator
 
 ensure_torchvision_importable()
 import torch_fidelity  # noqa: E402  (needs the torchvision shim above)
@@ -289,9 +289,8 @@ def reference_from_features(features_ND: torch.Tensor) -> dict[str, np.ndarray]:
 
 def save_reference(path: str | os.PathLike, reference: Mapping[str, np.ndarray], extractor: str,
                    split: str, weights_digest: str) -> None:
-    with atomic_path(path, ".npz") as tmp:
-        np.savez(tmp, **reference, extractor=np.array(extractor), split=np.array(split),
-                 weights_digest=np.array(weights_digest))
+    atomic_save_npz(path, **reference, extractor=np.array(extractor), split=np.array(split),
+                    weights_digest=np.array(weights_digest))
 
 
 def load_reference(path: str | os.PathLike, extractor: str, weights_digest: str | None = None) -> dict:
@@ -606,6 +605,5 @@ def export_adm_npz(images_NHWC: np.ndarray, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix != ".npz":
         raise ArpgError(f"ADM export path {path} must end in .npz (np.savez appends it otherwise)")
-    with atomic_path(path, ".npz") as tmp:
-        np.savez(tmp, arr_0=adm_array(images_NHWC))
+    atomic_save_npz(path, arr_0=adm_array(images_NHWC))
     return path
