@@ -84,11 +84,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file, then rename."""
+    """torch.save to a temporary file, then rename. Through a file object: given a path, torch.save
+    names the archive's records after the (random) temporary file, so identical runs differed."""
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def atomic_save_npy(path: str | os.PathLike, array) -> None:
