@@ -212,7 +212,7 @@ def _train_tokenizer(ctx: _Ctx, w) -> Job:
     if not pretrained:
         keys += _keys(_section(ctx.params, "tokenizer", drop=("eval_images", "tokenize_flip")), "seed")
     return Job("train_tokenizer", {}, ("train-tokenizer",), inputs,
-               (_s(lay.tokenizer_checkpoint), _s(lay.tokenizer_metrics)), tuple(dict.fromkeys(keys)),
+               (_s(lay.tokenizer_checkpoint), _s(lay.tokenizer_metrics)), _keys(keys),
                external=(pretrained,) if pretrained else (), threads=ctx.params["threads"],
                gpus=0 if pretrained else _gpus(ctx.params), log=_log(ctx, "train_tokenizer", w, ()))
 

@@ -489,10 +489,11 @@ def run_isolated(spec: RunSpec, poll_s: float = 0.2) -> dict:
         # Spinning OpenMP workers stall whenever another process holds a core (40x slower small matmuls
         # measured on a busy 2-core machine); passive waiting keeps shared-machine timings meaningful.
         # The child runs in this working directory (relative checkpoint paths) with this arpg package.
-        package_root = str(Path(__file__).resolve().parents[2])
+        from arpg.pipeline import python_path_with
+
         env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads),
                    OMP_WAIT_POLICY=spec.omp_wait_policy.upper(),
-                   PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
+                   PYTHONPATH=python_path_with(str(Path(__file__).resolve().parents[2])))
         cmd = [sys.executable, "-m", "arpg.engine.profile", "--one", str(tmp / "spec.json"),
                "--out", str(tmp / "row.json"), "--markers", str(tmp)]
         with open(tmp / "stderr.txt", "w") as err:
