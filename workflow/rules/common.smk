@@ -59,9 +59,10 @@ def fingerprint(rule):
     return lambda wildcards: PIPE.fingerprint(PARAMS, PIPE.job(PARAMS, rule, dict(wildcards)))
 
 
-def launcher(rule):
-    """'' or the torchrun prefix (with a trailing space) of a multi-process job."""
-    return lambda wildcards: "".join(a + " " for a in PIPE.job(PARAMS, rule, dict(wildcards)).launcher)
+def command(rule):
+    """params: the job's whole command line (torchrun prefix included), as its declaration in
+    arpg/pipeline.py spells it: no shell line restates a stage's arguments."""
+    return lambda wildcards: PIPE.job(PARAMS, rule, dict(wildcards)).command(None)
 
 
 def out(rule):

@@ -10,11 +10,12 @@ rule prepare_data:
         log("prepare_data"),
     params:
         fingerprint=fingerprint("prepare_data"),
+        command=command("prepare_data"),
     threads: threads("prepare_data")
     conda:
         CONDA_ENV
     shell:
-        "arpg prepare-data > {log:q} 2>&1"
+        "{params.command} > {log:q} 2>&1"
 
 
 rule train_tokenizer:
@@ -26,13 +27,14 @@ rule train_tokenizer:
         log("train_tokenizer"),
     params:
         fingerprint=fingerprint("train_tokenizer"),
+        command=command("train_tokenizer"),
     threads: threads("train_tokenizer")
     resources:
         gpu=gpus("train_tokenizer"),
     conda:
         CONDA_ENV
     shell:
-        "arpg train-tokenizer > {log:q} 2>&1"
+        "{params.command} > {log:q} 2>&1"
 
 
 rule tokenize:
@@ -44,10 +46,11 @@ rule tokenize:
         log("tokenize"),
     params:
         fingerprint=fingerprint("tokenize"),
+        command=command("tokenize"),
     threads: threads("tokenize")
     resources:
         gpu=gpus("tokenize"),
     conda:
         CONDA_ENV
     shell:
-        "arpg tokenize > {log:q} 2>&1"
+        "{params.command} > {log:q} 2>&1"

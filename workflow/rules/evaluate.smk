@@ -10,13 +10,14 @@ rule reference_stats:
         log("reference_stats"),
     params:
         fingerprint=fingerprint("reference_stats"),
+        command=command("reference_stats"),
     threads: threads("reference_stats")
     resources:
         gpu=gpus("reference_stats"),
     conda:
         CONDA_ENV
     shell:
-        "arpg reference-stats --extractor {wildcards.extractor} > {log:q} 2>&1"
+        "{params.command} > {log:q} 2>&1"
 
 
 rule evaluate:
@@ -28,10 +29,11 @@ rule evaluate:
         log("evaluate"),
     params:
         fingerprint=fingerprint("evaluate"),
+        command=command("evaluate"),
     threads: threads("evaluate")
     resources:
         gpu=gpus("evaluate"),
     conda:
         CONDA_ENV
     shell:
-        "arpg evaluate --model {wildcards.model} --steps {wildcards.steps} --cfg {wildcards.cfg} --order {wildcards.order} > {log:q} 2>&1"
+        "{params.command} > {log:q} 2>&1"

@@ -10,13 +10,14 @@ rule profile:
         log("profile"),
     params:
         fingerprint=fingerprint("profile"),
+        command=command("profile"),
     threads: threads("profile")
     resources:
         gpu=gpus("profile"),
     conda:
         CONDA_ENV
     shell:
-        "arpg profile > {log:q} 2>&1"
+        "{params.command} > {log:q} 2>&1"
 
 
 rule gallery:
@@ -28,13 +29,14 @@ rule gallery:
         log("gallery"),
     params:
         fingerprint=fingerprint("gallery"),
+        command=command("gallery"),
     threads: threads("gallery")
     resources:
         gpu=gpus("gallery"),
     conda:
         CONDA_ENV
     shell:
-        "arpg gallery > {log:q} 2>&1"
+        "{params.command} > {log:q} 2>&1"
 
 
 rule report:
@@ -46,7 +48,8 @@ rule report:
         log("report"),
     params:
         fingerprint=fingerprint("report"),
+        command=command("report"),
     conda:
         CONDA_ENV
     shell:
-        "arpg report > {log:q} 2>&1"
+        "{params.command} > {log:q} 2>&1"

@@ -11,11 +11,11 @@ rule sample:
         log("sample"),
     params:
         fingerprint=fingerprint("sample"),
-        launch=launcher("sample"),
+        command=command("sample"),
     threads: threads("sample")
     resources:
         gpu=gpus("sample"),
     conda:
         CONDA_ENV
     shell:
-        "{params.launch}arpg sample --model {wildcards.model} --steps {wildcards.steps} --cfg {wildcards.cfg} --order {wildcards.order} > {log:q} 2>&1"
+        "{params.command} > {log:q} 2>&1"

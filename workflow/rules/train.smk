@@ -1,5 +1,5 @@
 # Generators and the evaluation classifier. Training runs under torchrun when
-# train.nproc > 1 (params.launch is then the torchrun prefix).
+# train.nproc > 1 (the command then starts with the torchrun prefix).
 
 
 rule train_classifier:
@@ -11,13 +11,14 @@ rule train_classifier:
         log("train_classifier"),
     params:
         fingerprint=fingerprint("train_classifier"),
+        command=command("train_classifier"),
     threads: threads("train_classifier")
     resources:
         gpu=gpus("train_classifier"),
     conda:
         CONDA_ENV
     shell:
-        "arpg train-classifier > {log:q} 2>&1"
+        "{params.command} > {log:q} 2>&1"
 
 
 rule train_arpg:
@@ -29,14 +30,14 @@ rule train_arpg:
         log("train_arpg"),
     params:
         fingerprint=fingerprint("train_arpg"),
-        launch=launcher("train_arpg"),
+        command=command("train_arpg"),
     threads: threads("train_arpg")
     resources:
         gpu=gpus("train_arpg"),
     conda:
         CONDA_ENV
     shell:
-        "{params.launch}arpg train --model arpg > {log:q} 2>&1"
+        "{params.command} > {log:q} 2>&1"
 
 
 rule train_raster:
@@ -48,11 +49,11 @@ rule train_raster:
         log("train_raster"),
     params:
         fingerprint=fingerprint("train_raster"),
-        launch=launcher("train_raster"),
+        command=command("train_raster"),
     threads: threads("train_raster")
     resources:
         gpu=gpus("train_raster"),
     conda:
         CONDA_ENV
     shell:
-        "{params.launch}arpg train --model raster > {log:q} 2>&1"
+        "{params.command} > {log:q} 2>&1"
