@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from arpg.errors import ArpgError, TrainingDiverged
 
@@ -114,6 +114,26 @@ def atomic_save_npz(path: str | os.PathLike, **arrays) -> None:
                 np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    atomic_write_bytes(path, text.encode("utf-8"))
+    return Path(path)
+
+
+def write_csv(path: str | os.PathLike, rows: list[Mapping[str, Any]], cols: list[str] | None = None) -> Path:
+    """A CSV table of `rows` with the columns `cols` (default: the first row's keys; missing and None
+    cells empty), atomically."""
+    import csv
+    import io
+
+    cols = cols or (list(rows[0]) if rows else [])
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=cols, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: "" if row.get(c) is None else row.get(c) for c in cols})
+    return atomic_write_text(path, text.getvalue())
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
 
@@ -148,13 +168,16 @@ def require_file(path: str | os.PathLike, what: str, fix: str) -> Path:
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Lay out, write (120 dpi) and close a matplotlib figure; returns the path."""
+    """Lay out, write (120 dpi, atomically) and close a matplotlib figure; returns the path.
+    Agg PNGs carry no timestamp, so the same figure gives the same bytes (for one matplotlib)."""
     import matplotlib.pyplot as plt
 
+    path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path, path.suffix) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix[1:] or "png")  # the format of `path`, not of `tmp`
     plt.close(fig)
-    return Path(path)
+    return path
 
 
 def set_threads(n: int) -> None:
