@@ -59,6 +59,10 @@ def make_generator(seed: int, device="cpu"):
     return gen
 
 
+_UMASK = os.umask(0o022)  # read once (it can only be read by setting it) and put back at once
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary file beside `path`, renamed over it when the block succeeds and removed
@@ -69,6 +73,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's file is private (0600); the result gets open()'s usual mode
         yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
