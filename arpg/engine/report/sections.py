@@ -123,11 +123,14 @@ def build(params, out_dir: Path | None = None) -> dict[str, Any]:
     md += _grids(rep, quality)
     md += _galleries(rep)
     rep.text("README.md", "\n".join(md))
-    for p in quality.sweep:
-        for c in quality.fid_cols:
-            if c in p.metrics:
-                rep.headline[f"{c}.{p.point.model}.s{p.point.steps}"] = p.metrics[c]
+    rep.headline.update(_fid_headline(quality))
     return {"paths": rep.written, "metrics": rep.headline, "dir": rep.out}
+
+
+def _fid_headline(q: Quality) -> dict[str, float]:
+    """The steps sweep's FIDs as MLflow metrics (`fid_classifier.arpg.s8`)."""
+    return {f"{c}.{p.point.model}.s{p.point.steps}": p.metrics[c]
+            for p in q.sweep for c in q.fid_cols if c in p.metrics}
 
 
 def _title(rep: Report) -> list[str]:
