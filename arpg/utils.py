@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from arpg.errors import ArpgError, TrainingDiverged
 
@@ -59,6 +59,10 @@ def make_generator(seed: int, device="cpu"):
     return gen
 
 
+_UMASK = os.umask(0o022)  # read once (it can only be read by setting it) and put back at once
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary file beside `path`, renamed over it when the block succeeds and removed
@@ -69,6 +73,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's file is private (0600); the result gets open()'s usual mode
         yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -114,6 +119,26 @@ def atomic_save_npz(path: str | os.PathLike, **arrays) -> None:
                 np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    atomic_write_bytes(path, text.encode("utf-8"))
+    return Path(path)
+
+
+def write_csv(path: str | os.PathLike, rows: list[Mapping[str, Any]], cols: list[str] | None = None) -> Path:
+    """A CSV table of `rows` with the columns `cols` (default: the first row's keys; missing and None
+    cells empty), atomically."""
+    import csv
+    import io
+
+    cols = cols or (list(rows[0]) if rows else [])
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=cols, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: "" if row.get(c) is None else row.get(c) for c in cols})
+    return atomic_write_text(path, text.getvalue())
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
 
@@ -148,13 +173,16 @@ def require_file(path: str | os.PathLike, what: str, fix: str) -> Path:
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Lay out, write (120 dpi) and close a matplotlib figure; returns the path."""
+    """Lay out, write (120 dpi, atomically) and close a matplotlib figure; returns the path.
+    Agg PNGs carry no timestamp, so the same figure gives the same bytes (for one matplotlib)."""
     import matplotlib.pyplot as plt
 
+    path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path, path.suffix) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix[1:] or "png")  # the format of `path`, not of `tmp`
     plt.close(fig)
-    return Path(path)
+    return path
 
 
 def set_threads(n: int) -> None:

@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_bootstrap.py --samples 4000 --dim 2048 \
         --classes 1000 --reference 4000 --kid-subset-size 1000 --logits 1008 --replicates 2     # paper-like
 
-Times `arpg.engine.evaluate.bootstrap_intervals` (everything the intervals add after feature
+Times `arpg.engine.bootstrap.bootstrap_intervals` (everything the intervals add after feature
 extraction: the one-time pass of the replicates' precision / recall, then every replicate's FID, KID,
 IS, precision / recall and accuracy) on random features of the study's shapes, next to the
 headline metrics of the same features (`metrics_from_features`). Feature values do not change the
@@ -20,8 +20,9 @@ import time
 import numpy as np
 import torch
 
-from arpg.engine.evaluate import (BootstrapConfig, EvalConfig, bootstrap_intervals, metrics_from_features,
-                                  reference_from_features)
+from arpg.engine.bootstrap import BootstrapConfig, bootstrap_intervals
+from arpg.engine.evaluate import reference_from_features
+from arpg.engine.metrics import EvalConfig, metrics_from_features
 from arpg.utils import make_generator
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

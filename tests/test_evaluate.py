@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from arpg.engine.classifier import ClassifierTrainConfig, accuracy, predict, train_classifier
-from arpg.engine.evaluate import (BOOTSTRAP_LEVEL, BootstrapConfig, EvalConfig, ImageArrayDataset, SPECS,
-                                  ResampledPrecisionRecall, adm_array, bootstrap_indices, bootstrap_intervals,
-                                  compute_metrics, compute_reference, default_inception_fid_path, export_adm_npz,
-                                  extractor_weights, file_digest, load_reference, metrics_from_features,
-                                  prc_features_to_metric, reference_from_features, save_reference)
+from arpg.engine.bootstrap import (BOOTSTRAP_LEVEL, BootstrapConfig, ResampledPrecisionRecall, bootstrap_indices,
+                                   bootstrap_intervals)
+from arpg.engine.evaluate import (SPECS, ImageArrayDataset, adm_array, compute_reference, default_inception_fid_path,
+                                  export_adm_npz, extractor_weights, file_digest, load_reference,
+                                  reference_from_features, save_reference)
+from arpg.engine.metrics import EvalConfig, compute_metrics, metrics_from_features, prc_features_to_metric
 from arpg.errors import ArpgError, DataError
 from arpg.models.classifier import ClassifierConfig, save_classifier
 

@@ -11,7 +11,9 @@ import torch
 
 from arpg.config import load_params
 from arpg.engine import profile as P
+from arpg.engine.profile import child
 from arpg.errors import ArpgError
+from arpg.figures import profile_figures
 from arpg.models.registry import SIZES, build_model
 from arpg.utils import make_generator
 
@@ -58,11 +60,11 @@ def test_kv_cache_bytes_match_what_new_cache_allocates():
 
 
 def test_rss_peak_reset_tracks_a_new_allocation():
-    base = P._rss_bytes()
-    assert P._reset_rss_peak()
-    assert P._rss_peak_bytes() < base + 32 * 2**20
+    base = child._rss_bytes()
+    assert child._reset_rss_peak()
+    assert child._rss_peak_bytes() < base + 32 * 2**20
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-    assert P._rss_peak_bytes() - base >= 60 * 2**20
+    assert child._rss_peak_bytes() - base >= 60 * 2**20
     del block
 
 
@@ -126,7 +128,7 @@ def test_default_models_end_to_end_outputs(tmp_path, params_file):
     assert stored["speedups"][0]["speedup_e2e"] > 0
     assert stored["reference"]["anchors"] == P.REFERENCE_ANCHORS
     assert stored["reference"]["comparison"] == []  # a tiny model matches no anchor
-    paths = P.plot(doc, layout.profile_dir)
+    paths = profile_figures(doc, layout.profile_dir)
     assert [p.name for p in paths] == ["throughput_vs_steps.png", "memory.png", "speedup_vs_steps.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
     assert "speed-up" in P.summary(doc)

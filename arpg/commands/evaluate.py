@@ -23,9 +23,9 @@ def run(args, params) -> None:
 
     import numpy as np
 
-    from arpg.engine.evaluate import (BootstrapConfig, EvalConfig, bootstrap_intervals, export_adm_npz,
-                                      extract_features, extractor_weights, file_digest, load_reference,
-                                      metrics_from_features)
+    from arpg.engine.bootstrap import BootstrapConfig, bootstrap_intervals
+    from arpg.engine.evaluate import export_adm_npz, extract_features, extractor_weights, file_digest, load_reference
+    from arpg.engine.metrics import EvalConfig, metrics_from_features
     from arpg.errors import DataError
     from arpg.paths import SweepPoint
     from arpg.tracking import stage_run

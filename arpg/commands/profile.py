@@ -16,6 +16,7 @@ def run(args, params) -> None:
 
     from arpg.config import unrecorded
     from arpg.engine import profile as prof
+    from arpg.figures import profile_figures
     from arpg.tracking import stage_run
 
     layout = params.layout
@@ -31,7 +32,7 @@ def run(args, params) -> None:
         meta = {**prof.environment(), "params_file": str(params.path), "params_hash": params.digest,
                 "profile": params["profile"]}
         doc = prof.write_outputs(rows, layout.profile_csv, layout.profile_json, meta)
-        plots = prof.plot(doc, layout.profile_dir)
+        plots = profile_figures(doc, layout.profile_dir)
         print(prof.summary(doc))
         run.log_metrics(prof.metrics(doc))
         for path in [layout.profile_csv, layout.profile_json, *plots]:

@@ -21,7 +21,8 @@ def run(args, params) -> None:
     from arpg.data.arrays import load_images, load_labels
     from arpg.engine.classifier import (ClassifierTrainConfig, accuracy, model_config_from_params, predict,
                                         train_classifier)
-    from arpg.engine.evaluate import EvalConfig, compute_metrics, compute_reference
+    from arpg.engine.evaluate import compute_reference
+    from arpg.engine.metrics import EvalConfig, compute_metrics
     from arpg.models.classifier import save_classifier
     from arpg.tracking import stage_run
     from arpg.utils import make_generator, resolve_device, write_json

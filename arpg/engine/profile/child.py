@@ -1,0 +1,327 @@
+"""The child process of `arpg profile`: build, warm up and time one configuration.
+
+`python -m arpg.engine.profile --one SPEC --out RESULT` runs `main` here (arpg/engine/profile/
+__main__.py), so the peak RSS on CPU belongs to that configuration alone and no allocator state
+leaks from one configuration into the next. Fixed thread count, model built (random weights for
+registry sizes, the study checkpoints for `default`), peak-memory mark reset after loading, warm-up
+calls, then `repeats` timed calls of the sampler; each call is timed for generation alone and for
+generation plus VQ decoding (end to end). On CUDA, timing uses CUDA events and memory is the peak
+allocated by torch; on CPU, perf_counter and the RSS high-water mark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from arpg.engine.profile.planning import RANDOM_VQ16, RunSpec
+from arpg.errors import ArpgError, CheckpointError
+from arpg.utils import atomic_write_text
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the kernel's RSS high-water mark to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_peak_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class MemoryMeter:
+    """Peak memory above the loaded model: start() after loading, peak() after generating.
+
+    CUDA: torch's peak allocated bytes. CPU: the kernel's RSS high-water mark,
+    reset at start() so loading the weights is not part of the peak.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.kind = "cuda_allocated" if device.type == "cuda" else "rss"
+
+    def start(self) -> int:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        if not _reset_rss_peak():
+            # Without the reset the peak also covers loading; say so in the row.
+            self.kind = "rss_process"
+        return _rss_bytes()
+
+    def peak(self) -> int:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        return _rss_peak_bytes()
+
+
+def _timer(device) -> Callable[[], Callable[[], float]]:
+    """start() -> stop(), where stop() returns seconds since start, device work included."""
+    import torch
+
+    if device.type == "cuda":
+        def start():
+            begin = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            begin.record()
+
+            def stop() -> float:
+                end.record()
+                end.synchronize()
+                return begin.elapsed_time(end) / 1000.0
+            return stop
+        return start
+
+    def start_cpu():
+        begin = time.perf_counter()
+        return lambda: time.perf_counter() - begin
+    return start_cpu
+
+
+def _build_generator(spec: RunSpec, device):
+    import torch
+
+    from arpg.models.checkpoint import load_generator
+    from arpg.models.layers import prepack_linears_for_cpu
+    from arpg.models.registry import build_model
+    from arpg.utils import make_generator
+
+    if spec.checkpoint is not None:
+        if not Path(spec.checkpoint).is_file():
+            raise CheckpointError(f"{spec.kind} model checkpoint not found at {spec.checkpoint}; "
+                                  f"run `arpg train --model {spec.kind}` first (or drop 'default' "
+                                  "from profile.models)")
+        model = load_generator(spec.checkpoint, device=device)
+    else:
+        model = build_model(spec.net, codebook_size=spec.codebook_size, num_classes=spec.num_classes,
+                            grid_size=spec.grid, generator=make_generator(spec.seed)).to(device)
+    model.eval().requires_grad_(False)
+    if spec.precision == "bf16":
+        model = model.to(torch.bfloat16)
+    # fp32 on CPU: both decoders run their linears through oneDNN with prepacked weights, as
+    # `arpg sample` does (a no-op on CUDA and in bf16)
+    prepack_linears_for_cpu(model)
+    if spec.compile:
+        # Compile the transformer blocks; the decoding loops have data-dependent step sizes and stay eager.
+        for module in model.modules():
+            if isinstance(module, torch.nn.ModuleList):
+                for block in module:
+                    block.compile(dynamic=True)
+    return model
+
+
+def backbone(model) -> str:
+    """Width, heads and total depth: what an ARPG size shares with its raster twin."""
+    cfg = model.config
+    depth = cfg.n_self_layers + cfg.n_cross_layers if hasattr(cfg, "n_self_layers") else cfg.n_layers
+    return f"d{cfg.dim}-h{cfg.n_heads}-L{depth}"
+
+
+def random_vq(cfg, seed: int, device="cpu"):
+    """A VQ autoencoder with random weights from a dedicated generator (decoding cost needs no training)."""
+    import torch
+
+    from arpg.models.vq import VQModel
+    from arpg.utils import make_generator
+
+    gen = make_generator(seed)
+    with torch.device("meta"):  # skip the default init (it would draw from the global RNG)
+        vq = VQModel(cfg)
+    vq = vq.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, tensor in [*vq.named_parameters(), *vq.named_buffers()]:
+            if tensor.dim() >= 2:
+                tensor.normal_(0.0, 0.02, generator=gen)
+            else:  # norm scales 1, biases and buffers 0
+                tensor.fill_(1.0 if name.endswith("weight") else 0.0)
+    return vq.to(device)
+
+
+def _build_decoder(spec: RunSpec, device):
+    """tokens_BN -> images [B, C, H, W] with the study tokenizer or a random VQ-16; None: no decoding."""
+    if spec.tokenizer is None:
+        return None
+    import torch
+
+    from arpg.models.vq import load_tokenizer
+
+    if spec.tokenizer == RANDOM_VQ16:
+        from arpg.models.vq import VQConfig
+
+        # LlamaGen's VQ-16 (spec section 1): VQConfig's defaults.
+        vq = random_vq(VQConfig(codebook_size=spec.codebook_size), spec.seed, device)
+    else:
+        if not Path(spec.tokenizer).is_file():
+            raise CheckpointError(f"tokenizer checkpoint not found at {spec.tokenizer}; run "
+                                  "`arpg train-tokenizer` first (or drop 'default' from profile.models)")
+        vq = load_tokenizer(spec.tokenizer).to(device)
+    vq.eval().requires_grad_(False)
+    if spec.precision == "bf16":
+        vq = vq.to(torch.bfloat16)
+
+    def decode(tokens_BN):
+        return vq.decode(tokens_BN.view(-1, spec.grid, spec.grid))  # [B, C, H, W]
+    return decode
+
+
+def _sampler(spec: RunSpec) -> Callable:
+    from arpg.engine.sampler import generate_arpg, generate_raster
+
+    common = dict(cfg=spec.cfg, cfg_schedule=spec.cfg_schedule, temperature=spec.temperature,
+                  top_k=spec.top_k, top_p=spec.top_p)
+    if spec.kind == "arpg":
+        return lambda model, labels_B, gen: generate_arpg(model, labels_B, steps=spec.steps,
+                                                          schedule=spec.schedule, order="random",
+                                                          generator=gen, **common)
+    return lambda model, labels_B, gen: generate_raster(model, labels_B, generator=gen, **common)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _spread(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def base_row(spec: RunSpec) -> dict:
+    import torch
+
+    return {"model": spec.model, "net": spec.net, "kind": spec.kind, "grid": spec.grid, "tokens": spec.tokens,
+            "steps": spec.steps, "batch": spec.batch, "cfg": spec.cfg, "repeats": spec.repeats,
+            "warmup": spec.warmup, "threads": spec.threads, "precision": spec.precision,
+            "compile": spec.compile, "torch": torch.__version__, "cpu": cpu_name(),
+            # Shared machines: busy cores (and OpenMP spin-waiting under contention) slow small kernels a lot.
+            "load_avg_1m": os.getloadavg()[0], "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
+
+
+def measure(spec: RunSpec, marker_dir: Path | None = None) -> dict:
+    """Build, warm up and time one configuration in this process; returns its row."""
+    import torch
+
+    from arpg.utils import make_generator, resolve_device
+
+    torch.set_num_threads(spec.threads)
+    device = resolve_device(spec.device)
+    if device.type != "cuda" and (spec.precision != "fp32" or spec.compile):
+        raise ArpgError("profile.precision bf16 and profile.compile run on CUDA only; set "
+                        "profile.precision: fp32 and profile.compile: false for CPU profiling")
+    row = base_row(spec)
+    row["device"] = str(device)
+    row["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+    with torch.inference_mode():
+        model = _build_generator(spec, device)
+        decode = _build_decoder(spec, device)
+        dtype = next(model.parameters()).dtype
+        cfg_batch = spec.batch * (2 if spec.cfg != 1.0 else 1)  # CFG doubles the batch: [cond; uncond]
+        row["params"] = sum(p.numel() for p in model.parameters())
+        row["backbone"] = backbone(model)
+        row["kv_cache_bytes"] = int(model.kv_cache_bytes(cfg_batch, dtype))
+        labels_B = (torch.arange(spec.batch) % spec.num_classes).to(device)  # [B]
+        gen = make_generator(spec.seed, device)
+        sample = _sampler(spec)
+        timer = _timer(device)
+        meter = MemoryMeter(device)
+
+        def call(first: bool = False) -> tuple[float, float | None]:
+            stop = timer()
+            tokens_BN = sample(model, labels_B, gen)  # [B, N]
+            gen_s = stop()
+            if first:
+                # Generation's own peak, read before any VQ decoding touches memory.
+                row["peak_mem_bytes"] = meter.peak()
+                row["gen_mem_bytes"] = row["peak_mem_bytes"] - row["loaded_mem_bytes"]
+            if decode is None:
+                return gen_s, None
+            decode(tokens_BN)  # [B, C, H, W]
+            return gen_s, stop()
+
+        row["loaded_mem_bytes"] = meter.start()
+        row["mem_kind"] = meter.kind
+        _mark(marker_dir, "loaded")
+        first = call(first=True)
+        _mark(marker_dir, "first")
+        row["first_call_s"] = first[0]
+        if first[0] > spec.max_seconds:
+            row.update(status="skipped", skip_reason=f"first call took {first[0]:.1f} s > profile.max_seconds "
+                                                     f"{spec.max_seconds:g}")
+            return row
+        timed = [first] if spec.warmup == 0 else []
+        for _ in range(spec.warmup - 1):
+            call()
+        while len(timed) < spec.repeats:
+            timed.append(call())
+
+    row.update(status="ok", skip_reason="", load_avg_1m_after=os.getloadavg()[0])
+    gen_s = [g for g, _ in timed]
+    row["gen_s_median"], row["gen_s_min"], row["gen_s_max"] = _spread(gen_s)
+    row["gen_img_s_median"], row["gen_img_s_min"], row["gen_img_s_max"] = _spread([spec.batch / s for s in gen_s])
+    if decode is not None:
+        e2e_s = [e for _, e in timed]
+        row["e2e_s_median"], row["e2e_s_min"], row["e2e_s_max"] = _spread(e2e_s)
+        row["e2e_img_s_median"], row["e2e_img_s_min"], row["e2e_img_s_max"] = _spread(
+            [spec.batch / s for s in e2e_s])
+    row["gen_s_all"] = gen_s
+    return row
+
+
+def _mark(marker_dir: Path | None, name: str) -> None:
+    """A progress marker for the parent (atomic: it reads the time as soon as the file exists)."""
+    if marker_dir is not None:
+        atomic_write_text(Path(marker_dir) / name, f"{time.time()}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child's command line: measure the RunSpec in --one, write its row to --out."""
+    parser = argparse.ArgumentParser(description="measure one profiling configuration (used by `arpg profile`)")
+    parser.add_argument("--one", required=True, help="RunSpec JSON file")
+    parser.add_argument("--out", required=True, help="where to write the result row (JSON)")
+    parser.add_argument("--markers", default=None, help="directory for progress markers")
+    args = parser.parse_args(argv)
+    spec = RunSpec(**json.loads(Path(args.one).read_text()))
+    try:
+        row = measure(spec, Path(args.markers) if args.markers else None)
+    except ArpgError as exc:
+        print(f"ArpgError: {exc}", file=sys.stderr)
+        return 2
+    atomic_write_text(args.out, json.dumps(row))
+    return 0

@@ -1,0 +1,131 @@
+"""The profiling sweep: which configurations `profile.*` asks for, and which a skip rules out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from arpg.errors import ArpgError
+
+# The one place that pairs an ARPG size with its same-backbone raster twin
+# (same width, heads and total depth; checked when the pair is built).
+RASTER_TWIN: dict[str, str] = {
+    "ARPG-T": "LlamaGen-T",
+    "ARPG-S": "LlamaGen-S",
+    "ARPG-L": "LlamaGen-L",
+    "ARPG-XL": "LlamaGen-XL",
+}
+# Registry sizes are profiled at the published (ImageNet) vocabulary.
+PUBLISHED_CODEBOOK = 16384
+PUBLISHED_CLASSES = 1000
+# `RunSpec.tokenizer` value for registry sizes: end-to-end timing with a random-weight VQ-16 decoder.
+RANDOM_VQ16 = "random-vq16"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One measured configuration; travels to the child process as JSON."""
+
+    model: str              # size label: "default" or a registry ARPG name ("ARPG-L")
+    kind: str               # "arpg" | "raster"
+    net: str                # network built: registry name ("LlamaGen-L") or the checkpoint's name
+    checkpoint: str | None  # study checkpoint (model "default"); None: random init from the registry
+    tokenizer: str | None   # VQ checkpoint, RANDOM_VQ16, or None (generation only)
+    codebook_size: int
+    num_classes: int
+    grid: int
+    steps: int              # ARPG decoding steps; raster: grid * grid (one token per step)
+    batch: int
+    cfg: float
+    schedule: str
+    cfg_schedule: str
+    temperature: float
+    top_k: int
+    top_p: float
+    repeats: int
+    warmup: int
+    threads: int
+    omp_wait_policy: str    # "passive" | "active" (OMP_WAIT_POLICY of the child process)
+    device: str
+    precision: str
+    compile: bool
+    max_seconds: float
+    seed: int
+
+    @property
+    def tokens(self) -> int:
+        return self.grid * self.grid
+
+    def label(self) -> str:
+        return f"{self.model}/{self.kind} steps={self.steps} batch={self.batch}"
+
+
+def twin_of(name: str) -> str:
+    if name not in RASTER_TWIN:
+        raise ArpgError(f"profile.models: {name!r} has no raster twin; use 'default' or one of "
+                        f"{', '.join(RASTER_TWIN)} (pairs are defined in arpg/engine/profile/planning.py "
+                        "RASTER_TWIN)")
+    return RASTER_TWIN[name]
+
+
+def plan(params, models: Iterable[str] | None = None) -> list[RunSpec]:
+    """Every configuration `profile.*` asks for, cheapest first within a model."""
+    from arpg.config import token_grid
+
+    prof, sample = params["profile"], params["sample"]
+    models = list(models) if models is not None else list(prof["models"])
+    unknown = [m for m in models if m not in prof["models"]]
+    if unknown:
+        raise ArpgError(f"--model {', '.join(unknown)} is not in profile.models {prof['models']}; "
+                        "add it to profile.models in the params file")
+    stray = [o["model"] for o in prof["overrides"] if o["model"] not in prof["models"]]
+    if stray:
+        raise ArpgError(f"profile.overrides name {stray}, which are not in profile.models {prof['models']}; "
+                        "fix the model names")
+    layout = params.layout
+    specs: list[RunSpec] = []
+    for model in models:
+        limits = next((o for o in prof["overrides"] if o["model"] == model), {})
+        steps_list = sorted(set(limits.get("steps", prof["steps"])))
+        batches = sorted(set(limits.get("batch_sizes", prof["batch_sizes"])))
+        if model == "default":
+            grid = token_grid(params)
+            nets = {"arpg": (params["train"]["arpg_model"], str(layout.model_checkpoint("arpg"))),
+                    "raster": (params["train"]["raster_model"], str(layout.model_checkpoint("raster")))}
+            vocab = (params["tokenizer"]["codebook_size"], params["data"]["num_classes"])
+            tokenizer = str(layout.tokenizer_checkpoint)
+        else:
+            grid = prof["grid"]
+            nets = {"arpg": (model, None), "raster": (twin_of(model), None)}
+            vocab = (PUBLISHED_CODEBOOK, PUBLISHED_CLASSES)
+            tokenizer = RANDOM_VQ16
+        too_many = [s for s in steps_list if s > grid * grid]
+        if too_many:
+            raise ArpgError(f"profile.steps {too_many} exceed the {grid * grid} tokens of {model}'s "
+                            f"{grid}x{grid} grid; lower them (or raise profile.grid)")
+        common = dict(model=model, tokenizer=tokenizer, codebook_size=vocab[0], num_classes=vocab[1],
+                      grid=grid, cfg=float(prof["cfg"]), schedule=sample["schedule"],
+                      cfg_schedule=sample["cfg_schedule"], temperature=float(sample["temperature"]),
+                      top_k=int(sample["top_k"]), top_p=float(sample["top_p"]),
+                      repeats=int(limits.get("repeats", prof["repeats"])),
+                      warmup=int(limits.get("warmup", prof["warmup"])), threads=int(prof["threads"]),
+                      omp_wait_policy=prof["omp_wait_policy"],
+                      device=params["device"], precision=prof["precision"], compile=bool(prof["compile"]),
+                      max_seconds=float(prof["max_seconds"]), seed=int(params["seed"]))
+        for batch in batches:
+            for steps in steps_list:
+                net, ckpt = nets["arpg"]
+                specs.append(RunSpec(kind="arpg", net=net, checkpoint=ckpt, steps=steps, batch=batch, **common))
+            net, ckpt = nets["raster"]
+            specs.append(RunSpec(kind="raster", net=net, checkpoint=ckpt, steps=grid * grid, batch=batch,
+                                 **common))
+    return specs
+
+
+def dominated_by(spec: RunSpec, skipped: Iterable[RunSpec]) -> RunSpec | None:
+    """A skipped configuration at most as costly as `spec` (same model and kind, steps and batch <=)."""
+    for other in skipped:
+        if (other.model, other.kind, other.device) == (spec.model, spec.kind, spec.device) \
+                and other.steps <= spec.steps and other.batch <= spec.batch:
+            return other
+    return None

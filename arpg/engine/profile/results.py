@@ -1,0 +1,123 @@
+"""What `arpg profile` writes: ARPG-over-raster speed-ups, profile.csv / profile.json, the text
+summary and the flat MLflow metrics (its figures: `arpg.figures.profile_figures`)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+from arpg.engine.profile.anchors import reference_record
+from arpg.engine.profile.child import cpu_name
+from arpg.errors import ArpgError
+from arpg.utils import write_csv, write_json
+
+# Issue 7's goal: speed-up >= 7x at 32 and >= 3.5x at 64 of 256 tokens, i.e. 7/8 of the step ratio.
+GOAL_FRACTION_OF_STEP_RATIO = 0.875
+
+CSV_COLUMNS = [
+    "model", "net", "kind", "backbone", "params", "grid", "tokens", "steps", "batch", "cfg", "status", "skip_reason",
+    "gen_s_median", "gen_s_min", "gen_s_max", "gen_img_s_median", "gen_img_s_min", "gen_img_s_max",
+    "e2e_s_median", "e2e_s_min", "e2e_s_max", "e2e_img_s_median", "e2e_img_s_min", "e2e_img_s_max",
+    "first_call_s", "peak_mem_bytes", "loaded_mem_bytes", "gen_mem_bytes", "mem_kind", "kv_cache_bytes",
+    "repeats", "warmup", "device", "device_name", "threads", "precision", "compile", "torch", "cpu",
+    "load_avg_1m", "load_avg_1m_after", "omp_wait_policy",
+]
+SPEEDUP_COLUMNS = [
+    "model", "batch", "steps", "tokens", "step_ratio", "goal", "speedup_gen", "speedup_gen_low",
+    "speedup_gen_high", "speedup_e2e", "kv_ratio", "gen_mem_ratio",
+]
+
+
+def speedups(rows: list[dict]) -> list[dict]:
+    """ARPG at S steps over raster at the same model and batch, with the step ratio n/S beside it."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    raster = {(r["model"], r["batch"]): r for r in ok if r["kind"] == "raster"}
+    out = []
+    for r in ok:
+        base = raster.get((r["model"], r["batch"]))
+        if r["kind"] != "arpg" or base is None:
+            continue
+        if r["backbone"] != base["backbone"]:
+            raise ArpgError(f"{r['model']}: ARPG backbone {r['backbone']} differs from its raster twin's "
+                            f"{base['backbone']} ({base['net']}); fix RASTER_TWIN in "
+                            "arpg/engine/profile/planning.py")
+        ratio = r["tokens"] / r["steps"]
+        item = {
+            "model": r["model"], "batch": r["batch"], "steps": r["steps"], "tokens": r["tokens"],
+            "step_ratio": ratio, "goal": GOAL_FRACTION_OF_STEP_RATIO * ratio,
+            "speedup_gen": r["gen_img_s_median"] / base["gen_img_s_median"],
+            # worst and best pairing of the two spreads
+            "speedup_gen_low": r["gen_img_s_min"] / base["gen_img_s_max"],
+            "speedup_gen_high": r["gen_img_s_max"] / base["gen_img_s_min"],
+            "speedup_e2e": (r["e2e_img_s_median"] / base["e2e_img_s_median"]
+                            if r.get("e2e_img_s_median") and base.get("e2e_img_s_median") else None),
+            "kv_ratio": r["kv_cache_bytes"] / base["kv_cache_bytes"],
+            "gen_mem_ratio": (r["gen_mem_bytes"] / base["gen_mem_bytes"] if base["gen_mem_bytes"] > 0 else None),
+        }
+        out.append(item)
+    return out
+
+
+def environment() -> dict:
+    import torch
+
+    return {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),
+            "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def write_outputs(rows: list[dict], csv_path: Path, json_path: Path, meta: dict) -> dict:
+    """profile.csv (one row per configuration) and profile.json (rows, speed-ups, anchors); the document."""
+    write_csv(csv_path, rows, CSV_COLUMNS)
+    doc = {"meta": meta, "rows": rows, "speedups": speedups(rows), "reference": reference_record(rows)}
+    write_json(json_path, doc)
+    return doc
+
+
+def summary(doc: dict) -> str:
+    """The speed-up table (issue 7's 'done when' figures) and the reference comparison as text."""
+    lines = ["ARPG speed-up over raster decoding (generation only, median; [worst, best] from the spreads)",
+             f"{'model':<10}{'batch':>6}{'steps':>7}{'speed-up':>10}{'[low, high]':>16}{'n/S':>7}{'goal':>7}"
+             f"{'e2e':>8}{'kv':>7}{'mem':>7}"]
+    for g in doc["speedups"]:
+        e2e = f"{g['speedup_e2e']:.2f}x" if g["speedup_e2e"] else "-"
+        mem = f"{g['gen_mem_ratio']:.2f}" if g["gen_mem_ratio"] else "-"
+        lines.append(f"{g['model']:<10}{g['batch']:>6}{g['steps']:>7}{g['speedup_gen']:>9.2f}x"
+                     f"{'[%.2f, %.2f]' % (g['speedup_gen_low'], g['speedup_gen_high']):>16}"
+                     f"{g['step_ratio']:>6.0f}x{g['goal']:>6.1f}x{e2e:>8}{g['kv_ratio']:>7.2f}{mem:>7}")
+    skipped = [r for r in doc["rows"] if r["status"] == "skipped"]
+    for r in skipped:
+        lines.append(f"skipped: {r['model']}/{r['kind']} steps={r['steps']} batch={r['batch']}: {r['skip_reason']}")
+    comparison = doc["reference"]["comparison"]
+    if comparison:
+        lines.append("vs the public releases (issue 7 anchors, same machine class; ours / theirs in img/s)")
+        for c in comparison:
+            lines.append(f"  {c['name']:<26} {c['kind']:<7} steps={c['steps']:<4} batch={c['batch']}: ours "
+                         f"{c['ours_img_s']:.4g} vs {c['img_s']:.4g} = {c['ratio']:.2f}x "
+                         f"(target >= {c['target_ratio']}x: {'met' if c['met'] else 'NOT met'})")
+    lines.append("(kv: ARPG / raster analytic KV-cache bytes; mem: ARPG / raster measured generation memory)")
+    busy = [r for r in doc["rows"] if max(r.get("load_avg_1m", 0), r.get("load_avg_1m_after", 0)) > r["threads"]
+            and r["device"] == "cpu"]
+    if busy:
+        peak = max(max(r.get("load_avg_1m", 0), r.get("load_avg_1m_after", 0)) for r in busy)
+        lines.append(f"WARNING: {len(busy)} CPU configurations ran with a 1-minute load average above their "
+                     f"thread count (up to {peak:.1f}): other processes shared the cores, timings are pessimistic")
+    return "\n".join(lines)
+
+
+def metrics(doc: dict) -> dict[str, float]:
+    """Flat MLflow metrics: img/s and memory per configuration, speed-ups."""
+    out: dict[str, float] = {}
+    for r in doc["rows"]:
+        if r["status"] != "ok":
+            continue
+        key = f"{r['model']}.{r['kind']}.b{r['batch']}.s{r['steps']}"
+        out[f"img_s.{key}"] = r["gen_img_s_median"]
+        if r.get("e2e_img_s_median"):
+            out[f"img_s_e2e.{key}"] = r["e2e_img_s_median"]
+        out[f"gen_mem_mib.{key}"] = r["gen_mem_bytes"] / 2**20
+        out[f"kv_mib.{key}"] = r["kv_cache_bytes"] / 2**20
+    for g in doc["speedups"]:
+        out[f"speedup.{g['model']}.b{g['batch']}.s{g['steps']}"] = g["speedup_gen"]
+    return out

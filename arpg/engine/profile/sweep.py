@@ -1,0 +1,96 @@
+"""The parent of `arpg profile`: each configuration in its own child process, skips, the sweep.
+
+A configuration is skipped when it cannot finish within `profile.max_seconds`: a cheaper one
+already did not, or its first call ran over and was stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from arpg.engine.profile.child import base_row, measure
+from arpg.engine.profile.planning import RunSpec, dominated_by
+from arpg.errors import ArpgError
+from arpg.paths import REPO_ROOT
+
+# Time allowed for a child to import torch and build its model before its first call.
+LOAD_TIMEOUT_S = 900.0
+
+
+def run_isolated(spec: RunSpec, poll_s: float = 0.2) -> dict:
+    """Measure `spec` in a fresh child process; stop it if its first call runs past max_seconds."""
+    with tempfile.TemporaryDirectory(prefix="arpg-profile-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "spec.json").write_text(json.dumps(dataclasses.asdict(spec)))
+        # Spinning OpenMP workers stall whenever another process holds a core (40x slower small matmuls
+        # measured on a busy 2-core machine); passive waiting keeps shared-machine timings meaningful.
+        # The child runs in this working directory (relative checkpoint paths) with this arpg package.
+        from arpg.pipeline import python_path_with
+
+        env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads),
+                   OMP_WAIT_POLICY=spec.omp_wait_policy.upper(),
+                   PYTHONPATH=python_path_with(str(REPO_ROOT)))
+        cmd = [sys.executable, "-m", "arpg.engine.profile", "--one", str(tmp / "spec.json"),
+               "--out", str(tmp / "row.json"), "--markers", str(tmp)]
+        with open(tmp / "stderr.txt", "w") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+            started = time.monotonic()
+            reason = None
+            try:
+                while proc.poll() is None and reason is None:
+                    time.sleep(poll_s)
+                    loaded = tmp / "loaded"
+                    if not loaded.exists():
+                        if time.monotonic() - started > LOAD_TIMEOUT_S:
+                            reason = f"model not built within {LOAD_TIMEOUT_S:g} s"
+                    elif not (tmp / "first").exists() and time.time() - float(loaded.read_text()) > spec.max_seconds:
+                        reason = (f"first call still running after profile.max_seconds {spec.max_seconds:g} s "
+                                  "(stopped)")
+            finally:  # also on Ctrl-C: never leave the child running
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        if reason:
+            row = base_row(spec)
+            row.update(status="skipped", skip_reason=reason, device=spec.device)
+            return row
+        if proc.returncode != 0 or not (tmp / "row.json").exists():
+            tail = (tmp / "stderr.txt").read_text()[-3000:]
+            marker = "ArpgError:"
+            message = tail.rsplit(marker, 1)[-1].strip() if marker in tail else tail
+            raise ArpgError(f"profiling {spec.label()} failed in its child process "
+                            f"(exit {proc.returncode}):\n{message}")
+        return json.loads((tmp / "row.json").read_text())
+
+
+def run_profile(specs: list[RunSpec], *, isolate: bool = True,
+                log: Callable[[str], None] = print) -> list[dict]:
+    """Measure every spec (skipping those a skipped cheaper one rules out); rows in spec order."""
+    rows: list[dict] = []
+    skipped: list[RunSpec] = []
+    for spec in specs:
+        cheaper = dominated_by(spec, skipped)
+        if cheaper is not None:
+            row = base_row(spec)
+            row.update(status="skipped", device=spec.device,
+                       skip_reason=f"cheaper configuration ({cheaper.label()}) exceeded profile.max_seconds")
+        else:
+            row = run_isolated(spec) if isolate else measure(spec)
+        if row["status"] == "skipped":
+            skipped.append(spec)
+            log(f"  {spec.label()}: skipped ({row['skip_reason']})")
+        else:
+            log(f"  {spec.label()}: {row['gen_img_s_median']:.4g} img/s "
+                f"({row['gen_s_median']:.3g} s/call, min {row['gen_s_min']:.3g}, max {row['gen_s_max']:.3g}), "
+                f"gen mem {row['gen_mem_bytes'] / 2**20:.1f} MiB, kv {row['kv_cache_bytes'] / 2**20:.1f} MiB")
+        rows.append(row)
+    return rows
+

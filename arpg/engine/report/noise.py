@@ -1,0 +1,191 @@
+"""Which differences exceed the noise: the metrics files' bootstrap intervals, the sweeps' comparisons
+and their section of the report."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Any, Mapping
+
+from arpg import pipeline
+from arpg.engine.report.points import Point, guidance_sweep, order_sweep, step_sweep, with_interval
+from arpg.engine.report.text import fmt, markdown_table, signed
+from arpg.errors import ArpgError
+from arpg.paths import SweepPoint, format_cfg
+
+DIFFERENCE_COLUMNS = ["group", "comparison", "metric", "a", "b", "diff", "diff_se", "diff_lo", "diff_hi",
+                      "significant"]
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """What the metrics files say about their intervals (one study: one record, in principle)."""
+
+    replicates: list[int]  # distinct replicate counts over the points that have intervals
+    level: float | None  # interval level (None: no point has intervals)
+    methods: list[str]
+    kid_subsets: list[int]
+    points_without: int  # points whose file has no intervals (bootstrap 0, or written before intervals)
+
+    @property
+    def on(self) -> bool:
+        return self.level is not None
+
+    @property
+    def z(self) -> float:
+        """Two-sided normal quantile of the level (1.96 at 95%)."""
+        return NormalDist().inv_cdf(0.5 + self.level / 2)
+
+
+def bootstrap_of(points: list[Point]) -> Bootstrap:
+    with_band = [p for p in points if p.bootstrap and p.bootstrap.get("replicates") and p.intervals]
+    records = [p.bootstrap for p in with_band]
+    levels = sorted({float(r["level"]) for r in records})
+    if len(levels) > 1:
+        raise ArpgError(f"metrics files disagree on the bootstrap level ({levels}); rerun `arpg evaluate` "
+                        "for every point (snakemake --cores all)")
+    return Bootstrap(replicates=sorted({int(r["replicates"]) for r in records}),
+                     level=levels[0] if levels else None,
+                     methods=sorted({str(r.get("method")) for r in records if r.get("method")}),
+                     kid_subsets=sorted({int(r["kid_subsets"]) for r in records if r.get("kid_subsets")}),
+                     points_without=len(points) - len(with_band))
+
+
+def interval_text(boot: Bootstrap) -> str:
+    """One paragraph: how the quality tables' intervals were made (or that there are none)."""
+    if not boot.on:
+        return ("Intervals are off (`evaluate.bootstrap: 0`, or metrics files written without intervals): the "
+                "tables show bare point estimates.\n")
+    count = " or ".join(str(b) for b in boot.replicates)
+    text = (f"Figures read `value ± h`: the full sample set's value and the half-width h of its {boot.level:.0%} "
+            f"interval (value ± {boot.z:.2f} se), from {count} bootstrap replicates per point "
+            f"({'; '.join(boot.methods)}). CSVs: `<metric>_se`, `<metric>_lo`, `<metric>_hi`.")
+    if boot.kid_subsets:
+        text += (f" Within a replicate KID averages {' or '.join(map(str, boot.kid_subsets))} random subsets, "
+                 "fewer than its headline value does, so its interval also carries that average's subset noise "
+                 "(slightly wide).")
+    if boot.points_without:
+        text += f" {boot.points_without} point(s) have no interval (bare numbers)."
+    return text + "\n"
+
+
+def noise_comparisons(params, points: list[Point]) -> list[tuple[str, Point, Point]]:
+    """(group, a, b) pairs whose difference b - a the report tests: every ARPG step count against the
+    raster baseline (default cfg) and each step count against the next; every guidance value against
+    the default cfg (each model); every order against random (ARPG at the default steps and cfg)."""
+    s = params["sample"]
+    cfg = float(s["cfg_default"])
+    sweep = step_sweep(params, points)
+    arpg = [p for p in sweep if p.point.model == "arpg"]
+    out = [("steps", base, p) for base in sweep if base.point.model == "raster" for p in arpg]
+    out += [("steps", a, b) for a, b in zip(arpg, arpg[1:])]
+    guidance = guidance_sweep(params, points)
+    for model in pipeline.MODELS:
+        rows = [p for p in guidance if p.point.model == model]
+        out += [("guidance", base, p) for base in rows if base.point.cfg == cfg for p in rows if p is not base]
+    orders = order_sweep(params, points)
+    out += [("orders", base, p) for base in orders if base.point.order == "random" for p in orders if p is not base]
+    return out
+
+
+def point_label(group: str, p: SweepPoint) -> str:
+    """A point as the comparisons name it (the group's fixed settings are said once, in the text)."""
+    name = "ARPG" if p.model == "arpg" else "raster"
+    if group == "steps":
+        return f"ARPG {p.steps} steps" if p.model == "arpg" else "raster"
+    if group == "guidance":
+        return f"{name} cfg {format_cfg(p.cfg)}"
+    return f"{p.order} order"
+
+
+def difference_rows(params, points: list[Point], metrics: list[str], boot: Bootstrap) -> list[dict[str, Any]]:
+    """Per comparison and metric: both values, b - a, its interval (independent sets: se = sqrt(se_a^2 +
+    se_b^2)) and whether it excludes 0 (None: a point has no interval)."""
+    rows = []
+    for group, a, b in noise_comparisons(params, points):
+        for metric in metrics:
+            va, vb = a.metrics.get(metric), b.metrics.get(metric)
+            if va is None or vb is None:
+                continue
+            diff = vb - va
+            band_a, band_b = a.band(metric), b.band(metric)
+            row = {"group": group, "comparison": f"{point_label(group, b.point)} vs {point_label(group, a.point)}",
+                   "metric": metric, "a": va, "b": vb, "diff": diff, "diff_se": None, "diff_lo": None,
+                   "diff_hi": None, "significant": None, "_a": a, "_b": b}
+            if boot.on and band_a is not None and band_b is not None:
+                se = math.hypot(band_a[0], band_b[0])
+                row.update(diff_se=se, diff_lo=diff - boot.z * se, diff_hi=diff + boot.z * se,
+                           significant=abs(diff) > boot.z * se)
+            rows.append(row)
+    return rows
+
+
+def _verdict(row: Mapping[str, Any]) -> str:
+    return {True: "yes", False: "no", None: "no interval"}[row["significant"]]
+
+
+def noise_section(params, points: list[Point], metrics: list[str], boot: Bootstrap) -> tuple[list[str], list[dict]]:
+    """Markdown of "Which differences exceed the noise" and its CSV rows."""
+    md = ["## Which differences exceed the noise\n"]
+    if not boot.on:
+        md.append("Intervals are off (`evaluate.bootstrap: 0`, or metrics files without intervals), so no "
+                  "difference between sweep points can be told from sampling noise. Set `evaluate.bootstrap` "
+                  "(e.g. 20) and rerun `arpg evaluate` to get them.\n")
+        return md, []
+    rows = difference_rows(params, points, metrics, boot)
+    md.append(_test_text(params, metrics, boot, len(rows)))
+    md += _verdict_lines(rows, metrics, boot)
+    md.append("")
+    md.append(_difference_table(rows, boot))
+    csv_rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    return md, csv_rows
+
+
+def _test_text(params, metrics: list[str], boot: Bootstrap, comparisons: int) -> str:
+    """What is compared and how the test decides (and what it does not correct for)."""
+    s = params["sample"]
+    count = " or ".join(str(b) for b in boot.replicates)
+    return (
+        f"Compared: each ARPG step count against the raster baseline and against the next step count (random "
+        f"order, cfg {format_cfg(s['cfg_default'])}); each guidance value against cfg "
+        f"{format_cfg(s['cfg_default'])} (ARPG at {s['steps_default']} steps, and the raster baseline); each "
+        f"order against random (ARPG, {s['steps_default']} steps, cfg {format_cfg(s['cfg_default'])}). "
+        f"Metrics: {', '.join(f'`{m}`' for m in metrics)}. A difference b - a exceeds the noise at "
+        f"{boot.level:.0%} when |b - a| > {boot.z:.2f} * sqrt(se_a^2 + se_b^2), with each se from {count} "
+        f"bootstrap replicates of that point's generated set ({'; '.join(boot.methods)}). This treats the two "
+        "sample sets as independent. They share their sampling seeds (same labels, same per-batch generator "
+        "seeds), which most likely correlates their errors positively; the real interval of the difference is "
+        "then narrower, so the test is conservative: it may miss a small real difference. Nor is it corrected "
+        f"for the number of comparisons ({comparisons} here; at 95% about one in twenty differences that are "
+        "pure noise still passes).\n")
+
+
+def _verdict_lines(rows: list[dict], metrics: list[str], boot: Bootstrap) -> list[str]:
+    """One bullet per group and metric: the comparisons that exceed the noise, those within it."""
+    lines = []
+    for group, title in (("steps", "Steps"), ("guidance", "Guidance"), ("orders", "Orders")):
+        for metric in metrics:
+            sel = [r for r in rows if r["group"] == group and r["metric"] == metric]
+            if not sel:
+                continue
+
+            def listed(verdict):
+                return "; ".join(f"{r['comparison']} ({signed(r['diff'])}, {boot.level:.0%} "
+                                 f"[{fmt(r['diff_lo'])}, {fmt(r['diff_hi'])}])" if r["significant"] is not None
+                                 else f"{r['comparison']} ({signed(r['diff'])})"
+                                 for r in sel if r["significant"] is verdict) or "none"
+
+            lines.append(f"- **{title}**, `{metric}`: exceed the noise: {listed(True)}. Within the noise: "
+                         f"{listed(False)}." + (f" No interval: {listed(None)}." if any(
+                             r["significant"] is None for r in sel) else ""))
+    return lines
+
+
+def _difference_table(rows: list[dict], boot: Bootstrap) -> str:
+    table = [{"comparison": r["comparison"], "metric": r["metric"], "a": with_interval(r["_a"], r["metric"]),
+              "b": with_interval(r["_b"], r["metric"]), "b - a": signed(r["diff"]),
+              f"{boot.level:.0%} interval of b - a": "-" if r["diff_lo"] is None
+              else f"[{fmt(r['diff_lo'])}, {fmt(r['diff_hi'])}]", "exceeds the noise": _verdict(r)}
+             for r in rows]
+    return markdown_table(table)

@@ -1,0 +1,313 @@
+"""The report, section by section: `build` reads top to bottom, one function per section.
+
+Each section function returns its markdown lines and writes its CSV tables, figures and copies
+through `Report`, which records every written path.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from arpg import figures, pipeline
+from arpg.config import token_count
+from arpg.engine.report.noise import DIFFERENCE_COLUMNS, Bootstrap, bootstrap_of, interval_text, noise_section
+from arpg.engine.report.points import (POINT_COLUMNS, Point, csv_row, extractor_of, guidance_sweep,
+                                       headline_columns, half_width, interval_columns, md_row, metric_columns,
+                                       numeric_leaves, order_sweep, point_of, read_output, read_points,
+                                       step_sweep, suffix, with_interval)
+from arpg.engine.report.speed import GAIN_COLUMNS, SPEED_COLUMNS, hardware, pareto_front, pareto_pairs, speed_rows
+from arpg.engine.report.text import markdown_kv, markdown_table
+from arpg.errors import ArpgError
+from arpg.paths import format_cfg
+from arpg.utils import atomic_path, atomic_write_text, write_csv
+
+# What each evaluate.extractors entry measures in (stated next to every metric).
+EXTRACTOR_TEXT = {
+    "classifier": "the study's own CNN classifier (`arpg train-classifier`, trained on the prepared data): "
+                  "penultimate-layer features for FID/KID/precision-recall, its softmax for IS and accuracy",
+    "inception-fid": "Inception-v3 with the TF-FID weights (pool3, 2048-d; the weights of the ADM / TTUR "
+                     "evaluators), images resized to 299x299",
+    "inception": "Inception-v3 from the user-given weights file `evaluate.inception_weights` "
+                 "(paper protocol; samples also exported as an ADM `.npz`)",
+}
+# Files of report.dir that DVC's `plots:` also names (plot_specs).
+FID_CSV, FID_PNG, SPEED_CSV = "fid_vs_steps.csv", "fid_vs_steps.png", "speed.csv"
+# Folders of report.dir that hold only what one build copies.
+COPIED_DIRS = ("grids", "gallery")
+
+
+@dataclass
+class Report:
+    """The report being written: its params, its folder, and what it wrote so far."""
+
+    params: Any
+    out: Path
+    rules: frozenset[str]  # the pipeline rules this study runs (optional stages: profile, tokenize, ...)
+    written: list[Path] = field(default_factory=list)
+    headline: dict[str, float] = field(default_factory=dict)  # MLflow metrics of the report
+
+    @classmethod
+    def open(cls, params, out_dir: Path | None) -> "Report":
+        """report.dir (or `out_dir`), once every stage output the report reads exists."""
+        for required in pipeline.report_inputs(params, params.layout):
+            if not Path(required).is_file():
+                raise ArpgError(f"{required} not found: the report needs every stage output; "
+                                "run `snakemake --cores all` (or the stage that writes it) first")
+        out = Path(out_dir or params["report"]["dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        return cls(params, out, frozenset(j.rule for j in pipeline.jobs(params)))
+
+    @property
+    def layout(self):
+        return self.params.layout
+
+    def csv(self, name: str, rows: list[Mapping[str, Any]], cols: list[str] | None = None) -> None:
+        self.written.append(write_csv(self.out / name, rows, cols))
+
+    def figure(self, path: Path) -> None:
+        self.written.append(path)
+
+    def copy(self, src: Path, name: str) -> None:
+        with atomic_path(self.out / name, Path(name).suffix) as tmp:
+            shutil.copyfile(src, tmp)
+        self.written.append(self.out / name)
+
+    def text(self, name: str, text: str) -> None:
+        self.written.append(atomic_write_text(self.out / name, text))
+
+
+@dataclass(frozen=True)
+class Quality:
+    """The sweep points and the parts of them the sections show."""
+
+    points: list[Point]
+    cols: list[str]  # every metric column, FID first
+    boot: Bootstrap
+    sweep: list[Point]  # quality vs steps
+    guidance: list[Point]
+    orders: list[Point]
+
+    @property
+    def fid_cols(self) -> list[str]:
+        return [c for c in self.cols if c.startswith("fid")] or self.cols[:1]
+
+    @property
+    def shown(self) -> list[str]:
+        return headline_columns(self.cols)
+
+
+def read_quality(params) -> Quality:
+    points = read_points(params, params.layout)
+    return Quality(points, metric_columns(points), bootstrap_of(points), step_sweep(params, points),
+                   guidance_sweep(params, points), order_sweep(params, points))
+
+
+def build(params, out_dir: Path | None = None) -> dict[str, Any]:
+    """Write the report into report.dir (or `out_dir`); returns headline numbers and written paths."""
+    rep = Report.open(params, out_dir)
+    quality = read_quality(params)
+    md = _title(rep)
+    md += _data(rep)
+    md += _extractors(rep, quality)
+    md += _quality(rep, quality)
+    md += _noise(rep, quality)
+    md += _speed(rep, quality)
+    md += _tokenizer(rep)
+    md += _classifier(rep)
+    md += _training(rep)
+    for owned in COPIED_DIRS:  # a grid of a sweep point no longer in the params would stay otherwise
+        shutil.rmtree(rep.out / owned, ignore_errors=True)
+    md += _grids(rep, quality)
+    md += _galleries(rep)
+    rep.text("README.md", "\n".join(md))
+    rep.headline.update(_fid_headline(quality))
+    return {"paths": rep.written, "metrics": rep.headline, "dir": rep.out}
+
+
+def _fid_headline(q: Quality) -> dict[str, float]:
+    """The steps sweep's FIDs as MLflow metrics (`fid_classifier.arpg.s8`)."""
+    return {f"{c}.{p.point.model}.s{p.point.steps}": p.metrics[c]
+            for p in q.sweep for c in q.fid_cols if c in p.metrics}
+
+
+def _title(rep: Report) -> list[str]:
+    params = rep.params
+    return [f"# ARPG study report: {params['name']}\n",
+            f"Generated by `arpg report` from the stage outputs under `{rep.layout.out}` "
+            f"(params `{Path(params.path).name}`, hash `{params.digest}`). Every number below is read "
+            "from those files; nothing is typed in.\n"]
+
+
+def _data(rep: Report) -> list[str]:
+    data = rep.params["data"]
+    manifest = read_output(rep.layout.data_manifest, "prepare-data")
+    rows = [{"split": k, "images": v.get("count"), "shape": "x".join(map(str, v.get("shape", [])[1:]))}
+            for k, v in manifest.get("splits", {}).items()]
+    return ["## Data\n", f"Source `{data['source']}`, {data['num_classes']} classes, "
+            f"{data['resolution']}x{data['resolution']} pixels.\n", markdown_table(rows)]
+
+
+def _extractors(rep: Report, q: Quality) -> list[str]:
+    extractors = list(rep.params["evaluate"]["extractors"])
+    md = ["## Feature extractors\n", "Each metric column names its extractor:\n"]
+    md += [f"- `{x}`: {EXTRACTOR_TEXT[x]}" for x in extractors]
+    unattributed = [c for c in q.cols if extractor_of(c, extractors) is None]
+    if unattributed:
+        md.append("- not feature-based: " + ", ".join(f"`{c}`" for c in unattributed))
+    md.append("")
+    rep.csv("metric_extractors.csv", [{"metric": c, "extractor": extractor_of(c, extractors) or "-"}
+                                      for c in q.cols], ["metric", "extractor"])
+    return md
+
+
+def _quality(rep: Report, q: Quality) -> list[str]:
+    """The quality CSVs (every point, and each sweep), FID vs steps, the sweeps' tables."""
+    s = rep.params["sample"]
+    csv_cols = POINT_COLUMNS + interval_columns(q.cols, q.points)
+    for name, points in (("quality.csv", q.points), (FID_CSV, q.sweep), ("guidance.csv", q.guidance),
+                         ("orders.csv", q.orders)):
+        rep.csv(name, [csv_row(p, q.cols) for p in points], csv_cols)
+    if q.fid_cols:
+        curves = {col: {model: [(p.point.steps, p.metrics[col], half_width(p, col)) for p in q.sweep
+                                if p.point.model == model and col in p.metrics] for model in pipeline.MODELS}
+                  for col in q.fid_cols}
+        rep.figure(figures.fid_vs_steps(rep.out / FID_PNG, curves, q.boot.level))
+
+    def table(points: list[Point]) -> str:
+        return markdown_table([md_row(p, q.shown) for p in points], POINT_COLUMNS + q.shown)
+
+    return ["## Quality vs decoding steps: ARPG and the raster baseline\n",
+            f"ARPG decodes in the given number of steps (random order, cfg {format_cfg(s['cfg_default'])}); the "
+            f"raster baseline predicts one token per step ({token_count(rep.params)} steps). "
+            f"Table: `{FID_CSV}`; all points: `quality.csv`.\n", interval_text(q.boot),
+            table(q.sweep), f"![FID vs steps]({FID_PNG})\n",
+            f"## Guidance scale (ARPG at {s['steps_default']} steps, raster)\n", table(q.guidance),
+            f"## Generation orders (ARPG, {s['steps_default']} steps, cfg {format_cfg(s['cfg_default'])})\n",
+            table(q.orders)]
+
+
+def _noise(rep: Report, q: Quality) -> list[str]:
+    md, rows = noise_section(rep.params, q.points, [c for c in q.shown if c.startswith(("fid_", "accuracy_"))],
+                             q.boot)
+    if rows:
+        rep.csv("differences.csv", rows, DIFFERENCE_COLUMNS)
+    return md
+
+
+def _speed(rep: Report, q: Quality) -> list[str]:
+    """Throughput and memory from profile.json, with the profile's own figures drawn from it."""
+    if "profile" not in rep.rules:
+        return []
+    profile_doc = read_output(rep.layout.profile_json, "profile")
+    speed = speed_rows(profile_doc)
+    gains = profile_doc.get("speedups", [])
+    rep.csv(SPEED_CSV, speed, SPEED_COLUMNS)
+    rep.csv("speedups.csv", gains, GAIN_COLUMNS)
+    md = ["## Throughput and memory\n", f"Timings from: {hardware(profile_doc)}.\n",
+          "`img_s`: generated token grids per second (median over repeats); `peak_mem_mib`: peak memory "
+          "of the run; speed-ups are ARPG over the raster twin of the same backbone and batch.\n",
+          markdown_table(speed, SPEED_COLUMNS), "### Speed-up of ARPG over raster decoding\n",
+          markdown_table(gains, GAIN_COLUMNS)]
+    if speed:
+        rep.figure(figures.throughput_vs_steps(profile_doc, rep.out / figures.THROUGHPUT))
+        rep.figure(figures.memory(profile_doc, rep.out / figures.MEMORY))
+        md += [f"![images/s vs steps]({figures.THROUGHPUT})\n", f"![memory]({figures.MEMORY})\n"]
+    if q.fid_cols:
+        md += _quality_vs_speed(rep, q, speed)
+    for g in gains:
+        rep.headline[f"speedup_gen.{g['model']}.b{g['batch']}.s{g['steps']}"] = g["speedup_gen"]
+    return md
+
+
+def _quality_vs_speed(rep: Report, q: Quality, speed: list[dict]) -> list[str]:
+    fid = q.fid_cols[0]
+    pairs = pareto_pairs(q.sweep, speed, fid)
+    if not pairs:
+        return ["_No FID-vs-speed pairs: the profile has no rows of the study models (`default` in "
+                "profile.models) at the sampled step counts._\n"]
+    rep.csv("pareto.csv", pairs)
+    rep.figure(figures.fid_vs_throughput(rep.out / "fid_vs_throughput.png", pairs, pareto_front(pairs, fid), fid))
+    by_point = {(p.point.model, p.point.steps, format_cfg(p.point.cfg), p.point.order): p for p in q.sweep}
+    rows = [{**r, fid: with_interval(by_point[r["model"], r["steps"], r["cfg"], r["order"]], fid)} for r in pairs]
+    return [f"### Quality vs speed ({fid} vs images/s of the study models)\n",
+            markdown_table(rows, ["model", "steps", "cfg", "order", "img_s", "batch", fid]),
+            "![FID vs images/s](fid_vs_throughput.png)\n"]
+
+
+def _tokenizer(rep: Report) -> list[str]:
+    tok_train = read_output(rep.layout.tokenizer_metrics, "train-tokenizer")
+    source = (f"pretrained `{tok_train['pretrained']}`" if tok_train.get("pretrained")
+              else "trained by `arpg train-tokenizer`")
+    md = ["## Tokenizer\n", f"Weights: {source} ({tok_train.get('steps')} steps).\n"]
+    if "tokenize" in rep.rules:
+        tok = numeric_leaves(read_output(rep.layout.tokenize_metrics, "tokenize"))
+        rep.csv("tokenizer.csv", [tok], list(tok))
+        rep.copy(rep.layout.reconstructions, "tokenizer_reconstructions.png")
+        md += ["Reconstruction and codebook use (`arpg tokenize`):\n", markdown_kv(tok),
+               "![reconstructions](tokenizer_reconstructions.png)\n"]
+    return md
+
+
+def _classifier(rep: Report) -> list[str]:
+    if "train_classifier" not in rep.rules:
+        return []
+    clf = numeric_leaves(read_output(rep.layout.classifier_metrics, "train-classifier"))
+    rep.csv("classifier.csv", [clf], list(clf))
+    return ["## Evaluation classifier (sanity row)\n", markdown_kv(clf)]
+
+
+def _training(rep: Report) -> list[str]:
+    rows = []
+    for model in pipeline.MODELS:
+        doc = read_output(rep.layout.model_metrics(model), f"train --model {model}")
+        rows.append({"model": model, "name": doc.get("model") if isinstance(doc, dict) else None,
+                     **numeric_leaves(doc)})
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    rep.csv("training.csv", rows, cols)
+    return ["## Training\n", markdown_table(rows, cols)]
+
+
+def _grids(rep: Report, q: Quality) -> list[str]:
+    """Every sample grid copied into grids/<model>/<tag>.png; those of the steps sweep shown."""
+    md = ["## Sample grids\n"]
+    shown = {p.point for p in q.sweep}
+    for job in [j for j in pipeline.jobs(rep.params) if j.rule == "sample"]:
+        p = point_of(job)
+        rep.copy(rep.layout.sample_grid(p), f"grids/{p.model}/{p.tag}.png")
+        if p in shown:
+            md.append(f"**{p.model}, {p.steps} steps, cfg {format_cfg(p.cfg)}, {p.order}**\n\n"
+                      f"![{p.model} {p.tag}](grids/{p.model}/{p.tag}.png)\n")
+    md.append("All grids: `grids/<model>/<tag>.png`.\n")
+    return md
+
+
+def _galleries(rep: Report) -> list[str]:
+    if "gallery" not in rep.rules:
+        return []
+    gallery = read_output(rep.layout.gallery_json, "gallery")
+    md = ["## Zero-shot galleries (ARPG)\n"]
+    for task in rep.params["gallery"]["tasks"]:
+        rep.copy(rep.layout.gallery_image(task), f"gallery/{task}.png")
+        info = gallery.get("tasks", {}).get(task)
+        note = ", ".join(f"{k}: {v}" for k, v in info.items()
+                         if not isinstance(v, (dict, list)) and k != "image") if isinstance(info, dict) else ""
+        md.append(f"**{task}**{' (' + note + ')' if note else ''}\n\n![{task}](gallery/{task}.png)\n")
+    return md
+
+
+def plot_specs(params) -> list[tuple[str, Any]]:
+    """DVC `plots:` entries for the report's CSV tables and PNG figures."""
+    out = Path(params["report"]["dir"])
+    fid = [f"fid_{suffix(x)}" for x in params["evaluate"]["extractors"]]
+    return [
+        ("fid_vs_steps", {"template": "linear", "x": "steps", "y": {str(out / FID_CSV): fid},
+                          "title": "FID vs decoding steps (ARPG and raster)"}),
+        ("throughput_vs_steps", {"template": "linear", "x": "steps", "y": {str(out / SPEED_CSV): ["img_s"]},
+                                 "title": "images/s vs decoding steps"}),
+        ("fid_vs_steps_image", str(out / FID_PNG)),
+        ("throughput_image", str(out / figures.THROUGHPUT)),
+        ("memory_image", str(out / figures.MEMORY)),
+    ]
