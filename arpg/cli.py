@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-tokenizer": ("arpg.commands.train_tokenizer", "train the VQ tokenizer (or verify the pretrained one)"),
     "tokenize": ("arpg.commands.tokenize", "encode the prepared images into token grids; reconstruction metrics"),
     "train-classifier": ("arpg.commands.train_classifier", "train the small CNN used for IS / FID / accuracy"),
-    "train": ("arpg.commands.train", "train the ARPG model or the raster-order baseline"),
+    "train": ("arpg.commands.train", "train one study model, a decoder of arpg/decoders.py (or import it)"),
     "sample": ("arpg.commands.sample", "draw class-balanced samples for one sweep point"),
     "reference-stats": ("arpg.commands.reference_stats", "feature statistics of the real data for one extractor"),
     "evaluate": ("arpg.commands.evaluate", "FID / KID / IS / precision-recall of one sweep point"),

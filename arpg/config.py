@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import yaml
 
+from arpg.decoders import DECODERS
 from arpg.errors import ConfigError
 from arpg.paths import DEFAULT_PARAMS, SCHEMA_PATH, Layout, SweepPoint
 
@@ -96,11 +98,21 @@ class Params(ParamsView):
         return out
 
 
-def _schema() -> dict:
+def schema() -> dict:
+    """The params schema with every registered decoder's keys spelled out. The file gives their
+    types as patterns (`<name>_model`, `<name>_pretrained` under `train`) so it holds no decoder
+    name; here each pattern becomes the keys of the decoders in arpg/decoders.py, all required, so
+    a key of no registered decoder (a typo) is refused like any unknown key."""
     try:
-        return json.loads(SCHEMA_PATH.read_text())
+        doc = json.loads(SCHEMA_PATH.read_text())
     except FileNotFoundError as exc:  # pragma: no cover - broken checkout
         raise ConfigError(f"schema {SCHEMA_PATH} is missing; restore it from git") from exc
+    train = doc["properties"]["train"]
+    patterns = train.pop("patternProperties")
+    for key in (k for d in DECODERS.values() for k in (d.model_key, d.pretrained_key)):
+        train["properties"][key] = next(node for pattern, node in patterns.items() if re.search(pattern, key))
+        train["required"].append(key)
+    return doc
 
 
 def _key_path(path) -> str:
@@ -143,7 +155,7 @@ def validate(values: Any, source: str) -> None:
     """Raise ConfigError listing every schema violation of `values`."""
     import jsonschema
 
-    validator = jsonschema.Draft202012Validator(_schema())
+    validator = jsonschema.Draft202012Validator(schema())
     errors = sorted(validator.iter_errors(values), key=lambda e: list(map(str, e.absolute_path)))
     if not errors:
         return
@@ -218,16 +230,20 @@ def token_count(values: Mapping) -> int:
 
 
 def sweep_points(values: Mapping) -> list[SweepPoint]:
-    """Every (model, steps, cfg, order) the study samples and evaluates.
+    """Every (model, steps, cfg, order) the study samples and evaluates, for each registered decoder.
 
-    ARPG: the step sweep (random order, default cfg), the guidance sweep (default
-    steps) and the order sweep (default steps and cfg). Raster baseline: one token
-    per step, over the same guidance values.
+    A parallel decoder (ARPG): the step sweep (its native order, default cfg), the guidance sweep
+    (default steps) and the order sweep (default steps and cfg). A sequential one (the raster
+    baseline): one token per step in its native order, over the same guidance values.
     """
     s = values["sample"]
-    points = {SweepPoint("arpg", steps, s["cfg_default"], "random") for steps in s["steps"]}
-    points |= {SweepPoint("arpg", s["steps_default"], cfg, "random") for cfg in s["cfg"]}
-    points |= {SweepPoint("arpg", s["steps_default"], s["cfg_default"], order) for order in s["orders"]}
     n = token_count(values)
-    points |= {SweepPoint("raster", n, cfg, "raster") for cfg in [*s["cfg"], s["cfg_default"]]}
+    points: set[SweepPoint] = set()
+    for d in DECODERS.values():
+        if d.parallel:
+            points |= {SweepPoint(d.name, steps, s["cfg_default"], d.native_order) for steps in s["steps"]}
+            points |= {SweepPoint(d.name, s["steps_default"], cfg, d.native_order) for cfg in s["cfg"]}
+            points |= {SweepPoint(d.name, s["steps_default"], s["cfg_default"], order) for order in s["orders"]}
+        else:
+            points |= {SweepPoint(d.name, n, cfg, d.native_order) for cfg in [*s["cfg"], s["cfg_default"]]}
     return sorted(points, key=lambda p: (p.model, p.order, p.steps, p.cfg))

@@ -24,7 +24,7 @@ def format_cfg(cfg: float) -> str:
 class SweepPoint:
     """One sampling configuration: the unit of sampling and evaluation."""
 
-    model: str  # "arpg" | "raster"
+    model: str  # a decoder's name (arpg/decoders.py)
     steps: int
     cfg: float
     order: str

@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from arpg.config import sweep_points, unrecorded
+from arpg.decoders import DECODERS, zero_shot_decoder
 from arpg.errors import ConfigError
 from arpg.paths import Layout, SweepPoint, format_cfg
 
 POINT_WILDCARDS = ("model", "steps", "cfg", "order")
 # Values of sample.* that choose *which* points exist, not what one point does.
 SWEEP_KEYS = ("steps", "cfg", "orders", "steps_default", "cfg_default")
-MODELS = ("arpg", "raster")
+MODELS = DECODERS.keys()  # live view of the registry (engine/report.py reads it)
 
 
 @dataclass(frozen=True)
@@ -159,9 +160,12 @@ def _log(ctx: _Ctx, rule: str, w: Mapping[str, str], wildcards: tuple[str, ...])
     return f"{ctx.log_dir}/{rule}/" + "_".join(w[k] for k in wildcards) + ".log"
 
 
+def _pretrained(params: Mapping, model: str) -> str | None:
+    return params["train"][DECODERS[model].pretrained_key]
+
+
 def _needs_tokens(params: Mapping) -> bool:
-    train = params["train"]
-    return train["arpg_pretrained"] is None or train["raster_pretrained"] is None
+    return any(_pretrained(params, m) is None for m in DECODERS)
 
 
 def _extractors(params: Mapping) -> list[str]:
@@ -240,33 +244,29 @@ def _train_classifier(ctx: _Ctx, w) -> Job:
                threads=ctx.params["threads"], gpus=_gpus(ctx.params), log=_log(ctx, "train_classifier", w, ()))
 
 
-def _train_model(model: str) -> Callable[[_Ctx, dict], Job]:
-    other = "raster" if model == "arpg" else "arpg"
-
-    def build(ctx: _Ctx, w) -> Job:
-        params, lay = ctx.params, ctx.layout
-        train, tok = params["train"], params["tokenizer"]
-        pretrained = train[f"{model}_pretrained"]
-        rule = f"train_{model}"
-        outputs = (_s(lay.model_checkpoint(model)), _s(lay.model_metrics(model)))
-        keys = _keys("device", "seed", TOKEN_SPACE_KEYS,
-                     _section(params, "train", drop=(f"{other}_model", f"{other}_pretrained")))
-        if pretrained:
-            # Released weights: the command loads them strictly and re-saves model.pt; no training.
-            return Job(rule, {}, ("train", "--model", model), (), outputs, keys, external=(pretrained,),
-                       log=_log(ctx, rule, w, ()))
-        if train["use_flipped"] and not tok["tokenize_flip"]:
-            raise ConfigError(f"{params.get('name')}: train.use_flipped is true but tokenizer.tokenize_flip "
-                              "is false, so no flipped tokens exist; enable one and disable the other")
-        inputs = [_s(lay.tokens("train")), _s(lay.token_labels("train"))]
-        if train["use_flipped"]:
-            inputs.append(_s(lay.tokens("train_flip")))
-        nproc = train["nproc"]
-        return Job(rule, {}, ("train", "--model", model), tuple(inputs), outputs, keys,
-                   launcher=_torchrun(nproc), threads=train["threads"] * nproc, gpus=_gpus(params, nproc),
-                   log=_log(ctx, rule, w, ()))
-
-    return build
+def _train(ctx: _Ctx, w) -> Job:
+    """One decoder's generator, trained on the tokens or imported from its released weights."""
+    params, lay = ctx.params, ctx.layout
+    train, tok, model = params["train"], params["tokenizer"], w["model"]
+    # a name of no decoder is a placeholder: Snakemake's pattern ("{model}": outputs and log only) or
+    # DVC's foreach template ("${item.model}"), which then matches no decoder's job (their own keys)
+    pretrained = _pretrained(params, model) if model in DECODERS else None
+    outputs = (_s(lay.model_checkpoint(model)), _s(lay.model_metrics(model)))
+    others = tuple(k for d in DECODERS.values() if d.name != model for k in (d.model_key, d.pretrained_key))
+    keys = _keys("device", "seed", TOKEN_SPACE_KEYS, _section(params, "train", drop=others))
+    args, log = ("train", "--model", model), _log(ctx, "train", w, ("model",))
+    if pretrained:
+        # Released weights: the command loads them strictly and re-saves model.pt; no training.
+        return Job("train", dict(w), args, (), outputs, keys, external=(pretrained,), log=log)
+    if train["use_flipped"] and not tok["tokenize_flip"]:
+        raise ConfigError(f"{params.get('name')}: train.use_flipped is true but tokenizer.tokenize_flip "
+                          "is false, so no flipped tokens exist; enable one and disable the other")
+    inputs = [_s(lay.tokens("train")), _s(lay.token_labels("train"))]
+    if train["use_flipped"]:
+        inputs.append(_s(lay.tokens("train_flip")))
+    nproc = train["nproc"]
+    return Job("train", dict(w), args, tuple(inputs), outputs, keys, launcher=_torchrun(nproc),
+               threads=train["threads"] * nproc, gpus=_gpus(params, nproc), log=log)
 
 
 def _sample(ctx: _Ctx, w) -> Job:
@@ -314,15 +314,15 @@ def _profile(ctx: _Ctx, w) -> Job:
     inputs = ()
     keys = _keys("device", "profile", DECODING_KEYS, "seed")
     if "default" in prof["models"]:  # the study's own models (+ tokenizer, end-to-end) are timed too
-        inputs = (*(_s(lay.model_checkpoint(m)) for m in MODELS), _s(lay.tokenizer_checkpoint))
-        keys += _keys(TOKEN_SPACE_KEYS, *(f"train.{m}_model" for m in MODELS))
+        inputs = (*(_s(lay.model_checkpoint(m)) for m in DECODERS), _s(lay.tokenizer_checkpoint))
+        keys += _keys(TOKEN_SPACE_KEYS, *(f"train.{d.model_key}" for d in DECODERS.values()))
     return Job("profile", {}, ("profile",), inputs, (_s(lay.profile_csv), _s(lay.profile_json)), keys,
                threads=prof["threads"], gpus=_gpus(params), log=_log(ctx, "profile", w, ()))
 
 
 def _gallery(ctx: _Ctx, w) -> Job:
     params, lay = ctx.params, ctx.layout
-    inputs = (_s(lay.model_checkpoint("arpg")), _s(lay.tokenizer_checkpoint),
+    inputs = (_s(lay.model_checkpoint(zero_shot_decoder().name)), _s(lay.tokenizer_checkpoint),
               _s(lay.images("test")), _s(lay.labels("test")))
     outputs = tuple(_s(lay.gallery_image(t)) for t in params["gallery"]["tasks"]) + (_s(lay.gallery_json),)
     return Job("gallery", {}, ("gallery",), inputs, outputs,
@@ -369,14 +369,13 @@ RULES: dict[str, Rule] = {r.name: r for r in (
     Rule("tokenize", (), _tokenize, lambda p: [{}] if _needs_tokens(p) else []),
     Rule("train_classifier", (), _train_classifier,
          lambda p: [{}] if "classifier" in _extractors(p) else []),
-    Rule("train_arpg", (), _train_model("arpg"), lambda p: [{}]),
-    Rule("train_raster", (), _train_model("raster"), lambda p: [{}]),
+    Rule("train", ("model",), _train, lambda p: [{"model": m} for m in DECODERS]),
     Rule("sample", POINT_WILDCARDS, _sample, _point_instances),
     Rule("reference_stats", ("extractor",), _reference_stats,
          lambda p: [{"extractor": x} for x in _extractors(p)]),
     Rule("evaluate", POINT_WILDCARDS, _evaluate, _point_instances),
     Rule("profile", (), _profile, lambda p: [{}]),
-    Rule("gallery", (), _gallery, lambda p: [{}]),
+    Rule("gallery", (), _gallery, lambda p: [{}] if zero_shot_decoder() else []),
     Rule("report", (), _report, lambda p: [{}]),
 )}
 
@@ -421,7 +420,7 @@ def pattern(params: Mapping, rule: str) -> Job:
 
 def wildcard_constraints() -> dict[str, str]:
     """Regexes that keep Snakemake from splitting paths at the wrong place."""
-    return {"model": "|".join(MODELS), "steps": r"[0-9]+", "cfg": r"[0-9]+(\.[0-9]+)?",
+    return {"model": "|".join(DECODERS), "steps": r"[0-9]+", "cfg": r"[0-9]+(\.[0-9]+)?",
             "order": r"[a-z]+(-[a-z]+)?", "extractor": r"[a-z]+(-[a-z]+)?"}
 
 

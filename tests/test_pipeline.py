@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,21 +17,25 @@ import yaml
 from arpg import pipeline
 from arpg.commands import export_dvc
 from arpg.config import load_params
+from arpg.decoders import DECODERS
 from arpg.paths import REPO_ROOT, Layout
 
 BIN = Path(sys.executable).parent
 SNAKEMAKE = [str(BIN / "snakemake"), "--snakefile", str(REPO_ROOT / "Snakefile")]
 ENV_PATH = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 
-# Prints every job of the DAG (forced, so existing outputs do not hide jobs) as JSON.
+# Prints every job of the DAG (forced, so existing outputs do not hide jobs) as JSON. Decoders given
+# as JSON (Decoder fields) are registered first: the Snakefile imports the same arpg modules.
 _DAG_SCRIPT = r"""
 import json, sys
 from pathlib import Path
 from snakemake.api import SnakemakeApi
 from snakemake.settings.enums import Quietness
 from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings
+from arpg.decoders import DECODERS, Decoder
 
-snakefile, workdir, params = sys.argv[1:4]
+snakefile, workdir, params, extra = sys.argv[1:5]
+DECODERS.update((d["name"], Decoder(**d)) for d in json.loads(extra))
 with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
     wf_api = api.workflow(resource_settings=ResourceSettings(cores=256),
                           config_settings=ConfigSettings(config={"params": params}),
@@ -51,9 +56,10 @@ def _run(cmd, cwd, **kw):
                           env={**os.environ, "PATH": ENV_PATH}, **kw)
 
 
-def snakemake_jobs(params_path: Path, workdir: Path) -> list[dict]:
-    proc = _run([sys.executable, "-c", _DAG_SCRIPT, str(REPO_ROOT / "Snakefile"), str(workdir), str(params_path)],
-                REPO_ROOT)
+def snakemake_jobs(params_path: Path, workdir: Path, extra_decoders=()) -> list[dict]:
+    extra = json.dumps([dataclasses.asdict(d) for d in extra_decoders])
+    proc = _run([sys.executable, "-c", _DAG_SCRIPT, str(REPO_ROOT / "Snakefile"), str(workdir), str(params_path),
+                 extra], REPO_ROOT)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("DAG-JSON ")), None)
     assert line, proc.stdout + proc.stderr
     return json.loads(line[len("DAG-JSON "):])
@@ -95,8 +101,9 @@ def _by_outputs(items, key):
     return table
 
 
-def check_three_way(params_path: Path, root: Path) -> list[pipeline.Job]:
-    """Snakemake's DAG and DVC's stages both equal pipeline.jobs(): commands, inputs, outputs, params."""
+def check_three_way(params_path: Path, root: Path, extra_decoders=()) -> list[pipeline.Job]:
+    """Snakemake's DAG and DVC's stages both equal pipeline.jobs(): commands, inputs, outputs, params.
+    `extra_decoders`: registered in this process already; Snakemake's gets them too."""
     params = load_params(params_path)
     jobs = pipeline.jobs(params)
     # DVC also declares the report directory (uncached); Snakemake tracks the report by its index file
@@ -105,7 +112,7 @@ def check_three_way(params_path: Path, root: Path) -> list[pipeline.Job]:
     smk_key = {frozenset(_abs(o, root) for o in j.all_outputs): frozenset(_abs(o, root) for o in j.outputs)
                for j in jobs}
     smk = _by_outputs([{**j, "outs": [_abs(o, root) for o in j["outputs"]]}
-                       for j in snakemake_jobs(params_path, root)], "outs")
+                       for j in snakemake_jobs(params_path, root, extra_decoders)], "outs")
     dvc = _by_outputs(dvc_jobs(params, root), "outs")
     assert set(smk) == set(smk_key.values()) and set(expected) == set(dvc)
     for outs, item in expected.items():
@@ -130,16 +137,17 @@ def test_smoke_dag_equals_dvc_and_pipeline(params_file, tmp_path):
     jobs = check_three_way(params_file("configs/smoke.yaml"), tmp_path)
     rules = {j.rule for j in jobs}
     assert rules == set(pipeline.RULES)  # every stage is in the smoke study
+    assert [j.name for j in jobs if j.rule == "train"] == [f"train@{m}" for m in DECODERS]  # one per decoder
     assert len([j for j in jobs if j.rule == "sample"]) == 4
 
 
 def test_paper_dag_equals_dvc_and_pipeline(params_file, tmp_path):
     jobs = check_three_way(params_file("configs/paper.yaml"), tmp_path)
-    by_rule = {j.rule: j for j in jobs}
-    # released weights: no tokenize, no classifier; the train rules only import
-    assert "tokenize" not in by_rule and "train_classifier" not in by_rule
-    assert by_rule["train_arpg"].external == ("weights/arpg_300m.pt",) and by_rule["train_arpg"].inputs == ()
-    sample = by_rule["sample"]
+    by_name = {j.name: j for j in jobs}
+    # released weights: no tokenize, no classifier; the train jobs only import
+    assert "tokenize" not in by_name and "train_classifier" not in by_name
+    assert by_name["train@arpg"].external == ("weights/arpg_300m.pt",) and by_name["train@arpg"].inputs == ()
+    sample = next(j for j in jobs if j.rule == "sample")
     assert sample.gpus == 8 and sample.launcher[:1] == ("torchrun",)
 
 
@@ -194,16 +202,16 @@ def test_sweep_change_touches_only_the_jobs_it_feeds(params_file):
     changed = {n for n in base if hotter[n] != base[n]}
     assert changed == {n for n in base if n.startswith("sample@")} | {"gallery", "profile"}
     raster = _prints(params_file("configs/smoke.yaml", **{"train.raster_model": "LlamaGen-S"}))
-    assert {n for n in base if raster[n] != base[n]} == {"train_raster", "profile"}  # profile labels rows
+    assert {n for n in base if raster[n] != base[n]} == {"train@raster", "profile"}  # profile labels rows
 
 
 def test_weights_file_identity_enters_the_fingerprint(params_file, tmp_path):
     weights = tmp_path / "arpg_300m.pt"
     weights.write_bytes(b"1234")
     path = params_file("configs/smoke.yaml", **{"train.arpg_pretrained": str(weights)})
-    first = _prints(path)["train_arpg"]
+    first = _prints(path)["train@arpg"]
     weights.write_bytes(b"123456")
-    assert _prints(path)["train_arpg"] != first
+    assert _prints(path)["train@arpg"] != first
 
 
 # --------------------------------------------------------------------------- snakemake CLI
@@ -224,10 +232,9 @@ def test_paper_dry_run_lists_jobs_and_resources(tmp_path):
                  f"params={REPO_ROOT / 'configs/paper.yaml'}"], REPO_ROOT)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    assert _job_counts(out) == {"prepare_data": 1, "train_tokenizer": 1, "train_arpg": 1, "train_raster": 1,
-                                "sample": 12, "reference_stats": 1, "evaluate": 12, "profile": 1, "gallery": 1,
+    assert _job_counts(out) == {"prepare_data": 1, "train_tokenizer": 1, "train": len(DECODERS), "sample": 12, "reference_stats": 1, "evaluate": 12, "profile": 1, "gallery": 1,
                                 "report": 1, "all": 1, "total": 33}
-    assert "note: weights/arpg_300m.pt does not exist yet (needed by train_arpg)" in out
+    assert "note: weights/arpg_300m.pt does not exist yet (needed by train@arpg)" in out
     assert re.search(r"torchrun --standalone --nproc_per_node=8 --no-python arpg sample .*--steps 256", out)
     sample_blocks = re.findall(r"rule sample:\n(?:    .*\n)+", out)
     assert len(sample_blocks) == 12 and all("gpu=8" in b for b in sample_blocks)
@@ -250,7 +257,7 @@ def test_slurm_profile_dry_run(tmp_path):
     blocks = {m.group(1): m.group(0) for m in re.finditer(r"rule (\w+):\n(?:    .*\n)+", out)}
     assert "runtime=240" in blocks["sample"] and "gpu=8" in blocks["sample"]
     assert "slurm_partition=gpu" in blocks["sample"] and "cpus_per_task=32" in blocks["sample"]
-    assert "runtime=10080" in blocks["train_arpg"]
+    assert "runtime=10080" in blocks["train"]
     assert "gpu=1" in blocks["evaluate"]
     localrules = (REPO_ROOT / "workflow/rules/common.smk").read_text()
     assert re.search(r"localrules:\n\s+all,\n\s+report,", localrules)
@@ -270,7 +277,7 @@ def test_missing_weights_stop_before_any_job(tmp_path):
                 REPO_ROOT)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "weights/arpg_300m.pt  (needed by train_arpg)" in out
+    assert "weights/arpg_300m.pt  (needed by train@arpg)" in out
     assert "weights/vq_ds16_c2i.pt  (needed by train_tokenizer)" in out
     assert str(data) not in out.split("these files do not exist")[-1]  # present data is not listed
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "logs").exists()  # no job started
@@ -281,12 +288,12 @@ def test_released_weights_skip_training_jobs(params_file, tmp_path):
     paths = {"tokenizer.pretrained": tmp_path / "vq_ds16_c2i.pt", "train.arpg_pretrained": tmp_path / "arpg.pt",
              "train.raster_pretrained": tmp_path / "gpt.pt"}
     params = load_params(params_file("configs/smoke.yaml", **{k: str(v) for k, v in paths.items()}))
-    jobs = {j.rule: j for j in pipeline.jobs(params)}
+    jobs = {j.name: j for j in pipeline.jobs(params)}
     assert "tokenize" not in jobs
     lay = params.layout
-    for rule, key in (("train_tokenizer", "tokenizer.pretrained"), ("train_arpg", "train.arpg_pretrained"),
-                      ("train_raster", "train.raster_pretrained")):
-        assert jobs[rule].inputs == () and jobs[rule].external == (str(paths[key]),)
+    for name, key in (("train_tokenizer", "tokenizer.pretrained"), ("train@arpg", "train.arpg_pretrained"),
+                      ("train@raster", "train.raster_pretrained")):
+        assert jobs[name].inputs == () and jobs[name].external == (str(paths[key]),)
     assert str(lay.tokens("train")) not in {i for j in jobs.values() for i in j.inputs}
 
 
@@ -343,8 +350,8 @@ def test_released_layout_weights_drive_the_sweep(tmp_path):
     assert proc.returncode == 0, out[-6000:]
     ran = _executed(out)
     assert "tokenize" not in ran and ran["sample"] == ran["evaluate"] == len(targets)
-    for model in ("arpg", "raster"):
-        log = (tmp_path / pipeline.job(params, f"train_{model}").log).read_text()
+    for model in DECODERS:
+        log = (tmp_path / pipeline.job(params, "train", {"model": model}).log).read_text()
         assert "training skipped" in log
     for target in targets:
         metrics = json.loads(Path(target).read_text())

@@ -8,9 +8,11 @@ Metrics JSON: the point estimates as flat `<metric>_<extractor>` keys, plus
 
 from __future__ import annotations
 
+from arpg.decoders import DECODERS
+
 
 def configure(parser) -> None:
-    parser.add_argument("--model", required=True, choices=("arpg", "raster"))
+    parser.add_argument("--model", required=True, choices=tuple(DECODERS))
     parser.add_argument("--steps", required=True, type=int)
     parser.add_argument("--cfg", required=True, type=float)
     parser.add_argument("--order", required=True)

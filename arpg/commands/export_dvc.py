@@ -92,7 +92,8 @@ def render(params, params_file: str, root: Path | None = None) -> dict[str, Any]
         concrete = {j.key: _stage(j, params_file, root) for j in rule_jobs}
         if all(_substitute(template, j.wildcards) == concrete[j.key] for j in rule_jobs):
             stages[rule.name] = {"foreach": {j.key: dict(j.wildcards) for j in rule_jobs}, "do": template}
-        else:  # per-item inputs differ (e.g. only the classifier extractor reads the classifier)
+        else:  # per-item inputs or keys differ (only the classifier extractor reads the classifier; each
+            # decoder trains from its own train.<name>_* keys)
             for j in rule_jobs:
                 stages[f"{rule.name}-{j.key}"] = concrete[j.key]
     return {"stages": stages, "metrics": _metrics(all_jobs, root), "plots": _plots(params, root)}

@@ -1,4 +1,5 @@
-"""`arpg gallery`: zero-shot inpainting, outpainting and resolution expansion with the trained ARPG.
+"""`arpg gallery`: zero-shot inpainting, outpainting and resolution expansion with the trained ARPG
+(the zero-shot decoder of arpg/decoders.py).
 
 Test images are tokenized with the VQ tokenizer; for each task in `gallery.tasks`
 one PNG (a row per image: input | input with the unknown cells grey | outputs)
@@ -39,6 +40,7 @@ def panel(result: dict):
 def run(args, params) -> None:
     from arpg.commands.sample import init_distributed, load_models, save_png
     from arpg.data.arrays import load_images, load_labels
+    from arpg.decoders import zero_shot_decoder
     from arpg.engine.sampler import SamplerConfig, batch_seed
     from arpg.engine.zeroshot import pick_images, run_task
     from arpg.models.vq import from_uint8
@@ -48,7 +50,7 @@ def run(args, params) -> None:
     gal, smp = params["gallery"], params["sample"]
     layout = params.layout
     _, _, device = init_distributed(params["device"])
-    model, tokenizer = load_models(params, "arpg", device)
+    model, tokenizer = load_models(params, zero_shot_decoder().name, device)
     images_N = load_images(layout, "test")
     labels_N = load_labels(layout, "test")
     index = pick_images(labels_N, gal["num_images"])

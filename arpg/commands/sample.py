@@ -15,19 +15,20 @@ import time
 import numpy as np
 import torch
 
+from arpg.decoders import DECODERS
 from arpg.errors import ArpgError
 
 GRID_COLUMNS = 10  # samples per class shown in the PNG grid
 
 
 def configure(parser) -> None:
-    parser.add_argument("--model", choices=("arpg", "raster"), required=True, help="which trained generator")
+    parser.add_argument("--model", choices=tuple(DECODERS), required=True, help="which trained generator")
     parser.add_argument("--steps", type=int, required=True,
-                        help="decoding steps (raster: must equal the token count)")
+                        help="decoding steps (a sequential decoder: must equal the token count)")
     parser.add_argument("--cfg", type=float, required=True, help="classifier-free guidance scale (1: off)")
     parser.add_argument("--order", required=True,
                         help="generation order: random, raster, spiral-in, spiral-out, z-curve, alternate "
-                             "(raster model: raster)")
+                             "(a sequential decoder: its native order)")
 
 
 def check_point(point, n_tokens: int) -> None:
@@ -35,9 +36,11 @@ def check_point(point, n_tokens: int) -> None:
 
     if point.order not in ORDERS:
         raise ArpgError(f"unknown order {point.order!r}; use one of {', '.join(ORDERS)}")
-    if point.model == "raster" and (point.order != "raster" or point.steps != n_tokens):
-        raise ArpgError(f"the raster baseline decodes one token per step in raster order: use "
-                        f"--steps {n_tokens} --order raster (got --steps {point.steps} --order {point.order})")
+    decoder = DECODERS[point.model]
+    if not decoder.parallel and (point.order != decoder.native_order or point.steps != n_tokens):
+        raise ArpgError(f"the {decoder.label} decodes one token per step in {decoder.native_order} order: use "
+                        f"--steps {n_tokens} --order {decoder.native_order} "
+                        f"(got --steps {point.steps} --order {point.order})")
     if not 1 <= point.steps <= n_tokens:
         raise ArpgError(f"--steps {point.steps} must be between 1 and the {n_tokens} tokens of the grid")
 

@@ -74,8 +74,9 @@ def log(rule):
 
 
 def threads(rule):
-    return PIPE.pattern(PARAMS, rule).threads
+    """Per job: one rule's jobs may differ (a decoder importing released weights runs no torchrun)."""
+    return lambda wildcards: PIPE.job(PARAMS, rule, dict(wildcards)).threads
 
 
 def gpus(rule):
-    return PIPE.pattern(PARAMS, rule).gpus
+    return lambda wildcards: PIPE.job(PARAMS, rule, dict(wildcards)).gpus

@@ -21,38 +21,21 @@ rule train_classifier:
         "{params.command} > {log:q} 2>&1"
 
 
-rule train_arpg:
+# One job per decoder of arpg/decoders.py (the `model` wildcard): a registered decoder is in the
+# DAG without a rule of its own.
+rule train:
     input:
-        inputs("train_arpg"),
+        inputs("train"),
     output:
-        out("train_arpg"),
+        out("train"),
     log:
-        log("train_arpg"),
+        log("train"),
     params:
-        fingerprint=fingerprint("train_arpg"),
-        command=command("train_arpg"),
-    threads: threads("train_arpg")
+        fingerprint=fingerprint("train"),
+        command=command("train"),
+    threads: threads("train")
     resources:
-        gpu=gpus("train_arpg"),
-    conda:
-        CONDA_ENV
-    shell:
-        "{params.command} > {log:q} 2>&1"
-
-
-rule train_raster:
-    input:
-        inputs("train_raster"),
-    output:
-        out("train_raster"),
-    log:
-        log("train_raster"),
-    params:
-        fingerprint=fingerprint("train_raster"),
-        command=command("train_raster"),
-    threads: threads("train_raster")
-    resources:
-        gpu=gpus("train_raster"),
+        gpu=gpus("train"),
     conda:
         CONDA_ENV
     shell:

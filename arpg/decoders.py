@@ -1,0 +1,91 @@
+"""The decoders a study compares: one entry each, the only place that names them.
+
+Training, sampling, the sweeps, evaluation, the profile, the report and the CLI iterate
+`DECODERS`; adding a decoder is its own modules plus one `Decoder` entry here. A decoder's
+name is the `model` wildcard, the `--model` value and its folder under the Layout
+(`models/<name>/`, `samples/<name>/`, `metrics/<name>/`); its params keys are
+`train.<name>_model` (a size of arpg/models/registry.py) and `train.<name>_pretrained`.
+
+Snakemake imports this module (through arpg/pipeline.py): no torch here. The torch-side code
+of a decoder lives in its `implementation` module, imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Iterator
+
+from arpg.errors import ArpgError
+
+_NAME = re.compile(r"[a-z][a-z0-9]*")  # no '-' or '_': job keys and params keys split on them
+
+
+@dataclass(frozen=True)
+class Decoder:
+    name: str            # `model` wildcard, --model value, Layout folder
+    label: str           # in text: "ARPG", "raster baseline"
+    size_kind: str       # the kind of models/registry.py SIZES it builds
+    implementation: str  # dotted module of its torch-side code (imported lazily)
+    parallel: bool       # True: any step count and order (steps, guidance and orders swept)
+    native_order: str    # its order; a sequential decoder decodes only in it, one token per step
+    zero_shot: bool = False  # edits images from pre-filled tokens (the gallery)
+
+    def __post_init__(self) -> None:
+        if not _NAME.fullmatch(self.name):
+            raise ArpgError(f"decoder name {self.name!r}: use lower-case letters and digits, starting with a letter")
+
+    @property
+    def model_key(self) -> str:
+        """Its key under `train:`: the registry size it trains."""
+        return f"{self.name}_model"
+
+    @property
+    def pretrained_key(self) -> str:
+        """Its key under `train:`: its released weights (null: train it)."""
+        return f"{self.name}_pretrained"
+
+    @property
+    def param_keys(self) -> tuple[str, str]:
+        """The same, dotted: train.<name>_model, train.<name>_pretrained."""
+        return (f"train.{self.model_key}", f"train.{self.pretrained_key}")
+
+    def module(self) -> ModuleType:
+        return importlib.import_module(self.implementation)
+
+
+DECODERS: dict[str, Decoder] = {d.name: d for d in (
+    Decoder("arpg", "ARPG", size_kind="arpg", implementation="arpg.models.arpg", parallel=True,
+            native_order="random", zero_shot=True),
+    Decoder("raster", "raster baseline", size_kind="raster", implementation="arpg.models.raster",
+            parallel=False, native_order="raster"),
+)}
+
+
+def decoder(name: str) -> Decoder:
+    """The registered decoder called `name`, or an error listing those that are."""
+    try:
+        return DECODERS[name]
+    except KeyError:
+        raise ArpgError(f"unknown decoder {name!r}; registered: {', '.join(DECODERS)} (arpg/decoders.py)") from None
+
+
+def zero_shot_decoder() -> Decoder | None:
+    """The decoder the gallery edits with: the first registered one that can (None: no gallery)."""
+    return next((d for d in DECODERS.values() if d.zero_shot), None)
+
+
+@contextmanager
+def registered(extra: Decoder) -> Iterator[Decoder]:
+    """Register `extra` for the duration of a `with` block (tests). DECODERS is changed in place,
+    so every module that iterates it sees the new entry."""
+    if extra.name in DECODERS:
+        raise ArpgError(f"decoder {extra.name!r} is registered already")
+    DECODERS[extra.name] = extra
+    try:
+        yield extra
+    finally:
+        del DECODERS[extra.name]
