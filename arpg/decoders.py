@@ -33,10 +33,15 @@ class Decoder:
     parallel: bool       # True: any step count and order (steps, guidance and orders swept)
     native_order: str    # its order; a sequential decoder decodes only in it, one token per step
     zero_shot: bool = False  # edits images from pre-filled tokens (the gallery)
+    short: str = ""          # in tables and plot legends ("raster"); the label when empty
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
             raise ArpgError(f"decoder name {self.name!r}: use lower-case letters and digits, starting with a letter")
+
+    @property
+    def short_label(self) -> str:
+        return self.short or self.label
 
     @property
     def model_key(self) -> str:
@@ -61,7 +66,7 @@ DECODERS: dict[str, Decoder] = {d.name: d for d in (
     Decoder("arpg", "ARPG", size_kind="arpg", implementation="arpg.models.arpg", parallel=True,
             native_order="random", zero_shot=True),
     Decoder("raster", "raster baseline", size_kind="raster", implementation="arpg.models.raster",
-            parallel=False, native_order="raster"),
+            parallel=False, native_order="raster", short="raster"),
 )}
 
 
@@ -71,6 +76,17 @@ def decoder(name: str) -> Decoder:
         return DECODERS[name]
     except KeyError:
         raise ArpgError(f"unknown decoder {name!r}; registered: {', '.join(DECODERS)} (arpg/decoders.py)") from None
+
+
+def labels(*, parallel: bool, short: bool = False) -> str:
+    """The labels of the parallel (or the sequential) decoders joined for prose: 'ARPG', 'raster baseline'."""
+    names = [d.short_label if short else d.label for d in DECODERS.values() if d.parallel is parallel]
+    return " and ".join(names) or "none"
+
+
+def native_orders(*, parallel: bool) -> str:
+    """Their native orders joined for prose: 'random'."""
+    return " / ".join(dict.fromkeys(d.native_order for d in DECODERS.values() if d.parallel is parallel))
 
 
 def zero_shot_decoder() -> Decoder | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from arpg.decoders import DECODERS
 from arpg.utils import save_figure
 
 # The profile's figures, in the order `profile_figures` writes them.
@@ -41,13 +42,19 @@ def _per_model_axes(plt, models: list[str]):
 def _log_steps_axis(ax, ylabel: str, title: str) -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("ARPG steps")
+    ax.set_xlabel("decoding steps")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=7)
 
 
 # --------------------------------------------------------------------------- profile (profile.json)
+
+def _speedup_pair() -> str:
+    """'ARPG / raster': the profile's speed-ups are each parallel decoder over each sequential one."""
+    short = [[d.short_label for d in DECODERS.values() if d.parallel is p] for p in (True, False)]
+    return f"{' | '.join(short[0])} / {' | '.join(short[1])}"
+
 
 def _ok_rows(doc: Mapping) -> list[dict]:
     return [r for r in doc["rows"] if r["status"] == "ok"]
@@ -58,50 +65,55 @@ def _models(doc: Mapping) -> list[str]:
 
 
 def throughput_vs_steps(doc: Mapping, path: Path) -> Path:
-    """images/s vs ARPG steps per model (spread as error bars, +VQ decode dashed), raster as a line."""
+    """images/s vs steps per model: parallel decoders as curves (spread as error bars, +VQ decode dashed),
+    sequential ones as lines."""
     plt = _plt()
     ok = _ok_rows(doc)
     fig, panels = _per_model_axes(plt, _models(doc))
     for ax, model in panels:
         for i, batch in enumerate(sorted({r["batch"] for r in ok if r["model"] == model})):
             color = f"C{i}"
-            arpg = sorted((r for r in ok if (r["model"], r["kind"], r["batch"]) == (model, "arpg", batch)),
-                          key=lambda r: r["steps"])
-            if arpg:
-                steps = [r["steps"] for r in arpg]
-                ax.errorbar(steps, [r["gen_img_s_median"] for r in arpg],
-                            yerr=[[r["gen_img_s_median"] - r["gen_img_s_min"] for r in arpg],
-                                  [r["gen_img_s_max"] - r["gen_img_s_median"] for r in arpg]],
-                            color=color, marker="o", label=f"ARPG b={batch}")
-                if arpg[0].get("e2e_img_s_median"):
-                    ax.plot(steps, [r["e2e_img_s_median"] for r in arpg], color=color, ls="--", marker=".",
-                            label=f"ARPG b={batch} (+VQ decode)")
+            for d in (d for d in DECODERS.values() if d.parallel):
+                rows = sorted((r for r in ok if (r["model"], r["kind"], r["batch"]) == (model, d.name, batch)),
+                              key=lambda r: r["steps"])
+                if not rows:
+                    continue
+                steps = [r["steps"] for r in rows]
+                ax.errorbar(steps, [r["gen_img_s_median"] for r in rows],
+                            yerr=[[r["gen_img_s_median"] - r["gen_img_s_min"] for r in rows],
+                                  [r["gen_img_s_max"] - r["gen_img_s_median"] for r in rows]],
+                            color=color, marker="o", label=f"{d.short_label} b={batch}")
+                if rows[0].get("e2e_img_s_median"):
+                    ax.plot(steps, [r["e2e_img_s_median"] for r in rows], color=color, ls="--", marker=".",
+                            label=f"{d.short_label} b={batch} (+VQ decode)")
             for r in ok:
-                if (r["model"], r["kind"], r["batch"]) == (model, "raster", batch):
+                d = DECODERS.get(r["kind"])
+                if d is not None and not d.parallel and (r["model"], r["batch"]) == (model, batch):
                     ax.axhline(r["gen_img_s_median"], color=color, ls=":",
-                               label=f"raster b={batch} ({r['steps']} steps)")
+                               label=f"{d.short_label} b={batch} ({r['steps']} steps)")
         _log_steps_axis(ax, "images / s", model)
     return save_figure(fig, path)
 
 
 def memory(doc: Mapping, path: Path) -> Path:
-    """Generation memory and analytic KV cache, ARPG beside raster, per model and batch."""
+    """Generation memory and analytic KV cache, the decoders side by side, per model and batch."""
     plt = _plt()
     ok = _ok_rows(doc)
     models = _models(doc)
     groups = sorted({(r["model"], r["batch"]) for r in ok}, key=lambda g: (models.index(g[0]), g[1]))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
-    width = 0.2
-    for j, (kind, what, key) in enumerate([("arpg", "ARPG gen. memory", "gen_mem_bytes"),
-                                           ("raster", "raster gen. memory", "gen_mem_bytes"),
-                                           ("arpg", "ARPG KV cache", "kv_cache_bytes"),
-                                           ("raster", "raster KV cache", "kv_cache_bytes")]):
+    width = 0.8 / (2 * len(DECODERS))
+    bars = [(d, what, key) for what, key in (("gen. memory", "gen_mem_bytes"), ("KV cache", "kv_cache_bytes"))
+            for d in DECODERS.values()]
+    for j, (d, what, key) in enumerate(bars):
         heights = []
         for model, batch in groups:
-            vals = [r[key] for r in ok if (r["model"], r["batch"], r["kind"]) == (model, batch, kind)]
+            vals = [r[key] for r in ok if (r["model"], r["batch"], r["kind"]) == (model, batch, d.name)]
             heights.append(max(vals) / 2**20 if vals else 0.0)
-        ax.bar([i + (j - 1.5) * width for i in range(len(groups))], heights, width, label=what,
-               color=f"C{j % 2}", hatch="//" if j >= 2 else None, alpha=1.0 if j < 2 else 0.5)
+        cache = j >= len(DECODERS)  # the second half of the bars: the analytic KV cache
+        ax.bar([i + (j - (len(bars) - 1) / 2) * width for i in range(len(groups))], heights, width,
+               label=f"{d.short_label} {what}", color=f"C{j % len(DECODERS)}", hatch="//" if cache else None,
+               alpha=0.5 if cache else 1.0)
     ax.set_xticks(range(len(groups)), [f"{m}\nb={b}" for m, b in groups])
     ax.set_ylabel("MiB above the loaded model\n(generation peak, max over steps)")
     ax.legend(fontsize=7)
@@ -109,7 +121,7 @@ def memory(doc: Mapping, path: Path) -> Path:
 
 
 def speedup_vs_steps(doc: Mapping, path: Path) -> Path:
-    """ARPG / raster images/s vs ARPG steps per model and batch, with the step ratio n/S."""
+    """Parallel / sequential images/s vs steps per model and batch, with the step ratio n/S."""
     plt = _plt()
     gains = doc["speedups"]
     fig, panels = _per_model_axes(plt, _models(doc))
@@ -122,7 +134,7 @@ def speedup_vs_steps(doc: Mapping, path: Path) -> Path:
         if mine:
             pts = sorted({(g["steps"], g["step_ratio"]) for g in mine})
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "k--", label="step ratio n/S")
-        _log_steps_axis(ax, "ARPG / raster images/s", model)
+        _log_steps_axis(ax, f"{_speedup_pair()} images/s", model)
     return save_figure(fig, path)
 
 
@@ -138,17 +150,17 @@ Curve = Sequence[tuple[float, float, float | None]]  # (x, y, interval half-widt
 
 
 def fid_vs_steps(path: Path, curves: Mapping[str, Mapping[str, Curve]], level: float | None = None) -> Path:
-    """One panel per FID column: {column: {"arpg" | "raster": [(steps, fid, half-width)]}}, with the
+    """One panel per FID column: {column: {decoder name: [(steps, fid, half-width)]}}, with the
     half-widths (intervals at `level`) as error bars where known."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
     for ax, (col, by_model) in zip(axes[0], curves.items()):
-        for model, marker in (("arpg", "o-"), ("raster", "s")):
-            pts = by_model.get(model)
+        for d in DECODERS.values():
+            pts = by_model.get(d.name)
             if pts:
                 xs, ys, halves = zip(*pts)
-                ax.errorbar(xs, ys, yerr=_yerr(halves), fmt=marker, capsize=3,
-                            label="ARPG (random order)" if model == "arpg" else "raster baseline")
+                ax.errorbar(xs, ys, yerr=_yerr(halves), fmt="o-" if d.parallel else "s", capsize=3,
+                            label=f"{d.label} ({d.native_order} order)" if d.parallel else d.label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("decoding steps")
         bars = level is not None and any(h is not None for pts in by_model.values() for _, _, h in pts)
@@ -163,7 +175,7 @@ def fid_vs_throughput(path: Path, pairs: list[dict], front: list[dict], fid_col:
     `model`, `steps`, `batch`), each point labelled with its steps, and the Pareto front dotted."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for model, marker in (("arpg", "o"), ("raster", "s")):
+    for model, marker in ((d.name, "o" if d.parallel else "s") for d in DECODERS.values()):
         pts = [p for p in pairs if p["model"] == model]
         if not pts:
             continue

@@ -186,11 +186,23 @@ def test_the_report_shows_the_toys_points_training_and_grids(toy_study):
     assert (out / "grids" / "toy" / "steps64_cfg2.0_raster.png").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="report iterates registry: lead's merge step "
-                                       "(engine/report.py filters the sweeps by the names arpg / raster)")
 def test_the_report_sweeps_a_sequential_decoder_like_the_raster_baseline(toy_study):
     out = report.build(toy_study)["dir"]
     for table in ("fid_vs_steps.csv", "guidance.csv"):
         rows = _csv(out / table)
         raster = [(r["steps"], r["cfg"], r["order"]) for r in rows if r["model"] == "raster"]
         assert raster and [(r["steps"], r["cfg"], r["order"]) for r in rows if r["model"] == "toy"] == raster, table
+
+
+def test_the_report_compares_every_step_count_with_each_sequential_baseline(toy_study):
+    from arpg.engine.report.noise import noise_comparisons, point_label
+    from arpg.engine.report.points import read_points
+
+    points = read_points(toy_study, toy_study.layout)
+    pairs = [(point_label(g, a.point), point_label(g, b.point)) for g, a, b in noise_comparisons(toy_study, points)
+             if g == "steps"]
+    steps = sorted({p.point.steps for p in points if p.point.model == "arpg" and p.point.order == "random"
+                    and p.point.cfg == float(toy_study["sample"]["cfg_default"])})
+    for baseline in ("raster", TOY.label):
+        assert [b for a, b in pairs if a == baseline] == [f"ARPG {s} steps" for s in steps], (baseline, pairs)
+    assert f"the raster baseline and {TOY.label} predicts" in (report.build(toy_study)["dir"] / "README.md").read_text()

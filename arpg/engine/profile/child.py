@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from arpg.engine.profile.planning import RANDOM_VQ16, RunSpec
+from arpg.decoders import DECODERS
 from arpg.errors import ArpgError, CheckpointError
 from arpg.utils import atomic_write_text
 
@@ -200,9 +201,10 @@ def _sampler(spec: RunSpec) -> Callable:
 
     common = dict(cfg=spec.cfg, cfg_schedule=spec.cfg_schedule, temperature=spec.temperature,
                   top_k=spec.top_k, top_p=spec.top_p)
-    if spec.kind == "arpg":
+    decoder = DECODERS[spec.kind]
+    if decoder.parallel:
         return lambda model, labels_B, gen: generate_arpg(model, labels_B, steps=spec.steps,
-                                                          schedule=spec.schedule, order="random",
+                                                          schedule=spec.schedule, order=decoder.native_order,
                                                           generator=gen, **common)
     return lambda model, labels_B, gen: generate_raster(model, labels_B, generator=gen, **common)
 

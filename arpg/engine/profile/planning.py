@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
+from arpg.decoders import DECODERS
 from arpg.errors import ArpgError
 
 # The one place that pairs an ARPG size with its same-backbone raster twin
@@ -27,14 +28,14 @@ class RunSpec:
     """One measured configuration; travels to the child process as JSON."""
 
     model: str              # size label: "default" or a registry ARPG name ("ARPG-L")
-    kind: str               # "arpg" | "raster"
+    kind: str               # decoder name (arpg/decoders.py)
     net: str                # network built: registry name ("LlamaGen-L") or the checkpoint's name
     checkpoint: str | None  # study checkpoint (model "default"); None: random init from the registry
     tokenizer: str | None   # VQ checkpoint, RANDOM_VQ16, or None (generation only)
     codebook_size: int
     num_classes: int
     grid: int
-    steps: int              # ARPG decoding steps; raster: grid * grid (one token per step)
+    steps: int              # decoding steps; a sequential decoder: grid * grid (one token per step)
     batch: int
     cfg: float
     schedule: str
@@ -90,13 +91,14 @@ def plan(params, models: Iterable[str] | None = None) -> list[RunSpec]:
         batches = sorted(set(limits.get("batch_sizes", prof["batch_sizes"])))
         if model == "default":
             grid = token_grid(params)
-            nets = {"arpg": (params["train"]["arpg_model"], str(layout.model_checkpoint("arpg"))),
-                    "raster": (params["train"]["raster_model"], str(layout.model_checkpoint("raster")))}
+            nets = {d.name: (params["train"][d.model_key], str(layout.model_checkpoint(d.name)))
+                    for d in DECODERS.values()}
             vocab = (params["tokenizer"]["codebook_size"], params["data"]["num_classes"])
             tokenizer = str(layout.tokenizer_checkpoint)
         else:
             grid = prof["grid"]
-            nets = {"arpg": (model, None), "raster": (twin_of(model), None)}
+            # a published parallel size and its sequential twin on the same backbone
+            nets = {d.name: (model if d.parallel else twin_of(model), None) for d in DECODERS.values()}
             vocab = (PUBLISHED_CODEBOOK, PUBLISHED_CLASSES)
             tokenizer = RANDOM_VQ16
         too_many = [s for s in steps_list if s > grid * grid]
@@ -113,12 +115,11 @@ def plan(params, models: Iterable[str] | None = None) -> list[RunSpec]:
                       device=params["device"], precision=prof["precision"], compile=bool(prof["compile"]),
                       max_seconds=float(prof["max_seconds"]), seed=int(params["seed"]))
         for batch in batches:
-            for steps in steps_list:
-                net, ckpt = nets["arpg"]
-                specs.append(RunSpec(kind="arpg", net=net, checkpoint=ckpt, steps=steps, batch=batch, **common))
-            net, ckpt = nets["raster"]
-            specs.append(RunSpec(kind="raster", net=net, checkpoint=ckpt, steps=grid * grid, batch=batch,
-                                 **common))
+            for d in DECODERS.values():
+                net, ckpt = nets[d.name]
+                for steps in steps_list if d.parallel else [grid * grid]:
+                    specs.append(RunSpec(kind=d.name, net=net, checkpoint=ckpt, steps=steps, batch=batch,
+                                         **common))
     return specs
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from arpg.engine.profile.anchors import reference_record
 from arpg.engine.profile.child import cpu_name
+from arpg.decoders import DECODERS, labels
 from arpg.errors import ArpgError
 from arpg.utils import write_csv, write_json
 
@@ -31,16 +32,19 @@ SPEEDUP_COLUMNS = [
 
 
 def speedups(rows: list[dict]) -> list[dict]:
-    """ARPG at S steps over raster at the same model and batch, with the step ratio n/S beside it."""
+    """Each parallel decoder at S steps over each sequential one at the same model and batch, with the
+    step ratio n/S beside it."""
     ok = [r for r in rows if r["status"] == "ok"]
-    raster = {(r["model"], r["batch"]): r for r in ok if r["kind"] == "raster"}
+    parallel = {d.name for d in DECODERS.values() if d.parallel}
+    sequential = [{(r["model"], r["batch"]): r for r in ok if r["kind"] == d.name}
+                  for d in DECODERS.values() if not d.parallel]
     out = []
-    for r in ok:
-        base = raster.get((r["model"], r["batch"]))
-        if r["kind"] != "arpg" or base is None:
+    for r, base in ((r, by_size.get((r["model"], r["batch"]))) for by_size in sequential for r in ok):
+        if r["kind"] not in parallel or base is None:
             continue
         if r["backbone"] != base["backbone"]:
-            raise ArpgError(f"{r['model']}: ARPG backbone {r['backbone']} differs from its raster twin's "
+            raise ArpgError(f"{r['model']}: {r['kind']} backbone {r['backbone']} differs from its "
+                            f"{base['kind']} twin's "
                             f"{base['backbone']} ({base['net']}); fix RASTER_TWIN in "
                             "arpg/engine/profile/planning.py")
         ratio = r["tokens"] / r["steps"]
@@ -77,7 +81,8 @@ def write_outputs(rows: list[dict], csv_path: Path, json_path: Path, meta: dict)
 
 def summary(doc: dict) -> str:
     """The speed-up table (issue 7's 'done when' figures) and the reference comparison as text."""
-    lines = ["ARPG speed-up over raster decoding (generation only, median; [worst, best] from the spreads)",
+    par, seq = labels(parallel=True, short=True), labels(parallel=False, short=True)
+    lines = [f"{par} speed-up over {seq} decoding (generation only, median; [worst, best] from the spreads)",
              f"{'model':<10}{'batch':>6}{'steps':>7}{'speed-up':>10}{'[low, high]':>16}{'n/S':>7}{'goal':>7}"
              f"{'e2e':>8}{'kv':>7}{'mem':>7}"]
     for g in doc["speedups"]:
@@ -96,7 +101,7 @@ def summary(doc: dict) -> str:
             lines.append(f"  {c['name']:<26} {c['kind']:<7} steps={c['steps']:<4} batch={c['batch']}: ours "
                          f"{c['ours_img_s']:.4g} vs {c['img_s']:.4g} = {c['ratio']:.2f}x "
                          f"(target >= {c['target_ratio']}x: {'met' if c['met'] else 'NOT met'})")
-    lines.append("(kv: ARPG / raster analytic KV-cache bytes; mem: ARPG / raster measured generation memory)")
+    lines.append(f"(kv: {par} / {seq} analytic KV-cache bytes; mem: {par} / {seq} measured generation memory)")
     busy = [r for r in doc["rows"] if max(r.get("load_avg_1m", 0), r.get("load_avg_1m_after", 0)) > r["threads"]
             and r["device"] == "cpu"]
     if busy:

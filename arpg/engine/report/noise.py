@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any, Mapping
 
-from arpg import pipeline
-from arpg.engine.report.points import Point, guidance_sweep, order_sweep, step_sweep, with_interval
+from arpg.decoders import DECODERS, labels, native_orders
+from arpg.engine.report.points import Point, guidance_sweep, is_parallel, order_sweep, step_sweep, with_interval
 from arpg.engine.report.text import fmt, markdown_table, signed
 from arpg.errors import ArpgError
 from arpg.paths import SweepPoint, format_cfg
@@ -71,31 +71,36 @@ def interval_text(boot: Bootstrap) -> str:
 
 
 def noise_comparisons(params, points: list[Point]) -> list[tuple[str, Point, Point]]:
-    """(group, a, b) pairs whose difference b - a the report tests: every ARPG step count against the
-    raster baseline (default cfg) and each step count against the next; every guidance value against
-    the default cfg (each model); every order against random (ARPG at the default steps and cfg)."""
-    s = params["sample"]
-    cfg = float(s["cfg_default"])
-    sweep = step_sweep(params, points)
-    arpg = [p for p in sweep if p.point.model == "arpg"]
-    out = [("steps", base, p) for base in sweep if base.point.model == "raster" for p in arpg]
-    out += [("steps", a, b) for a, b in zip(arpg, arpg[1:])]
-    guidance = guidance_sweep(params, points)
-    for model in pipeline.MODELS:
-        rows = [p for p in guidance if p.point.model == model]
+    """(group, a, b) pairs whose difference b - a the report tests: every step count of a parallel
+    decoder against each sequential baseline (default cfg) and against its next step count; every
+    guidance value against the default cfg (each decoder); every order against the decoder's native one
+    (parallel decoders at the default steps and cfg)."""
+    cfg = float(params["sample"]["cfg_default"])
+    sweep, guidance, orders = (f(params, points) for f in (step_sweep, guidance_sweep, order_sweep))
+    baselines = [p for p in sweep if not is_parallel(p)]
+    out = []
+    for d in DECODERS.values():
+        if d.parallel:
+            steps = [p for p in sweep if p.point.model == d.name]
+            out += [("steps", base, p) for base in baselines for p in steps]
+            out += [("steps", a, b) for a, b in zip(steps, steps[1:])]
+    for d in DECODERS.values():
+        rows = [p for p in guidance if p.point.model == d.name]
         out += [("guidance", base, p) for base in rows if base.point.cfg == cfg for p in rows if p is not base]
-    orders = order_sweep(params, points)
-    out += [("orders", base, p) for base in orders if base.point.order == "random" for p in orders if p is not base]
+    for d in DECODERS.values():
+        rows = [p for p in orders if p.point.model == d.name]
+        out += [("orders", base, p) for base in rows if base.point.order == d.native_order
+                for p in rows if p is not base]
     return out
 
 
 def point_label(group: str, p: SweepPoint) -> str:
     """A point as the comparisons name it (the group's fixed settings are said once, in the text)."""
-    name = "ARPG" if p.model == "arpg" else "raster"
+    d = DECODERS[p.model]
     if group == "steps":
-        return f"ARPG {p.steps} steps" if p.model == "arpg" else "raster"
+        return f"{d.short_label} {p.steps} steps" if d.parallel else d.short_label
     if group == "guidance":
-        return f"{name} cfg {format_cfg(p.cfg)}"
+        return f"{d.short_label} cfg {format_cfg(p.cfg)}"
     return f"{p.order} order"
 
 
@@ -146,11 +151,12 @@ def _test_text(params, metrics: list[str], boot: Bootstrap, comparisons: int) ->
     """What is compared and how the test decides (and what it does not correct for)."""
     s = params["sample"]
     count = " or ".join(str(b) for b in boot.replicates)
+    par, seq, native = labels(parallel=True), labels(parallel=False), native_orders(parallel=True)
     return (
-        f"Compared: each ARPG step count against the raster baseline and against the next step count (random "
+        f"Compared: each {par} step count against the {seq} and against the next step count ({native} "
         f"order, cfg {format_cfg(s['cfg_default'])}); each guidance value against cfg "
-        f"{format_cfg(s['cfg_default'])} (ARPG at {s['steps_default']} steps, and the raster baseline); each "
-        f"order against random (ARPG, {s['steps_default']} steps, cfg {format_cfg(s['cfg_default'])}). "
+        f"{format_cfg(s['cfg_default'])} ({par} at {s['steps_default']} steps, and the {seq}); each "
+        f"order against {native} ({par}, {s['steps_default']} steps, cfg {format_cfg(s['cfg_default'])}). "
         f"Metrics: {', '.join(f'`{m}`' for m in metrics)}. A difference b - a exceeds the noise at "
         f"{boot.level:.0%} when |b - a| > {boot.z:.2f} * sqrt(se_a^2 + se_b^2), with each se from {count} "
         f"bootstrap replicates of that point's generated set ({'; '.join(boot.methods)}). This treats the two "

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from arpg import pipeline
+from arpg.decoders import DECODERS
 from arpg.engine.report.text import fmt
 from arpg.errors import ArpgError
 from arpg.paths import Layout, SweepPoint, format_cfg
@@ -137,26 +138,39 @@ def with_interval(p: Point, metric: str) -> Any:
     return value if value is None or half is None else f"{fmt(value)} ± {half:.2g}"
 
 
+def _native(p: Point) -> bool:
+    """The point decodes in its decoder's own order (ARPG: random; a sequential baseline: always)."""
+    return p.point.order == DECODERS[p.point.model].native_order
+
+
+def _order_key(p: Point) -> tuple:
+    return (list(DECODERS).index(p.point.model), p.point.steps, p.point.cfg, p.point.order)
+
+
 def step_sweep(params, points: list[Point]) -> list[Point]:
-    """ARPG over steps (random order, default cfg) and the raster baseline at the default cfg."""
+    """Each parallel decoder over steps (its native order, default cfg) and each sequential baseline
+    at the default cfg."""
     cfg = float(params["sample"]["cfg_default"])
-    rows = [p for p in points if p.point.cfg == cfg and (
-        (p.point.model == "arpg" and p.point.order == "random") or p.point.model == "raster")]
-    return sorted(rows, key=lambda p: (p.point.model, p.point.steps))
+    return sorted((p for p in points if p.point.cfg == cfg and _native(p)), key=_order_key)
 
 
 def guidance_sweep(params, points: list[Point]) -> list[Point]:
+    """Every decoder over guidance: parallel ones at the default steps in their native order."""
     steps = params["sample"]["steps_default"]
-    rows = [p for p in points if (p.point.model == "raster" or
-                                  (p.point.steps == steps and p.point.order == "random"))]
-    return sorted(rows, key=lambda p: (p.point.model, p.point.cfg))
+    rows = [p for p in points if _native(p) and (not is_parallel(p) or p.point.steps == steps)]
+    return sorted(rows, key=lambda p: (list(DECODERS).index(p.point.model), p.point.cfg))
 
 
 def order_sweep(params, points: list[Point]) -> list[Point]:
+    """Parallel decoders over orders, at the default steps and cfg."""
     s = params["sample"]
-    rows = [p for p in points if p.point.model == "arpg" and p.point.steps == s["steps_default"]
+    rows = [p for p in points if is_parallel(p) and p.point.steps == s["steps_default"]
             and p.point.cfg == float(s["cfg_default"])]
-    return sorted(rows, key=lambda p: p.point.order)
+    return sorted(rows, key=lambda p: (list(DECODERS).index(p.point.model), p.point.order))
+
+
+def is_parallel(p: Point) -> bool:
+    return DECODERS[p.point.model].parallel
 
 
 def headline_columns(cols: list[str]) -> list[str]:

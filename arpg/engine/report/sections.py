@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from arpg import figures, pipeline
 from arpg.config import token_count
+from arpg.decoders import DECODERS, labels, native_orders, zero_shot_decoder
 from arpg.engine.report.noise import DIFFERENCE_COLUMNS, Bootstrap, bootstrap_of, interval_text, noise_section
 from arpg.engine.report.points import (POINT_COLUMNS, Point, csv_row, extractor_of, guidance_sweep,
                                        headline_columns, half_width, interval_columns, md_row, metric_columns,
@@ -172,20 +173,21 @@ def _quality(rep: Report, q: Quality) -> list[str]:
         rep.csv(name, [csv_row(p, q.cols) for p in points], csv_cols)
     if q.fid_cols:
         curves = {col: {model: [(p.point.steps, p.metrics[col], half_width(p, col)) for p in q.sweep
-                                if p.point.model == model and col in p.metrics] for model in pipeline.MODELS}
+                                if p.point.model == model and col in p.metrics] for model in DECODERS}
                   for col in q.fid_cols}
         rep.figure(figures.fid_vs_steps(rep.out / FID_PNG, curves, q.boot.level))
 
     def table(points: list[Point]) -> str:
         return markdown_table([md_row(p, q.shown) for p in points], POINT_COLUMNS + q.shown)
 
-    return ["## Quality vs decoding steps: ARPG and the raster baseline\n",
-            f"ARPG decodes in the given number of steps (random order, cfg {format_cfg(s['cfg_default'])}); the "
-            f"raster baseline predicts one token per step ({token_count(rep.params)} steps). "
-            f"Table: `{FID_CSV}`; all points: `quality.csv`.\n", interval_text(q.boot),
+    par, seq, seq_short = labels(parallel=True), labels(parallel=False), labels(parallel=False, short=True)
+    return [f"## Quality vs decoding steps: {par} and the {seq}\n",
+            f"{par} decodes in the given number of steps ({native_orders(parallel=True)} order, cfg "
+            f"{format_cfg(s['cfg_default'])}); the {seq} predicts one token per step ({token_count(rep.params)} "
+            f"steps). Table: `{FID_CSV}`; all points: `quality.csv`.\n", interval_text(q.boot),
             table(q.sweep), f"![FID vs steps]({FID_PNG})\n",
-            f"## Guidance scale (ARPG at {s['steps_default']} steps, raster)\n", table(q.guidance),
-            f"## Generation orders (ARPG, {s['steps_default']} steps, cfg {format_cfg(s['cfg_default'])})\n",
+            f"## Guidance scale ({par} at {s['steps_default']} steps, {seq_short})\n", table(q.guidance),
+            f"## Generation orders ({par}, {s['steps_default']} steps, cfg {format_cfg(s['cfg_default'])})\n",
             table(q.orders)]
 
 
@@ -206,10 +208,11 @@ def _speed(rep: Report, q: Quality) -> list[str]:
     gains = profile_doc.get("speedups", [])
     rep.csv(SPEED_CSV, speed, SPEED_COLUMNS)
     rep.csv("speedups.csv", gains, GAIN_COLUMNS)
+    par, seq = labels(parallel=True, short=True), labels(parallel=False, short=True)
     md = ["## Throughput and memory\n", f"Timings from: {hardware(profile_doc)}.\n",
           "`img_s`: generated token grids per second (median over repeats); `peak_mem_mib`: peak memory "
-          "of the run; speed-ups are ARPG over the raster twin of the same backbone and batch.\n",
-          markdown_table(speed, SPEED_COLUMNS), "### Speed-up of ARPG over raster decoding\n",
+          f"of the run; speed-ups are {par} over the {seq} twin of the same backbone and batch.\n",
+          markdown_table(speed, SPEED_COLUMNS), f"### Speed-up of {par} over {seq} decoding\n",
           markdown_table(gains, GAIN_COLUMNS)]
     if speed:
         rep.figure(figures.throughput_vs_steps(profile_doc, rep.out / figures.THROUGHPUT))
@@ -261,7 +264,7 @@ def _classifier(rep: Report) -> list[str]:
 
 def _training(rep: Report) -> list[str]:
     rows = []
-    for model in pipeline.MODELS:
+    for model in DECODERS:
         doc = read_output(rep.layout.model_metrics(model), f"train --model {model}")
         rows.append({"model": model, "name": doc.get("model") if isinstance(doc, dict) else None,
                      **numeric_leaves(doc)})
@@ -288,7 +291,7 @@ def _galleries(rep: Report) -> list[str]:
     if "gallery" not in rep.rules:
         return []
     gallery = read_output(rep.layout.gallery_json, "gallery")
-    md = ["## Zero-shot galleries (ARPG)\n"]
+    md = [f"## Zero-shot galleries ({zero_shot_decoder().label})\n"]
     for task in rep.params["gallery"]["tasks"]:
         rep.copy(rep.layout.gallery_image(task), f"gallery/{task}.png")
         info = gallery.get("tasks", {}).get(task)
@@ -304,7 +307,8 @@ def plot_specs(params) -> list[tuple[str, Any]]:
     fid = [f"fid_{suffix(x)}" for x in params["evaluate"]["extractors"]]
     return [
         ("fid_vs_steps", {"template": "linear", "x": "steps", "y": {str(out / FID_CSV): fid},
-                          "title": "FID vs decoding steps (ARPG and raster)"}),
+                          "title": f"FID vs decoding steps ({labels(parallel=True, short=True)} and "
+                                   f"{labels(parallel=False, short=True)})"}),
         ("throughput_vs_steps", {"template": "linear", "x": "steps", "y": {str(out / SPEED_CSV): ["img_s"]},
                                  "title": "images/s vs decoding steps"}),
         ("fid_vs_steps_image", str(out / FID_PNG)),
