@@ -80,9 +80,9 @@ def test_mismatch_lists_missing_unexpected_and_misshaped(tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_generator(path, "ARPG-T", grid_size=G)
     msg = str(err.value)
-    assert "missing keys [layers.to_v.weight]" in msg
-    assert "unexpected keys [layers.extra.weight]" in msg
-    assert "layers.self_dec.0.attn.to_q.weight: checkpoint (64, 32) vs model (64, 64)" in msg
+    assert "missing keys (1): layers.to_v.weight" in msg
+    assert "unexpected keys (1): layers.extra.weight" in msg
+    assert "mis-shaped keys (1): layers.self_dec.0.attn.to_q.weight (checkpoint (64, 32), model (64, 64))" in msg
 
 
 def test_wrong_size_name_is_rejected(tmp_path):
@@ -108,8 +108,9 @@ def test_missing_and_corrupt_files(tmp_path):
         load_generator(tmp_path / "nope.pt", "ARPG-T", grid_size=G)
     bad = tmp_path / "corrupt.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match="is unreadable: not a PyTorch checkpoint") as err:
         load_generator(bad, "ARPG-T", grid_size=G)
+    assert "delete" not in str(err.value)  # a user-given file: never advise deleting it
     junk = tmp_path / "junk.pt"
     torch.save({"optimizer": {"lr": 1}}, junk)
     with pytest.raises(CheckpointError, match="no state dict"):

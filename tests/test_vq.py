@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from arpg.checkpoint_io import load_state_strict
 from arpg.errors import CheckpointError, ConfigError
-from arpg.models.vq import (VQConfig, VQModel, load_state_strict, load_tokenizer, tokenizer_payload)
+from arpg.models.vq import (VQConfig, VQModel, load_tokenizer, tokenizer_payload)
 from arpg.utils import atomic_torch_save, make_generator
 
 
@@ -246,8 +247,9 @@ def test_broken_checkpoints_name_the_keys(tmp_path):
     broken["decoder.extra.weight"] = torch.zeros(1)
     broken["quant_conv.weight"] = torch.zeros(4, 32, 1, 1)
     with pytest.raises(CheckpointError) as err:
-        load_state_strict(VQModel(SMALL), broken, "test.pt")
+        load_state_strict(VQModel(SMALL), broken, "test.pt", "fix the sizes")
     text = str(err.value)
+    assert text.startswith("test.pt does not fit the VQModel") and text.endswith("fix: fix the sizes")
     assert "missing keys (1): decoder.conv_out.bias" in text
     assert "unexpected keys (1): decoder.extra.weight" in text
     assert "mis-shaped keys (1): quant_conv.weight (checkpoint (4, 32, 1, 1), model (8, 32, 1, 1))" in text

@@ -95,13 +95,14 @@ def load_models(params, model: str, device: torch.device):
     from arpg.config import token_grid
     from arpg.models.checkpoint import load_generator
     from arpg.models.layers import prepack_linears_for_cpu
-    from arpg.models.vq import VQConfig, load_tokenizer
+    from arpg.models.vq import TRAIN_COMMAND, VQConfig, load_tokenizer
 
     layout = params.layout
-    tokenizer = load_tokenizer(layout.tokenizer_checkpoint, VQConfig.from_params(params)).to(device).eval()
+    tokenizer = load_tokenizer(layout.tokenizer_checkpoint, VQConfig.from_params(params),
+                               written_by=TRAIN_COMMAND).to(device).eval()
     generator = load_generator(layout.model_checkpoint(model), codebook_size=params["tokenizer"]["codebook_size"],
                                num_classes=params["data"]["num_classes"], grid_size=token_grid(params),
-                               device=device)
+                               device=device, written_by=f"arpg train --model {model}")
     prepack_linears_for_cpu(generator)  # fp32 CPU decoding: oneDNN with prepacked weights (no-op elsewhere)
     return generator, tokenizer
 

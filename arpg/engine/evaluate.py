@@ -29,6 +29,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from arpg.checkpoint_io import check_state_dict, in_memory_copy, read_checkpoint
 from arpg.compat import ensure_torchvision_importable
 from arpg.errors import ArpgError, CheckpointError, DataError
 from arpg.utils import atomic_save_npz
@@ -179,8 +180,15 @@ class InceptionExtractor(FeatureExtractorInceptionV3):
         if feature_extractor_weights_path is None:
             raise ArpgError("the inception extractor needs evaluate.inception_weights (nothing is downloaded "
                             "at run time); set it in params or use inception-fid")
-        super().__init__(name, features_list, feature_extractor_weights_path=feature_extractor_weights_path,
-                         **kwargs)
+        # torch-fidelity unpickles its weights file with weights_only=False: hand it an in-memory copy of
+        # what our reader accepted, never the user's file
+        weights = read_checkpoint(feature_extractor_weights_path, "evaluate.inception_weights")
+        super().__init__(name, features_list, feature_extractor_weights_path=in_memory_copy(weights), **kwargs)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        check_state_dict(self, state_dict, "evaluate.inception_weights",
+                         "set it to torch-fidelity's Inception-v3 weights file")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, x_BCHW):
         return super().forward(_grey_to_rgb(x_BCHW).contiguous())

@@ -32,9 +32,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from arpg.checkpoint_io import load_state_strict
 from arpg.data.arrays import load_images, load_labels
 from arpg.errors import ArpgError, CheckpointError
-from arpg.models.vq import (VQConfig, VQModel, from_uint8, load_state_strict, load_tokenizer, read_checkpoint,
+from arpg.models.vq import (TRAIN_COMMAND, VQConfig, VQModel, from_uint8, load_tokenizer, read_tokenizer_checkpoint,
                             to_uint8, tokenizer_payload)
 from arpg.utils import (atomic_path, atomic_save_npy, atomic_torch_save, deterministic_algorithms, make_generator,
                         require_finite, resolve_device, write_json)
@@ -237,14 +238,14 @@ def _train_tokenizer(params, run, progress: bool) -> dict:
     step, history = 0, []
 
     if layout.tokenizer_state.is_file():
-        state = read_checkpoint(layout.tokenizer_state)
+        state = read_tokenizer_checkpoint(layout.tokenizer_state, "tokenizer train state", TRAIN_COMMAND)
+        fresh = "delete it to train from scratch"
         if VQConfig.from_dict(state["config"]) != vq_cfg or bool(state.get("discriminator")) != (disc is not None):
-            raise CheckpointError(f"{layout.tokenizer_state} was written with other tokenizer settings; "
-                                  "delete it to train from scratch")
-        load_state_strict(model, state["model"], str(layout.tokenizer_state))
+            raise CheckpointError(f"{layout.tokenizer_state} was written with other tokenizer settings; {fresh}")
+        load_state_strict(model, state["model"], str(layout.tokenizer_state), fresh)
         opt.load_state_dict(state["optimizer"])
         if disc is not None:
-            load_state_strict(disc, state["discriminator"], f"{layout.tokenizer_state} (discriminator)")
+            load_state_strict(disc, state["discriminator"], f"{layout.tokenizer_state} (discriminator)", fresh)
             disc_opt.load_state_dict(state["disc_optimizer"])
         stream.load_state_dict(state["stream"])
         step, history = int(state["step"]), list(state["history"])
@@ -330,7 +331,7 @@ def import_pretrained(params) -> dict:
     layout = params.layout
     path = Path(params["tokenizer"]["pretrained"])
     vq_cfg = VQConfig.from_params(params)
-    model = load_tokenizer(path, vq_cfg)
+    model = load_tokenizer(path, vq_cfg, what="tokenizer.pretrained")
     atomic_torch_save(tokenizer_payload(model), layout.tokenizer_checkpoint)
     summary = {"steps": 0, "pretrained": str(path),
                "parameters": sum(p.numel() for p in model.parameters()), "config": asdict(vq_cfg)}
@@ -400,7 +401,7 @@ def tokenize_dataset(params, run=None, batch_size: int = TOKENIZE_BATCH, grid_im
     tok = params["tokenizer"]
     device = resolve_device(params["device"])
     vq_cfg = VQConfig.from_params(params)
-    model = load_tokenizer(layout.tokenizer_checkpoint, vq_cfg).to(device)
+    model = load_tokenizer(layout.tokenizer_checkpoint, vq_cfg, written_by=TRAIN_COMMAND).to(device)
     dtype = token_dtype(vq_cfg.codebook_size)
     timings, stats = {}, {}
     splits = [("train", "train", False), ("test", "test", False)]

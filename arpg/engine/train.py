@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from arpg.checkpoint_io import read_checkpoint
 from arpg.errors import CheckpointError, ConfigError, DataError
 from arpg.utils import atomic_torch_save, deterministic_algorithms, make_generator, require_finite
 
@@ -286,10 +287,7 @@ def _model_config(model: nn.Module) -> dict | None:
 def load_state(path: Path) -> dict | None:
     if not path.is_file():
         return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same fix
-        raise CheckpointError(f"train state {path} is unreadable ({exc}); delete it to start training over") from exc
+    return read_checkpoint(path, "train state", written_by="arpg train")
 
 
 def _check_resumable(state: dict, path: Path, cfg: TrainConfig, kind: str, name: str, model: nn.Module) -> None:
@@ -522,7 +520,7 @@ def import_pretrained(params, kind: str, tracker) -> dict:
                         f"put the file there or set {key}: null to train the model")
     name = model_name(params, kind)
     model = load_generator(path, name, codebook_size=codebook_size(params),
-                           num_classes=params["data"]["num_classes"], grid_size=token_grid(params))
+                           num_classes=params["data"]["num_classes"], grid_size=token_grid(params), what=key)
     _check_kind(model, kind, f"train.{kind}_model", name)
     metrics = {"model": name, "kind": kind, "pretrained": str(path), "steps": 0,
                "parameters": sum(p.numel() for p in model.parameters()),

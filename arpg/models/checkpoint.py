@@ -8,13 +8,13 @@ Ours: {"state_dict", "config", "kind", "name"} (state dict in the released key l
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from arpg.checkpoint_io import check_state_dict, read_checkpoint
 from arpg.errors import CheckpointError
 from arpg.models.arpg import ARPG, ARPGConfig
 from arpg.models.raster import RasterConfig, RasterGPT
@@ -47,19 +47,6 @@ def save_generator(model: nn.Module, path: str | os.PathLike, name: str) -> dict
     return payload
 
 
-def _read(path: Path):
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            if "Weights only load failed" not in str(exc):
-                raise
-            # released training checkpoints also pickle their argparse Namespace; the user named this file
-            return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated / not a torch file
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}; re-download or re-train it") from exc
-
-
 def _state_dict_of(obj, path: Path) -> dict:
     if isinstance(obj, dict):
         for key in _STATE_KEYS:
@@ -79,26 +66,8 @@ def _strip_wrappers(sd: dict) -> dict:
     return sd
 
 
-def check_state_dict(model: nn.Module, sd: dict, source: str) -> None:
-    """Raise CheckpointError listing missing, unexpected and mis-shaped keys (if any)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    misshaped = sorted(
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(sd)
-        if tuple(sd[k].shape) != tuple(own[k].shape)
-    )
-    if missing or unexpected or misshaped:
-
-        def fmt(items):
-            return ", ".join(items[:20]) + (f" ... (+{len(items) - 20})" if len(items) > 20 else "") or "none"
-
-        raise CheckpointError(
-            f"{source} does not fit the model: missing keys [{fmt(missing)}]; unexpected keys "
-            f"[{fmt(unexpected)}]; mis-shaped keys [{fmt(misshaped)}]. Check the model name and "
-            "codebook_size / num_classes / grid_size (train.arpg_model / raster_model, tokenizer.codebook_size)."
-        )
+SIZES_FIX = ("check the model name and codebook_size / num_classes / grid_size "
+             "(train.arpg_model / raster_model, tokenizer.codebook_size)")
 
 
 def _infer_token_space(kind: str, sd: dict) -> tuple[int | None, int | None]:
@@ -123,17 +92,20 @@ def load_generator(
     num_classes: int | None = None,
     grid_size: int | None = None,
     device="cpu",
+    what: str = "generator checkpoint",
+    written_by: str | None = None,
 ) -> nn.Module:
     """Strictly load our checkpoint (config inside) or a released one (built from registry `name`).
 
     Given codebook_size / num_classes / grid_size must agree with the checkpoint. For a released
     checkpoint, codebook_size and num_classes default to the weight shapes; grid_size is required
-    (RoPE tables are not stored). Returns the model in eval mode on `device`.
+    (RoPE tables are not stored). Returns the model in eval mode on `device`. `what` names the file
+    in messages; `written_by` is the command that made it, if the pipeline did (see `read_checkpoint`).
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"generator checkpoint not found at {path}; train it (arpg train) or fix the path")
-    obj = _read(path)
+        raise CheckpointError(f"{what} not found at {path}; train it (arpg train) or fix the path")
+    obj = read_checkpoint(path, what, written_by=written_by)
     sd = _strip_wrappers(_state_dict_of(obj, path))
     wanted = {"codebook_size": codebook_size, "num_classes": num_classes, "grid_size": grid_size}
 
@@ -170,7 +142,7 @@ def load_generator(
         with torch.device("meta"):
             model = build_model(name, codebook_size=V, num_classes=C, grid_size=grid_size)
 
-    check_state_dict(model, sd, str(path))
+    check_state_dict(model, sd, f"{what} {path}", SIZES_FIX)
     model = model.to_empty(device="cpu")
     model.load_state_dict(sd, strict=True)
     return model.to(device).eval()

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from arpg.checkpoint_io import load_state_strict, read_checkpoint
 from arpg.errors import CheckpointError, ConfigError
 
 CHECKPOINT_KIND = "classifier"
@@ -81,24 +82,13 @@ def save_classifier(model: Classifier, path: str | Path, extra: dict | None = No
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Classifier:
     """Rebuild the classifier from its checkpoint; mismatches name the keys."""
     path = Path(path)
+    remake = "arpg train-classifier"
     if not path.is_file():
-        raise CheckpointError(f"classifier checkpoint not found at {path}; run `arpg train-classifier` first")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
-        raise CheckpointError(f"classifier checkpoint {path} is unreadable ({exc}); "
-                              "delete it and rerun `arpg train-classifier`") from exc
+        raise CheckpointError(f"classifier checkpoint not found at {path}; run `{remake}` first")
+    blob = read_checkpoint(path, "classifier checkpoint", written_by=remake)
     kind = blob.get("kind") if isinstance(blob, dict) else type(blob).__name__
     if kind != CHECKPOINT_KIND:
-        raise CheckpointError(f"{path} is not a classifier checkpoint (kind={kind!r}); rerun `arpg train-classifier`")
+        raise CheckpointError(f"{path} is not a classifier checkpoint (kind={kind!r}); rerun `{remake}`")
     model = Classifier(ClassifierConfig(**blob["config"]))
-    state = blob["state_dict"]
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshaped = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or misshaped:
-        raise CheckpointError(f"classifier checkpoint {path} does not fit its config: missing {missing}, "
-                              f"unexpected {unexpected}, mis-shaped {misshaped}; rerun `arpg train-classifier`")
-    model.load_state_dict(state)
+    load_state_strict(model, blob["state_dict"], f"classifier checkpoint {path}", f"rerun `{remake}`")
     return model.to(device).eval()

@@ -11,7 +11,6 @@ Images are [-1, 1] floats `images_BCHW`; tokens are int64 `tokens_Bhw`.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Mapping, NamedTuple
@@ -20,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from arpg.checkpoint_io import load_state_strict, read_checkpoint
 from arpg.errors import CheckpointError, ConfigError
 
 # LlamaGen keeps the last 65536 code indices in `quantize.codebook_used` (a float buffer).
@@ -327,58 +327,36 @@ def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
 
 # --- checkpoints --------------------------------------------------------------------
 
-def _listed(keys, limit: int = 12) -> str:
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
+TRAIN_COMMAND = "arpg train-tokenizer"  # writes tokenizer.pt and its training state
+SIZES_FIX = ("make the tokenizer: sizes in the params file match the checkpoint "
+             "(or point tokenizer.pretrained / the output dir at the right file)")
 
 
-def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load `state` into `model`; any missing, unexpected or mis-shaped key raises CheckpointError naming them."""
-    own = model.state_dict()
-    missing = set(own) - set(state)
-    unexpected = set(state) - set(own)
-    misshaped = [f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
-                 for k in sorted(set(own) & set(state)) if tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or misshaped:
-        lines = [f"{source} does not fit the tokenizer {getattr(model, 'config', '')}:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {_listed(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {_listed(unexpected)}")
-        if misshaped:
-            lines.append(f"  mis-shaped keys ({len(misshaped)}): {_listed(misshaped)}")
-        lines.append("  fix: make the tokenizer: sizes in the params file match the checkpoint "
-                     "(or point tokenizer.pretrained / the output dir at the right file)")
-        raise CheckpointError("\n".join(lines))
-    model.load_state_dict(state)
+def read_tokenizer_checkpoint(path: str | Path, what: str = "tokenizer checkpoint",
+                              written_by: str | None = None) -> dict:
+    """A tokenizer file (LlamaGen's layout or ours) through the one checkpoint reader.
 
-
-def read_checkpoint(path: str | Path) -> dict:
-    """torch.load on CPU with weights_only (LlamaGen training files also pickle an argparse.Namespace)."""
+    `what` names it in messages; `written_by`: the command that made it, if the pipeline did
+    (see `read_checkpoint`)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"tokenizer checkpoint {path} not found; run `arpg train-tokenizer` "
-                              "or fix tokenizer.pretrained")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a broken file
-        raise CheckpointError(f"tokenizer checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
-                              "delete it and re-run `arpg train-tokenizer`") from exc
+        raise CheckpointError(f"{what} {path} not found; run `{TRAIN_COMMAND}` or fix tokenizer.pretrained")
+    blob = read_checkpoint(path, what, written_by=written_by)
     if not isinstance(blob, dict) or not isinstance(blob.get("model"), dict):
         raise CheckpointError(f"{path} has no 'model' state dict (expected LlamaGen's layout "
                               "torch.load(f)['model'] or arpg's tokenizer.pt)")
     return blob
 
 
-def load_tokenizer(path: str | Path, cfg: VQConfig | None = None) -> VQModel:
+def load_tokenizer(path: str | Path, cfg: VQConfig | None = None, *, what: str = "tokenizer checkpoint",
+                   written_by: str | None = None) -> VQModel:
     """Build and strictly load a tokenizer on CPU (eval mode).
 
     arpg's tokenizer.pt carries its config; LlamaGen's files do not, so `cfg`
     must be given for them (for an arpg file, a given `cfg` must agree).
+    `what` / `written_by` as for `read_tokenizer_checkpoint`.
     """
-    blob = read_checkpoint(path)
+    blob = read_tokenizer_checkpoint(path, what, written_by)
     stored = VQConfig.from_dict(blob["config"]) if "config" in blob else None
     if stored is None and cfg is None:
         raise CheckpointError(f"{path} holds no tokenizer config (a LlamaGen checkpoint); pass the sizes "
@@ -387,9 +365,9 @@ def load_tokenizer(path: str | Path, cfg: VQConfig | None = None) -> VQModel:
         diff = {f.name: (getattr(stored, f.name), getattr(cfg, f.name)) for f in fields(VQConfig)
                 if getattr(stored, f.name) != getattr(cfg, f.name)}
         raise CheckpointError(f"{path} was trained with different tokenizer sizes (checkpoint, params): {diff}; "
-                              "re-run `arpg train-tokenizer` or restore the params")
+                              f"re-run `{TRAIN_COMMAND}` or restore the params")
     model = VQModel(cfg or stored)
-    load_state_strict(model, blob["model"], str(path))
+    load_state_strict(model, blob["model"], f"{what} {path}", SIZES_FIX)
     return model.eval()
 
 
