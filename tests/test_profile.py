@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import mmap
 
 import pytest
 import torch
@@ -63,9 +64,11 @@ def test_rss_peak_reset_tracks_a_new_allocation():
     base = child._rss_bytes()
     assert child._reset_rss_peak()
     assert child._rss_peak_bytes() < base + 32 * 2**20
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    # fresh anonymous pages, every one touched: a tensor could reuse pages earlier tests left resident
+    block = mmap.mmap(-1, 64 * 2**20)
+    block.write(b"\x01" * (64 * 2**20))
     assert child._rss_peak_bytes() - base >= 60 * 2**20
-    del block
+    block.close()
 
 
 def test_measure_tiny_rows_are_positive_and_speedups_follow():
