@@ -1,4 +1,4 @@
-"""Small shared helpers: devices, seeded generators, atomic writes, JSON."""
+"""Small shared helpers: devices, seeded generators and seed derivation, atomic writes, JSON."""
 
 from __future__ import annotations
 
@@ -61,6 +61,29 @@ def make_generator(seed: int, device="cpu"):
 
 _UMASK = os.umask(0o022)  # read once (it can only be read by setting it) and put back at once
 os.umask(_UMASK)
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys, e.g. (base seed, stream constant, step): SeedSequence mixes
+    them, so nearby keys give unrelated streams. The one seed derivation of every stage."""
+    import numpy as np
+
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0]
+    return int(state >> np.uint64(1))
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int | None, device="cpu") -> Iterator[None]:
+    """Run a block whose draws can only come from torch's global RNG (nn.Module default init,
+    nn.Dropout) with that RNG seeded to `seed` (None: left as is), inside a fork: the global state
+    outside the block is untouched. `device`: where the draws happen (a CUDA device's state is forked too)."""
+    import torch
+
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
 
 
 @contextlib.contextmanager

@@ -12,12 +12,13 @@ import torch
 
 from arpg.engine import profile as P
 from arpg.engine.sampler import Context, generate_arpg, generate_raster
-from arpg.engine.train import TokenData, TrainConfig, train
+from arpg.data.tokens import TokenData
+from arpg.engine.train import train
 from arpg.models.vq import VQConfig
 from arpg.utils import make_generator
 from conftest import tiny_model
 from test_profile import _reference_kv_bytes, tiny
-from test_train import structured_tokens
+from test_train import structured_tokens, train_config
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -110,8 +111,8 @@ def test_bf16_compiled_training_learns(tmp_path, kind, name):
     grids, labels = structured_tokens(256, grid=grid, vocab=vocab, classes=classes)
     data = TokenData([grids], [labels], grid_size=grid, codebook_size=vocab, num_classes=classes)
     model = tiny_model(name, codebook_size=vocab, num_classes=classes, grid_size=grid, head_std=0.02)
-    cfg = TrainConfig(batch_size=32, lr=5e-3, warmup_steps=5, max_steps=80, log_every=20, checkpoint_every=1000,
-                      precision="bf16", compile=True)
+    cfg = train_config(batch_size=32, lr=5e-3, warmup_steps=5, max_steps=80, log_every=20, checkpoint_every=1000,
+                       precision="bf16", compile=True)
     result = train(model, kind, data, cfg, state_path=tmp_path / "s.pt", device=CUDA, progress=False)
     print(f"{kind}: final loss {result.final_loss:.4f} vs ln({vocab}) = {math.log(vocab):.4f}")
     assert result.steps == 80 and result.final_loss < 0.5 * math.log(vocab)

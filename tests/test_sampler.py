@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from arpg.engine import sampler as S
 from arpg.errors import ArpgError
 from arpg.models.layers import CLASS_ROPE, apply_rope, merge_heads, rope_lookup, split_heads
-from arpg.utils import make_generator
+from arpg.utils import derive_seed, make_generator
 from conftest import tiny_model
 
 GRID, CODES, CLASSES = 4, 32, 3
@@ -353,6 +353,8 @@ def test_raster_sampler_seeds_and_cfg(raster):
 # ---- class-balanced sets ----------------------------------------------------------------------------
 
 def test_class_batches_and_merge():
+    from arpg.engine import sample_set as S
+
     batches = S.class_batches(3, 5, 4)
     assert [len(b) for b in batches] == [4, 4, 4, 3]
     assert torch.cat(batches).tolist() == [0] * 5 + [1] * 5 + [2] * 5
@@ -361,7 +363,7 @@ def test_class_batches_and_merge():
     one = S.merge_batches([S.generate_class_balanced(draw, **kw)])
     two = S.merge_batches([S.generate_class_balanced(draw, rank=r, world_size=2, **kw) for r in (1, 0)])
     assert torch.equal(one[0], two[0]) and torch.equal(torch.cat(one[1]), torch.cat(two[1]))
-    assert S.batch_seed(9, 0) != S.batch_seed(9, 1) != S.batch_seed(10, 1)
+    assert torch.equal(one[1][1], draw(batches[1], make_generator(derive_seed(9, 1))))  # batch b: seed (9, b)
     with pytest.raises(ArpgError, match="missing"):
         S.merge_batches([S.generate_class_balanced(draw, rank=0, world_size=2, **kw)])
 

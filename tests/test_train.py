@@ -3,6 +3,7 @@ and that training actually learns."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -16,11 +17,12 @@ import pytest
 import torch
 
 from arpg.config import load_params
-from arpg.engine.train import (
-    EMA, BatchOrder, TokenData, TrainConfig, draw_conditioning, lr_at, param_groups, run_train, train,
-)
+from arpg.data.tokens import TokenData
+from arpg.engine.ema import EMA
+from arpg.engine.train import TrainConfig, draw_conditioning, param_groups, token_batches, train
+from arpg.engine.train_stage import run_train
 from arpg.errors import ArpgError, CheckpointError, ConfigError, DataError, TrainingDiverged
-from arpg.models.checkpoint import load_generator, save_generator
+from arpg.models.checkpoint import load_generator
 from arpg.models.registry import build_model
 from arpg.paths import REPO_ROOT
 from arpg.utils import make_generator, read_json
@@ -29,6 +31,10 @@ CPU = torch.device("cpu")
 V, C, G = 64, 10, 8  # configs/smoke.yaml: codebook 64, 10 classes, 32 px / 4 -> 8x8 tokens
 
 
+def train_config(**overrides) -> TrainConfig:
+    """configs/smoke.yaml's train section (TrainConfig has no defaults of its own) with test sizes."""
+    return dataclasses.replace(TrainConfig.from_params(load_params(REPO_ROOT / "configs" / "smoke.yaml")),
+                               **overrides)
 
 
 def structured_tokens(n: int, seed: int = 0, grid: int = G, vocab: int = V, classes: int = C):
@@ -70,18 +76,18 @@ def tiny_model(name="ARPG-T", seed=0, **overrides):
 
 
 def test_lr_schedule_values():
-    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=14)
+    cfg = train_config(lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=14)
     # warm-up: linear, reaching lr at the last warm-up step
-    assert [lr_at(s, cfg) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert [cfg.lr_at(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     # half-cosine over steps 4..13: 0.1 + 0.9 * 0.5 * (1 + cos(pi * (s - 4) / 9))
-    assert lr_at(4, cfg) == pytest.approx(1.0)
-    assert lr_at(7, cfg) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 3)))  # 0.775
-    assert lr_at(7, cfg) == pytest.approx(0.775)
-    assert lr_at(13, cfg) == pytest.approx(0.1)
-    decay = [lr_at(s, cfg) for s in range(4, 14)]
+    assert cfg.lr_at(4) == pytest.approx(1.0)
+    assert cfg.lr_at(7) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 3)))  # 0.775
+    assert cfg.lr_at(7) == pytest.approx(0.775)
+    assert cfg.lr_at(13) == pytest.approx(0.1)
+    decay = [cfg.lr_at(s) for s in range(4, 14)]
     assert all(a > b for a, b in zip(decay, decay[1:]))
     # no warm-up: the first step already runs at lr
-    assert lr_at(0, TrainConfig(lr=2.0, min_lr=0.0, warmup_steps=0, max_steps=3)) == pytest.approx(2.0)
+    assert train_config(lr=2.0, min_lr=0.0, warmup_steps=0, max_steps=3).lr_at(0) == pytest.approx(2.0)
 
 
 def test_weight_decay_groups_and_their_effect():
@@ -107,17 +113,19 @@ def test_weight_decay_groups_and_their_effect():
 
 
 def test_batch_order_is_a_function_of_the_step():
-    order = BatchOrder(n=10, batch_size=3, seed=5)
+    cfg = train_config(batch_size=3, seed=5)
+    order = token_batches(10, cfg)
     assert order.steps_per_epoch == 3
-    epoch0 = np.concatenate([order.indices(s) for s in range(3)])
+    steps = [order.next() for _ in range(6)]
+    epoch0 = torch.cat(steps[:3])
     assert len(set(epoch0.tolist())) == 9  # no repeats inside an epoch; the remainder is dropped
-    epoch1 = np.concatenate([order.indices(s) for s in range(3, 6)])
-    assert not np.array_equal(epoch0, epoch1)
-    fresh = BatchOrder(n=10, batch_size=3, seed=5)  # a resumed run jumps straight to step 4
-    np.testing.assert_array_equal(fresh.indices(4), order.indices(4))
-    assert not np.array_equal(BatchOrder(10, 3, seed=6).indices(0), order.indices(0))
+    assert not torch.equal(epoch0, torch.cat(steps[3:]))
+    fresh = token_batches(10, cfg)  # a resumed run jumps straight to step 4
+    fresh.seek(4)
+    assert torch.equal(fresh.next(), steps[4]) and torch.equal(fresh.next(), steps[5])
+    assert not torch.equal(token_batches(10, train_config(batch_size=3, seed=6)).next(), steps[0])
     with pytest.raises(DataError, match="train.batch_size"):
-        BatchOrder(n=2, batch_size=3, seed=0)
+        token_batches(2, cfg)
 
 
 def test_conditioning_draws():
@@ -163,7 +171,7 @@ def test_token_data_checks_and_gathers():
 
 def test_batch_must_split_over_accumulation(tmp_path):
     with pytest.raises(ConfigError, match="train.batch_size"):
-        train(tiny_model(), "arpg", tiny_data(), TrainConfig(batch_size=6, grad_accum=4, max_steps=1),
+        train(tiny_model(), "arpg", tiny_data(), train_config(batch_size=6, grad_accum=4, max_steps=1),
               state_path=tmp_path / "s.pt", device=CPU, progress=False)
 
 
@@ -176,12 +184,20 @@ def test_loss_falls_well_below_uniform_guess(tmp_path, kind, name):
     grids, labels = structured_tokens(256, grid=grid, vocab=vocab, classes=classes)
     data = TokenData([grids], [labels], grid_size=grid, codebook_size=vocab, num_classes=classes)
     model = build_model(name, codebook_size=vocab, num_classes=classes, grid_size=grid, generator=make_generator(0))
-    cfg = TrainConfig(batch_size=32, lr=5e-3, warmup_steps=5, max_steps=80, log_every=20, checkpoint_every=1000)
+    cfg = train_config(batch_size=32, lr=5e-3, warmup_steps=5, max_steps=80, log_every=20, checkpoint_every=1000)
     result = train(model, kind, data, cfg, state_path=tmp_path / "s.pt", device=CPU, progress=False)
     uniform = math.log(vocab)
     print(f"{kind}: final loss {result.final_loss:.4f} vs uniform ln({vocab}) = {uniform:.4f}")
     assert result.steps == 80
     assert result.final_loss < 0.5 * uniform
+
+
+def test_training_leaves_the_global_rng_alone(params_file):
+    params = smoke_params(params_file, **{"train.max_steps": 3, "train.grad_accum": 2, "train.ema": 0.5})
+    torch.manual_seed(123)  # the test's own state: dropout is seeded per micro-step inside a fork
+    before = torch.get_rng_state()
+    run_train(params, "arpg")
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_a_diverged_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -195,7 +211,7 @@ def test_a_diverged_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_p
         return loss * float("nan") if calls["n"] >= 6 else loss
 
     model.loss = loss_turning_nan_at_step_6
-    cfg = TrainConfig(batch_size=8, max_steps=10, log_every=5, checkpoint_every=4)
+    cfg = train_config(batch_size=8, max_steps=10, log_every=5, checkpoint_every=4)
     with pytest.raises(TrainingDiverged, match=r"nan at step 6.*lower train\.lr.*s\.pt"):
         train(model, "arpg", tiny_data(), cfg, state_path=tmp_path / "s.pt", device=CPU, progress=False)
     state = torch.load(tmp_path / "s.pt", weights_only=False)
@@ -204,9 +220,9 @@ def test_a_diverged_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_p
 
 
 def test_resume_refuses_a_different_run(tmp_path):
-    cfg = TrainConfig(batch_size=8, max_steps=2, checkpoint_every=1)
+    cfg = train_config(batch_size=8, max_steps=2, checkpoint_every=1)
     train(tiny_model(), "arpg", tiny_data(), cfg, state_path=tmp_path / "s.pt", device=CPU, progress=False)
-    changed = TrainConfig(batch_size=8, max_steps=2, checkpoint_every=1, lr=0.5)
+    changed = train_config(batch_size=8, max_steps=2, checkpoint_every=1, lr=0.5)
     with pytest.raises(CheckpointError, match="lr"):
         train(tiny_model(), "arpg", tiny_data(), changed, state_path=tmp_path / "s.pt", device=CPU, progress=False)
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
@@ -330,27 +346,27 @@ _DDP_SCRIPT = textwrap.dedent("""
     import numpy as np
     import torch
     sys.path.insert(0, sys.argv[3])
-    from test_train import tiny_data, tiny_model
-    from arpg.engine.train import TrainConfig, init_distributed, train
+    from test_train import tiny_data, tiny_model, train_config
+    from arpg import dist
+    from arpg.engine.train import train
     torch.set_num_threads(1)
     out, accum = Path(sys.argv[1]), int(sys.argv[2])
-    info, device = init_distributed("cpu")
     # dropout off: its masks cannot match across different batch splits; everything else is on
     model = tiny_model(token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0)
     # a non-zero head, so the very first step updates every weight (the release zero-initialises it)
     torch.nn.init.normal_(model.head.weight, std=0.02, generator=torch.Generator().manual_seed(1))
-    cfg = TrainConfig(batch_size=8, grad_accum=accum, lr=1e-2, warmup_steps=1, max_steps=3, log_every=1,
-                      checkpoint_every=100, class_dropout=0.5, ema=0.5)
+    cfg = train_config(batch_size=8, grad_accum=accum, lr=1e-2, warmup_steps=1, max_steps=3, log_every=1,
+                       checkpoint_every=100, class_dropout=0.5, ema=0.5)
     grads = []  # the (all-reduced, clipped) gradient each optimizer step consumes
     from torch.optim.optimizer import register_optimizer_step_pre_hook
     register_optimizer_step_pre_hook(
         lambda opt, args, kwargs: grads.append({n: p.grad.clone() for n, p in model.named_parameters()}))
-    result = train(model, "arpg", tiny_data(), cfg, state_path=out / "state.pt", device=device,
-                   dist_info=info, progress=False)
+    with dist.session("cpu") as (info, device):
+        result = train(model, "arpg", tiny_data(), cfg, state_path=out / "state.pt", device=device,
+                       dist_info=info, progress=False)
     if info.is_main:
         torch.save({"model": model.state_dict(), "grads": grads, "loss": result.final_loss}, out / "weights.pt")
-    if info.enabled:
-        torch.distributed.destroy_process_group()
+    assert not torch.distributed.is_initialized()
 """)
 
 

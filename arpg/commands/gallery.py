@@ -23,7 +23,7 @@ def panel(result: dict):
     import torch.nn.functional as F
     from PIL import Image
 
-    from arpg.models.vq import to_uint8
+    from arpg.data.pixels import to_uint8
 
     outputs_BSCHW = result["outputs"]
     B, S, C, H, W = outputs_BSCHW.shape
@@ -38,22 +38,29 @@ def panel(result: dict):
 
 
 def run(args, params) -> None:
-    from arpg.commands.sample import init_distributed, load_models, save_png
+    from arpg import dist
+
+    with dist.session(params["device"]) as (_, device):
+        _gallery(params, device)
+
+
+def _gallery(params, device) -> None:
+    from arpg.commands.sample import load_models, save_png
     from arpg.data.arrays import load_images, load_labels
+    from arpg.data.pixels import from_uint8
     from arpg.decoders import zero_shot_decoder
-    from arpg.engine.sampler import SamplerConfig, batch_seed
+    from arpg.engine.sampler import SamplerConfig
     from arpg.engine.zeroshot import pick_images, run_task
-    from arpg.models.vq import from_uint8
     from arpg.tracking import stage_run
-    from arpg.utils import make_generator, write_json
+    from arpg.utils import derive_seed, make_generator, write_json
 
     gal, smp = params["gallery"], params["sample"]
     layout = params.layout
-    _, _, device = init_distributed(params["device"])
     model, tokenizer = load_models(params, zero_shot_decoder().name, device)
     images_N = load_images(layout, "test")
     labels_N = load_labels(layout, "test")
     index = pick_images(labels_N, gal["num_images"])
+    # a channels-last view, not to_tensor_NCHW's contiguous copy: for RGB the encoder's bits depend on it
     images_BCHW = from_uint8(torch.from_numpy(np.ascontiguousarray(images_N[index]))).permute(0, 3, 1, 2).to(device)
     labels_B = torch.from_numpy(labels_N[index]).long().to(device)
     sampler = SamplerConfig(steps=gal["steps"], cfg=gal["cfg"], cfg_schedule=smp["cfg_schedule"],
@@ -69,7 +76,7 @@ def run(args, params) -> None:
         for t, task in enumerate(gal["tasks"]):
             result = run_task(task, model, tokenizer, images_BCHW, labels_B, samples=gal["samples"],
                               expand_to=gal["expand_to"], sampler=sampler,
-                              generator=make_generator(batch_seed(params["seed"], t), device))
+                              generator=make_generator(derive_seed(params["seed"], t), device))
             save_png(panel(result), layout.gallery_image(task))
             grid = result["grid"]
             doc["tasks"][task] = {

@@ -9,7 +9,6 @@ batches r, r + W, ...) and rank 0 merges them: the result equals one process.
 from __future__ import annotations
 
 import io
-import os
 import time
 
 import numpy as np
@@ -43,24 +42,6 @@ def check_point(point, n_tokens: int) -> None:
                         f"(got --steps {point.steps} --order {point.order})")
     if not 1 <= point.steps <= n_tokens:
         raise ArpgError(f"--steps {point.steps} must be between 1 and the {n_tokens} tokens of the grid")
-
-
-def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) from torchrun's environment; one process when it is absent."""
-    from arpg.utils import resolve_device
-
-    device = resolve_device(device_name)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    import torch.distributed as dist
-
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 def image_grid(images_NHWC: np.ndarray, labels_N: np.ndarray, columns: int):
@@ -109,8 +90,8 @@ def load_models(params, model: str, device: torch.device):
 
 def make_draw(model_kind: str, generator_model, tokenizer, opts, order: str):
     """labels_B, torch.Generator -> (tokens [B, h, w], uint8 images [B, H, W, C])."""
+    from arpg.data.pixels import to_uint8
     from arpg.engine.sampler import generate_arpg, generate_raster
-    from arpg.models.vq import to_uint8
 
     side = generator_model.config.grid_size
 
@@ -133,8 +114,10 @@ def make_draw(model_kind: str, generator_model, tokenizer, opts, order: str):
 
 
 def run(args, params) -> None:
+    from arpg import dist
     from arpg.config import token_count
-    from arpg.engine.sampler import SamplerConfig, gather_batches, generate_class_balanced, merge_batches
+    from arpg.engine.sample_set import generate_class_balanced, merge_batches
+    from arpg.engine.sampler import SamplerConfig
     from arpg.paths import SweepPoint
     from arpg.tracking import stage_run
 
@@ -142,21 +125,21 @@ def run(args, params) -> None:
     check_point(point, token_count(params))
     cfg = params["sample"]
     opts = SamplerConfig.from_params(cfg, steps=point.steps, cfg=point.cfg)
-    rank, world, device = init_distributed(params["device"])
-    layout = params.layout
-    generator_model, tokenizer = load_models(params, point.model, device)
-    draw = make_draw(point.model, generator_model, tokenizer, opts, point.order)
+    with dist.session(params["device"]) as (info, device):
+        layout = params.layout
+        generator_model, tokenizer = load_models(params, point.model, device)
+        draw = make_draw(point.model, generator_model, tokenizer, opts, point.order)
 
-    num_classes = params["data"]["num_classes"]
-    total = num_classes * cfg["num_per_class"]
-    start = time.perf_counter()
-    part = generate_class_balanced(
-        draw, num_classes=num_classes, num_per_class=cfg["num_per_class"], batch_size=cfg["batch_size"],
-        seed=cfg["seed"], device=device, rank=rank, world_size=world,
-        progress=lambda done, todo: print(f"[rank {rank}] batch {done}/{todo}", flush=True))
-    seconds = time.perf_counter() - start
-    parts = gather_batches(part, rank, world)
-    if rank != 0:
+        num_classes = params["data"]["num_classes"]
+        total = num_classes * cfg["num_per_class"]
+        start = time.perf_counter()
+        part = generate_class_balanced(
+            draw, num_classes=num_classes, num_per_class=cfg["num_per_class"], batch_size=cfg["batch_size"],
+            seed=cfg["seed"], device=device, rank=info.rank, world_size=info.world_size,
+            progress=lambda done, todo: print(f"[rank {info.rank}] batch {done}/{todo}", flush=True))
+        seconds = time.perf_counter() - start
+        parts = dist.gather_to_main(part, info)
+    if not info.is_main:
         return
     labels_N, outputs = merge_batches(parts)
     tokens_Nhw = torch.cat([t for t, _ in outputs]).numpy()
@@ -165,7 +148,7 @@ def run(args, params) -> None:
     run_params = {"model": point.model, "steps": point.steps, "cfg": point.cfg, "order": point.order,
                   "seed": cfg["seed"], "schedule": opts.schedule, "cfg_schedule": opts.cfg_schedule,
                   "temperature": opts.temperature, "top_k": opts.top_k, "top_p": opts.top_p,
-                  "num_samples": total, "nproc": world}
+                  "num_samples": total, "nproc": info.world_size}
     with stage_run(params, "sample", f"sample-{point.model}-{point.tag}", run_params) as run:
         save_npz(layout.samples(point), arr_0=images_NHWC, labels=labels_np, tokens=tokens_Nhw)
         save_png(image_grid(images_NHWC, labels_np, min(GRID_COLUMNS, cfg["num_per_class"])),

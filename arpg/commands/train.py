@@ -30,7 +30,7 @@ def run(args, params) -> int:
         print(f"launching {nproc} processes: {' '.join(cmd[1:])}", flush=True)
         return subprocess.run(cmd, check=False).returncode
 
-    from arpg.engine.train import run_train
+    from arpg.engine.train_stage import run_train
 
     run_train(params, args.model)
     return 0

@@ -61,7 +61,7 @@ def bootstrap_indices(num_rows: int, replicates: int, seed: int,
     With `strata_N` (class labels) each row is redrawn from the rows of its own class, so every
     replicate keeps the class counts: the sampler draws a class-balanced set, so those counts are
     fixed by design, not a source of sampling noise."""
-    from arpg.engine.train import derive_seed
+    from arpg.utils import derive_seed
 
     gen = make_generator(derive_seed(seed, BOOTSTRAP_STREAM))
     if strata_N is None:

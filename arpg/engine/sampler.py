@@ -7,8 +7,7 @@ Pieces, each usable on its own:
   filter_logits / sample_tokens   temperature, top-k, top-p on [B, Q, V] logits
   generate_arpg      MAR-style loop over steps with a preallocated KV cache
   generate_raster    one token per step with the RasterGPT cache
-  class_batches / batch_generator / generate_class_balanced
-                     the class-balanced sample set split into fixed, seeded batches (sharding)
+(The class-balanced sample set, cut into seeded batches shared across processes: sample_set.py.)
 
 Every random draw uses the caller's `torch.Generator`, which must live on the
 model's device.
@@ -18,9 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from arpg.errors import ArpgError
@@ -373,64 +370,3 @@ def generate_raster(model, labels_B: torch.Tensor, *, cfg: float = 1.0, cfg_sche
         feed_pos = positions_N[i].expand(B * copies, 1)  # [cB, 1]
     return tokens_BN
 
-
-# --------------------------------------------------------------------------------------------
-# Class-balanced sample sets, split into fixed seeded batches (sharding across processes)
-# --------------------------------------------------------------------------------------------
-
-def class_batches(num_classes: int, num_per_class: int, batch_size: int) -> list[torch.Tensor]:
-    """Labels of the whole sample set (class-major: 0,0,...,1,1,...) cut into fixed batches."""
-    labels_N = torch.arange(num_classes).repeat_interleave(num_per_class)  # [C * n]
-    return list(labels_N.split(batch_size))
-
-
-def batch_seed(seed: int, batch: int) -> int:
-    """Seed of batch `batch`: independent streams for (seed, batch), the same in every process."""
-    return int(np.random.SeedSequence([int(seed), int(batch)]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def generate_class_balanced(draw: Callable[[torch.Tensor, torch.Generator], torch.Tensor], *,
-                            num_classes: int, num_per_class: int, batch_size: int, seed: int,
-                            device: torch.device, rank: int = 0, world_size: int = 1,
-                            progress: Callable[[int, int], None] | None = None
-                            ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Run `draw(labels_B, generator)` on this rank's batches (b = rank, rank + W, ...).
-
-    Returns {batch index: (labels [B], draw's output)} on the CPU; merging the
-    dicts of all ranks in batch order gives the same set as one process.
-    """
-    from arpg.utils import make_generator
-
-    batches = class_batches(num_classes, num_per_class, batch_size)
-    mine = list(range(rank, len(batches), world_size))
-    out = {}
-    for done, b in enumerate(mine):
-        labels_B = batches[b].to(device)
-        result = draw(labels_B, make_generator(batch_seed(seed, b), device))
-        out[b] = (batches[b], tuple(t.cpu() for t in result) if isinstance(result, tuple) else result.cpu())
-        if progress is not None:
-            progress(done + 1, len(mine))
-    return out
-
-
-def gather_batches(part: dict, rank: int, world_size: int) -> list[dict] | None:
-    """Collect every rank's {batch: ...} on rank 0 (None elsewhere); a no-op list for one process."""
-    if world_size == 1:
-        return [part]
-    import torch.distributed as dist
-
-    parts = [None] * world_size if rank == 0 else None
-    dist.gather_object(part, parts, dst=0)
-    return parts
-
-
-def merge_batches(parts: Sequence[dict]) -> tuple[torch.Tensor, list]:
-    """Merge per-rank {batch: (labels, outputs)} into (labels [N], [outputs in batch order])."""
-    merged = {}
-    for part in parts:
-        merged.update(part)
-    keys = sorted(merged)
-    if keys != list(range(len(keys))):
-        raise ArpgError(f"sample batches {sorted(set(range(max(keys) + 1)) - set(keys))} are missing after "
-                        "merging the ranks; rerun `arpg sample`")
-    return torch.cat([merged[b][0] for b in keys]), [merged[b][1] for b in keys]

@@ -29,16 +29,18 @@ from typing import Mapping
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from arpg.checkpoint_io import load_state_strict
 from arpg.data.arrays import load_images, load_labels
+from arpg.data.batches import EpochBatches
+from arpg.data.pixels import from_uint8, to_tensor_NCHW, to_uint8
 from arpg.errors import ArpgError, CheckpointError
-from arpg.models.vq import (TRAIN_COMMAND, VQConfig, VQModel, from_uint8, load_tokenizer, read_tokenizer_checkpoint,
-                            to_uint8, tokenizer_payload)
+from arpg.lr_schedule import lr_by_progress, set_lr
+from arpg.models.discriminator import PatchDiscriminator
+from arpg.models.vq import TRAIN_COMMAND, VQConfig, VQModel, load_tokenizer, read_tokenizer_checkpoint, tokenizer_payload
 from arpg.utils import (atomic_path, atomic_save_npy, atomic_torch_save, deterministic_algorithms, make_generator,
-                        require_finite, resolve_device, write_json)
+                        require_finite, resolve_device, seeded_global_rng, write_json)
 
 WARMUP_SHARE = 0.05
 MIN_LR_SHARE = 0.1
@@ -65,24 +67,6 @@ class TokenizerTrainConfig:
     def from_params(cls, params: Mapping) -> "TokenizerTrainConfig":
         tok = params["tokenizer"]
         return cls(**{k: tok[k] for k in cls.__dataclass_fields__ if k != "seed"}, seed=params["seed"])
-
-
-# --- discriminator -------------------------------------------------------------------
-
-class PatchDiscriminator(nn.Module):
-    """Small PatchGAN (pix2pix / taming style): one real/fake logit per receptive-field patch."""
-
-    def __init__(self, in_channels: int, width: int = 32, groups: int = 8):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(in_channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.GroupNorm(groups, 2 * width), nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.GroupNorm(groups, 2 * width), nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * width, 1, 3, padding=1),
-        )
-
-    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
-        return self.net(images_BCHW)  # [B, 1, H/4, W/4]
 
 
 # --- metrics -------------------------------------------------------------------------
@@ -145,45 +129,7 @@ def _images_tensor(layout, split: str, channels: int) -> torch.Tensor:
     if images_NHWC.ndim != 4 or images_NHWC.shape[-1] != channels:
         raise ArpgError(f"prepared {split} images have shape {images_NHWC.shape}, expected [N, H, W, {channels}] "
                         "(data.channels); re-run `arpg prepare-data`")
-    return torch.from_numpy(np.array(images_NHWC)).permute(0, 3, 1, 2).contiguous()
-
-
-class BatchStream:
-    """Shuffled epochs drawn from a dedicated generator; state_dict() makes resume exact."""
-
-    def __init__(self, num_items: int, batch_size: int, seed: int):
-        if num_items < batch_size:
-            raise ArpgError(f"training set has {num_items} images, fewer than tokenizer.batch_size "
-                            f"{batch_size}; lower the batch size or prepare more data")
-        self.n, self.batch_size = num_items, batch_size
-        self.gen = make_generator(seed)
-        self.perm = torch.randperm(num_items, generator=self.gen)
-        self.cursor = 0
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices [B] and a horizontal-flip mask [B] (the tokenizer also encodes flipped images)."""
-        if self.cursor + self.batch_size > self.n:  # drop the ragged tail: every batch is full
-            self.perm = torch.randperm(self.n, generator=self.gen)
-            self.cursor = 0
-        idx_B = self.perm[self.cursor:self.cursor + self.batch_size]
-        self.cursor += self.batch_size
-        flip_B = torch.rand(self.batch_size, generator=self.gen) < 0.5
-        return idx_B, flip_B
-
-    def state_dict(self) -> dict:
-        return {"rng": self.gen.get_state(), "perm": self.perm, "cursor": self.cursor}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        self.gen.set_state(state["rng"])
-        self.perm, self.cursor = state["perm"], int(state["cursor"])
-
-
-def lr_at(progress: float, base_lr: float) -> float:
-    """Linear warm-up, then half-cosine from base_lr to MIN_LR_SHARE * base_lr; progress in [0, 1]."""
-    if progress < WARMUP_SHARE:
-        return base_lr * max(progress, 1e-3) / WARMUP_SHARE
-    t = min(1.0, (progress - WARMUP_SHARE) / (1 - WARMUP_SHARE))
-    return base_lr * (MIN_LR_SHARE + (1 - MIN_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * t)))
+    return to_tensor_NCHW(images_NHWC)
 
 
 @torch.no_grad()
@@ -224,17 +170,19 @@ def _train_tokenizer(params, run, progress: bool) -> dict:
     device = resolve_device(params["device"])
     images_NCHW = _images_tensor(layout, "train", vq_cfg.in_channels)
 
-    # nn.Module init draws from the global RNG: seed it inside a fork so nothing else is disturbed;
-    # every draw during training uses `stream.gen`
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+    # nn.Module init can only draw from the global RNG: seeded inside a fork, nothing else is disturbed;
+    # every draw during training (batches, flips, dead-code restarts) uses `gen`
+    with seeded_global_rng(cfg.seed):
         model = VQModel(vq_cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     disc = disc_opt = None
     if cfg.adversarial_weight > 0:
         disc = PatchDiscriminator(vq_cfg.in_channels).to(device)
         disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    stream = BatchStream(images_NCHW.shape[0], cfg.batch_size, cfg.seed)
+    gen = make_generator(cfg.seed)
+    n = images_NCHW.shape[0]
+    batches = EpochBatches(n, cfg.batch_size, lambda epoch: torch.randperm(n, generator=gen), drop_last=True,
+                           key="tokenizer.batch_size", items="training images")
     step, history = 0, []
 
     if layout.tokenizer_state.is_file():
@@ -247,7 +195,8 @@ def _train_tokenizer(params, run, progress: bool) -> dict:
         if disc is not None:
             load_state_strict(disc, state["discriminator"], f"{layout.tokenizer_state} (discriminator)", fresh)
             disc_opt.load_state_dict(state["disc_optimizer"])
-        stream.load_state_dict(state["stream"])
+        gen.set_state(state["stream"]["rng"])
+        batches.load_state_dict(state["stream"])
         step, history = int(state["step"]), list(state["history"])
         print(f"resuming tokenizer training at step {step}")
 
@@ -256,17 +205,18 @@ def _train_tokenizer(params, run, progress: bool) -> dict:
             "model": model.state_dict(), "optimizer": opt.state_dict(), "config": asdict(vq_cfg),
             "discriminator": disc.state_dict() if disc is not None else None,
             "disc_optimizer": disc_opt.state_dict() if disc is not None else None,
-            "stream": stream.state_dict(), "step": step, "history": history,
+            "stream": {"rng": gen.get_state(), **batches.state_dict()}, "step": step, "history": history,
         }, layout.tokenizer_state)
 
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train-tokenizer", disable=not progress, dynamic_ncols=True)
     window = []
     while step < cfg.max_steps:
-        lr = lr_at(step / cfg.max_steps, cfg.lr)
-        for group in opt.param_groups + (disc_opt.param_groups if disc_opt else []):
-            group["lr"] = lr
-        idx_B, flip_B = stream.next()
+        lr = set_lr(opt.param_groups + (disc_opt.param_groups if disc_opt else []),
+                    lr_by_progress(step / cfg.max_steps, peak=cfg.lr, warmup_share=WARMUP_SHARE,
+                                   floor_share=MIN_LR_SHARE))
+        idx_B = batches.next()  # [B]
+        flip_B = torch.rand(cfg.batch_size, generator=gen) < 0.5  # [B]: the tokenizer also sees flipped images
         pixels = images_NCHW[idx_B]  # [B, C, H, W] uint8
         pixels = torch.where(flip_B[:, None, None, None], pixels.flip(-1), pixels)
         x_BCHW = from_uint8(pixels).to(device)
@@ -297,7 +247,7 @@ def _train_tokenizer(params, run, progress: bool) -> dict:
         restarted = 0
         if cfg.dead_code_every and step % cfg.dead_code_every == 0:
             dead_K = model.quantize.usage_counts() == 0
-            restarted = restart_dead_codes(model, dead_K, out.z_BDhw, stream.gen)
+            restarted = restart_dead_codes(model, dead_K, out.z_BDhw, gen)
         window.append(terms | {"loss": loss.item()})
         bar.update(1)
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arpg.checkpoint_io import load_state_strict, read_checkpoint
+from arpg.data.pixels import from_uint8
 from arpg.errors import CheckpointError, ConfigError
 
 CHECKPOINT_KIND = "classifier"
@@ -61,8 +62,8 @@ class Classifier(nn.Module):
 
     @staticmethod
     def normalize(images_BCHW: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels in [0, 255] -> float in [-1, 1]."""
-        return images_BCHW.float() / 127.5 - 1.0
+        """uint8 pixels in [0, 255] -> float in [-1, 1], the classifier's input."""
+        return from_uint8(images_BCHW)
 
     def forward(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: float [B, C, H, W] in [-1, 1] -> (logits [B, K], features [B, D])."""

@@ -6,7 +6,7 @@ LlamaGen's `vq_ds16_c2i.pt` (`encoder.conv_blocks.{i}.res.{j}.conv1`, ...,
 `post_quant_conv`), so the released checkpoint loads strictly and gives the
 same codes and reconstructions.
 
-Images are [-1, 1] floats `images_BCHW`; tokens are int64 `tokens_Bhw`.
+Images are [-1, 1] floats `images_BCHW` (arpg.data.pixels converts uint8); tokens are int64 `tokens_Bhw`.
 """
 
 from __future__ import annotations
@@ -313,16 +313,6 @@ class VQModel(nn.Module):
     def decode(self, tokens_Bhw: torch.Tensor) -> torch.Tensor:
         """int64 tokens [B, h, w] -> images [B, C, h*f, w*f], nominally in [-1, 1] (not clamped)."""
         return self.decode_latents(self.quantize.lookup(tokens_Bhw))
-
-
-def to_uint8(images_BCHW: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8 pixels, LlamaGen's clamp(127.5 x + 128, 0, 255)."""
-    return (127.5 * images_BCHW + 128).clamp(0, 255).to(torch.uint8)
-
-
-def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> [-1, 1] floats (the inverse of `to_uint8` up to rounding)."""
-    return pixels.float() / 127.5 - 1.0
 
 
 # --- checkpoints --------------------------------------------------------------------

@@ -1,0 +1,186 @@
+"""The pieces every stage shares: LR schedules, seed derivation, batch sampler, pixel conversion,
+distributed set-up. Each must give exactly the numbers of the per-stage code it replaced."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from arpg import dist
+from arpg.data.batches import EpochBatches
+from arpg.data.pixels import from_uint8, to_tensor_NCHW, to_uint8
+from arpg.errors import DataError
+from arpg.lr_schedule import lr_by_progress, lr_by_step, set_lr
+from arpg.utils import derive_seed, make_generator, seeded_global_rng
+
+# ---- learning-rate schedules: the formulas each stage used before, verbatim ----------------------
+
+
+def old_generator_lr(step, lr, min_lr, warmup_steps, max_steps):  # arpg/engine/train.py lr_at
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    decay_steps = max(1, max_steps - 1 - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def old_tokenizer_lr(progress, base_lr):  # arpg/engine/tokenizer.py lr_at (WARMUP_SHARE 0.05, MIN_LR_SHARE 0.1)
+    if progress < 0.05:
+        return base_lr * max(progress, 1e-3) / 0.05
+    t = min(1.0, (progress - 0.05) / (1 - 0.05))
+    return base_lr * (0.1 + (1 - 0.1) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def old_classifier_lr(progress, base, warmup):  # arpg/engine/classifier.py _lr_at
+    if progress < warmup:
+        return base * max(progress, 1e-3) / warmup
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - warmup) / (1.0 - warmup))))
+
+
+@pytest.mark.parametrize("lr,min_lr,warmup,total", [(0.006, 1e-5, 50, 1700), (1e-3, 1e-5, 10, 60),
+                                                    (2.0, 0.0, 0, 3), (0.3, 0.01, 7, 7)])
+def test_generator_schedule_is_the_old_formula_bit_for_bit(lr, min_lr, warmup, total):
+    for step in range(total + 2):
+        assert lr_by_step(step, peak=lr, floor=min_lr, warmup_steps=warmup, max_steps=total) == \
+            old_generator_lr(step, lr, min_lr, warmup, total)
+
+
+@pytest.mark.parametrize("base,total", [(0.003, 1000), (1e-3, 60), (0.7, 13)])
+def test_tokenizer_schedule_is_the_old_formula_bit_for_bit(base, total):
+    for step in range(total + 1):
+        assert lr_by_progress(step / total, peak=base, warmup_share=0.05, floor_share=0.1) == \
+            old_tokenizer_lr(step / total, base)
+
+
+@pytest.mark.parametrize("base,total,warmup", [(0.002, 1175, 0.05), (3e-3, 16, 0.05), (1.0, 101, 0.1)])
+def test_classifier_schedule_is_the_old_formula_bit_for_bit(base, total, warmup):
+    for step in range(total + 1):
+        assert lr_by_progress(step / total, peak=base, warmup_share=warmup, floor_share=0.0) == \
+            old_classifier_lr(step / total, base, warmup)
+
+
+def test_schedule_shapes_and_set_lr():
+    assert lr_by_step(99, peak=1.0, floor=0.1, warmup_steps=100, max_steps=200) == 1.0  # warm-up ends at peak
+    assert lr_by_step(199, peak=1.0, floor=0.1, warmup_steps=100, max_steps=200) == pytest.approx(0.1)
+    assert lr_by_progress(1.0, peak=2.0, warmup_share=0.05, floor_share=0.1) == pytest.approx(0.2)
+    assert lr_by_progress(0.0, peak=1.0, warmup_share=0.05, floor_share=0.1) == pytest.approx(0.02)  # not 0
+    groups = [{"lr": 0.0}, {"lr": 5.0}]
+    assert set_lr(groups, 0.25) == 0.25 and [g["lr"] for g in groups] == [0.25, 0.25]
+
+
+# ---- seeds --------------------------------------------------------------------------------------
+
+
+def test_derive_seed_gives_the_seeds_of_both_old_call_styles():
+    # values of the old derive_seed(seed, STREAM_..., ...) (STREAM_INIT 0, DATA 1, SAMPLES 2, DROPOUT 3)
+    assert derive_seed(0, 0) == 7896617691693857887
+    assert derive_seed(0, 1, 0) == 2918264622725855778
+    assert derive_seed(0, 1, 7) == 2440468269607536873
+    assert derive_seed(3, 2) == 5737856171534892084
+    assert derive_seed(0, 3, 5, 1, 0) == 4463338576491229807
+    # values of the old sampler batch_seed(seed, batch)
+    assert [derive_seed(0, 0), derive_seed(0, 1), derive_seed(9, 3), derive_seed(0, 4)] == \
+        [7896617691693857887, 2918264622725855778, 6001044651676530104, 2494635221133837528]
+    assert all(0 <= derive_seed(s, k) < 2 ** 63 for s in range(3) for k in range(3))
+
+
+def test_seeded_global_rng_is_seeded_inside_and_restores_outside():
+    before = torch.get_rng_state()
+    with seeded_global_rng(5):
+        inside = torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(inside, torch.rand(4, generator=make_generator(5)))
+    with seeded_global_rng(None):
+        torch.rand(3)  # draws, discarded
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+# ---- batch sampler ------------------------------------------------------------------------------
+
+
+def test_epoch_batches_drop_or_keep_the_ragged_tail():
+    gen = make_generator(0)
+    keep = EpochBatches(10, 4, lambda e: torch.randperm(10, generator=gen), drop_last=False, key="k", items="x")
+    assert keep.steps_per_epoch == 3
+    sizes = [len(keep.next()) for _ in range(6)]
+    assert sizes == [4, 4, 2, 4, 4, 2]
+    gen = make_generator(0)
+    drop = EpochBatches(10, 4, lambda e: torch.randperm(10, generator=gen), drop_last=True, key="k", items="x")
+    first = torch.cat([drop.next() for _ in range(2)])
+    assert drop.steps_per_epoch == 2 and len(set(first.tolist())) == 8
+    assert torch.equal(first, torch.randperm(10, generator=make_generator(0))[:8])  # epoch 0 is the first draw
+    with pytest.raises(DataError, match="12 images cannot fill one batch of some.batch_size=16; lower some.batch_size"):
+        EpochBatches(12, 16, lambda e: torch.arange(12), drop_last=True, key="some.batch_size", items="images")
+
+
+def test_epoch_batches_resume_from_state_and_seek():
+    def stream():
+        gen = make_generator(3)
+        return gen, EpochBatches(10, 4, lambda e: torch.randperm(10, generator=gen), drop_last=True,
+                                 key="k", items="x")
+
+    gen_a, a = stream()
+    for _ in range(3):
+        a.next()
+    state, rng = a.state_dict(), gen_a.get_state()
+    gen_b, b = stream()
+    b.load_state_dict(state)
+    gen_b.set_state(rng)
+    for _ in range(5):  # crosses epoch boundaries
+        assert torch.equal(a.next(), b.next())
+
+    by_epoch = EpochBatches(9, 2, lambda e: torch.randperm(9, generator=make_generator(e)), drop_last=True,
+                            key="k", items="x")
+    steps = [by_epoch.next() for _ in range(10)]
+    by_epoch.seek(6)  # epoch 1, second batch
+    assert torch.equal(by_epoch.next(), steps[6]) and torch.equal(by_epoch.next(), steps[7])
+
+
+# ---- pixels -------------------------------------------------------------------------------------
+
+
+def test_pixel_conversions():
+    images_NHWC = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    x = to_tensor_NCHW(images_NHWC)
+    assert x.shape == (2, 3, 4, 4) and x.dtype == torch.uint8 and x.is_contiguous()
+    assert x[1, 2, 3, 1] == (1 * 48 + 3 * 12 + 1 * 3 + 2)
+    with pytest.raises(DataError, match="uint8"):
+        to_tensor_NCHW(images_NHWC.astype(np.float32))
+    pixels = torch.arange(256, dtype=torch.uint8)
+    unit = from_uint8(pixels)
+    assert unit.dtype == torch.float32 and unit[0] == -1.0 and unit[-1] == 1.0
+    assert torch.equal(unit, pixels.float() / 127.5 - 1.0)
+    assert torch.equal(to_uint8(unit), pixels)  # round trip (LlamaGen's +128 rounds to nearest)
+
+
+# ---- distributed --------------------------------------------------------------------------------
+
+
+def test_one_process_needs_no_group(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with dist.session("cpu") as (info, device):
+        assert info == dist.DistInfo() and info.is_main and not info.enabled and device.type == "cpu"
+        t = torch.tensor([2.0])
+        assert dist.all_reduce_sum(t, info) is t and t.item() == 2.0
+        assert dist.gather_to_main({"a": 1}, info) == [{"a": 1}]
+        dist.barrier(info)
+    assert not torch.distributed.is_initialized()
+
+
+def test_session_destroys_the_group_also_on_error(monkeypatch, tmp_path):
+    import torch.distributed as tdist
+
+    # a real one-member gloo group, joined by session() as torchrun's environment describes it
+    tdist.init_process_group("gloo", store=tdist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RuntimeError, match="boom"):
+        with dist.session("cpu") as (info, _):
+            assert info.enabled and info.is_main
+            total = dist.all_reduce_sum(torch.tensor([3.0]), info)  # one member: the sum is itself
+            assert total.item() == 3.0
+            raise RuntimeError("boom")
+    assert not tdist.is_initialized()
