@@ -419,3 +419,16 @@ def test_command_relaunches_under_torchrun(params_file):
     metrics = read_json(params.layout.model_metrics("raster"))
     assert metrics["world_size"] == 2 and metrics["steps"] == 2
     assert load_generator(params.layout.model_checkpoint("raster")).config.grid_size == G
+
+
+@pytest.mark.parametrize("kind, wrong", [("arpg", "LlamaGen-T"), ("raster", "ARPG-T")])
+def test_a_size_of_the_other_kind_is_refused_naming_the_key_and_the_sizes_that_fit(params_file, kind, wrong):
+    from arpg.engine.train_stage import build_study_model
+    from arpg.errors import ConfigError
+    from arpg.models.registry import SIZES
+
+    params = load_params(params_file("configs/smoke.yaml", **{f"train.{kind}_model": wrong}))
+    with pytest.raises(ConfigError, match=f"train.{kind}_model='{wrong}'") as err:
+        build_study_model(params, kind)
+    fits = [n for n, (k, _) in SIZES.items() if k == kind]
+    assert fits and all(n in str(err.value) for n in fits) and wrong not in str(err.value).split("one of:")[1]

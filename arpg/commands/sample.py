@@ -97,7 +97,7 @@ def make_draw(model_kind: str, generator_model, tokenizer, opts, order: str):
 
     @torch.inference_mode()
     def draw(labels_B, gen):
-        if model_kind == "arpg":
+        if DECODERS[model_kind].parallel:
             tokens_BN = generate_arpg(generator_model, labels_B, steps=opts.steps, cfg=opts.cfg,
                                       cfg_schedule=opts.cfg_schedule, schedule=opts.schedule,
                                       temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,

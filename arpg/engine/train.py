@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from arpg.data.batches import EpochBatches
 from arpg.data.tokens import TokenData
+from arpg.decoders import decoder
 from arpg.dist import DistInfo, barrier
 from arpg.engine.ema import EMA
 from arpg.engine.train_state import restore, run_identity, save_state
@@ -36,7 +37,6 @@ from arpg.errors import ConfigError
 from arpg.lr_schedule import lr_by_step, set_lr
 from arpg.utils import derive_seed, make_generator, require_finite, seeded_global_rng
 
-KINDS = ("arpg", "raster")
 
 # independent seed streams derived from the base seed: derive_seed(seed, STREAM_..., ...)
 STREAM_INIT, STREAM_DATA, STREAM_SAMPLES, STREAM_DROPOUT = range(4)
@@ -105,10 +105,11 @@ def token_batches(n: int, cfg: TrainConfig) -> EpochBatches:
 
 def draw_conditioning(labels_B: torch.Tensor, seq_len: int, kind: str, class_dropout: float,
                       gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Class dropout (label -> -1, the null class) and, for ARPG, one random permutation per sample."""
+    """Class dropout (label -> -1, the null class) and, for a parallel decoder, one random permutation
+    per sample (its training order)."""
     drop_B = torch.rand(labels_B.shape[0], generator=gen) < class_dropout  # [B]
     labels_B = torch.where(drop_B, torch.full_like(labels_B, -1), labels_B)
-    if kind != "arpg":
+    if not decoder(kind).parallel:
         return labels_B, None
     orders_BN = torch.argsort(torch.rand(labels_B.shape[0], seq_len, generator=gen), dim=1)  # [B, N]
     return labels_B, orders_BN
@@ -119,10 +120,10 @@ class LossModule(nn.Module):
 
     def __init__(self, model: nn.Module, kind: str):
         super().__init__()
-        self.model, self.kind = model, kind
+        self.model, self.parallel = model, decoder(kind).parallel
 
     def forward(self, tokens_BN, labels_B, orders_BN=None):
-        if self.kind == "arpg":
+        if self.parallel:  # trained on the random orders of draw_conditioning
             return self.model.loss(tokens_BN, labels_B, orders_BN)
         return self.model.loss(tokens_BN, labels_B)
 
@@ -155,8 +156,7 @@ def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
 
 def micro_batch(kind: str, cfg: TrainConfig, info: DistInfo) -> int:
     """Samples per micro-step on this rank: the global batch over grad_accum x processes."""
-    if kind not in KINDS:
-        raise ConfigError(f"unknown model kind {kind!r}; use one of {', '.join(KINDS)}")
+    decoder(kind)  # a registered decoder, or an error naming those that are
     shards = cfg.grad_accum * info.world_size
     if cfg.batch_size % shards:
         raise ConfigError(f"train.batch_size={cfg.batch_size} must be divisible by train.grad_accum x processes "

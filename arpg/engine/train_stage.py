@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from arpg.data.tokens import TokenData
+from arpg.decoders import decoder
 from arpg.engine.train import STREAM_INIT, TrainConfig, train
 from arpg.errors import ConfigError
 from arpg.utils import derive_seed, deterministic_algorithms, make_generator, seeded_global_rng
@@ -25,7 +26,7 @@ def codebook_size(params: Mapping[str, Any]) -> int:
 
 
 def model_name(params: Mapping[str, Any], kind: str) -> str:
-    return params["train"][f"{kind}_model"]
+    return params["train"][decoder(kind).model_key]
 
 
 def build_study_model(params: Mapping[str, Any], kind: str, **overrides) -> nn.Module:
@@ -38,18 +39,19 @@ def build_study_model(params: Mapping[str, Any], kind: str, **overrides) -> nn.M
         model = build_model(name, codebook_size=codebook_size(params), num_classes=params["data"]["num_classes"],
                             grid_size=token_grid(params),
                             generator=make_generator(derive_seed(params["seed"], STREAM_INIT)), **overrides)
-    _check_kind(model, kind, f"train.{kind}_model", name)
+    _check_kind(model, kind, name)
     return model
 
 
-def _check_kind(model: nn.Module, kind: str, key: str, name: str) -> None:
-    from arpg.models.arpg import ARPG
-    from arpg.models.raster import RasterGPT
+def _check_kind(model: nn.Module, kind: str, name: str) -> None:
+    """The size named by train.<kind>_model builds the kind of network the decoder trains."""
+    from arpg.models.registry import SIZES
 
-    want = {"arpg": ARPG, "raster": RasterGPT}[kind]
-    if not isinstance(model, want):
-        raise ConfigError(f"{key}={name!r} builds a {type(model).__name__}, but --model {kind} needs a "
-                          f"{want.__name__}; pick a {'ARPG-*' if kind == 'arpg' else 'LlamaGen-*'} size")
+    d = decoder(kind)
+    if SIZES[name][0] != d.size_kind:
+        fits = ", ".join(n for n, (k, _) in SIZES.items() if k == d.size_kind)
+        raise ConfigError(f"{d.param_keys[0]}={name!r} builds a {type(model).__name__}, which --model {kind} "
+                          f"does not train; pick one of: {fits}")
 
 
 def load_study_data(params: Mapping[str, Any]) -> TokenData:
@@ -80,13 +82,13 @@ def import_pretrained(params, kind: str, tracker) -> dict:
     from arpg.models.checkpoint import load_generator
     from arpg.utils import require_file
 
-    key = f"train.{kind}_pretrained"
-    path = require_file(params["train"][f"{kind}_pretrained"], f"{key} checkpoint",
+    key = decoder(kind).param_keys[1]
+    path = require_file(params["train"][decoder(kind).pretrained_key], f"{key} checkpoint",
                         f"put the file there or set {key}: null to train the model")
     name = model_name(params, kind)
     model = load_generator(path, name, codebook_size=codebook_size(params),
                            num_classes=params["data"]["num_classes"], grid_size=token_grid(params), what=key)
-    _check_kind(model, kind, f"train.{kind}_model", name)
+    _check_kind(model, kind, name)
     metrics = {"model": name, "kind": kind, "pretrained": str(path), "steps": 0,
                "parameters": sum(p.numel() for p in model.parameters()),
                "uniform_loss": math.log(codebook_size(params))}
@@ -113,7 +115,7 @@ def _run_train(params, kind: str, info, device: torch.device) -> dict | None:
     tracking = (stage_run(params, "train", run_name=f"train-{kind}", run_params=run_params)
                 if info.is_main else contextlib.nullcontext(NullRun()))
     with tracking as tracker:
-        if params["train"][f"{kind}_pretrained"]:
+        if params["train"][decoder(kind).pretrained_key]:
             return import_pretrained(params, kind, tracker) if info.is_main else None
         data = load_study_data(params)
         model = build_study_model(params, kind)
