@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from arpg.models.layers import (
     BackboneConfig,
     FeedForward,
+    PreNormBlock,
     RMSNorm,
     apply_rope,
     attend,
@@ -81,30 +82,16 @@ class CrossAttention(nn.Module):
         return self.proj_drop(self.proj(merge_heads(y_BHQD)))
 
 
-class SelfDecoder(nn.Module):
-    def __init__(self, cfg: ARPGConfig):
-        super().__init__()
-        self.attn = SelfAttention(cfg)
-        self.ffn = FeedForward(cfg.dim, cfg.ffn_multiple_of, cfg.ffn_dropout)
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-
-    def forward(self, x_BTC, cos, sin, cache=None):
-        h_BTC = x_BTC + self.attn(self.attn_norm(x_BTC), cos, sin, cache)
-        return h_BTC + self.ffn(self.ffn_norm(h_BTC))
+class SelfDecoder(PreNormBlock):
+    def __init__(self, cfg: ARPGConfig):  # forward(x_BTC, cos, sin, cache=None)
+        super().__init__(SelfAttention(cfg), FeedForward(cfg.dim, cfg.ffn_multiple_of, cfg.ffn_dropout),
+                         cfg.dim, cfg.norm_eps)
 
 
-class CrossDecoder(nn.Module):
-    def __init__(self, cfg: ARPGConfig):
-        super().__init__()
-        self.attn = CrossAttention(cfg)
-        self.ffn = FeedForward(cfg.dim, cfg.ffn_multiple_of, cfg.ffn_dropout)
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-
-    def forward(self, q_BQC, k_BHTD, v_BHTD, cos, sin, causal: bool):
-        h_BQC = q_BQC + self.attn(self.attn_norm(q_BQC), k_BHTD, v_BHTD, cos, sin, causal)
-        return h_BQC + self.ffn(self.ffn_norm(h_BQC))
+class CrossDecoder(PreNormBlock):
+    def __init__(self, cfg: ARPGConfig):  # forward(q_BQC, k_BHTD, v_BHTD, cos, sin, causal)
+        super().__init__(CrossAttention(cfg), FeedForward(cfg.dim, cfg.ffn_multiple_of, cfg.ffn_dropout),
+                         cfg.dim, cfg.norm_eps)
 
 
 class TwoPass(nn.Module):

@@ -89,6 +89,24 @@ class FeedForward(nn.Module):
         return self.ffn_dropout(self.w2(F.silu(self.w1(x_BTC)) * self.w3(x_BTC)))
 
 
+class PreNormBlock(nn.Module):
+    """x + attn(norm(x), ...), then + ffn(norm(h)): the residual block of both decoders. Its four parts
+    are registered under the names of the release's state dict (ARPG: attn / ffn / attn_norm /
+    ffn_norm; LlamaGen: attention / feed_forward / attention_norm / ffn_norm), in that order."""
+
+    def __init__(self, attn: nn.Module, ffn: nn.Module, dim: int, eps: float,
+                 names: tuple[str, str, str, str] = ("attn", "ffn", "attn_norm", "ffn_norm")):
+        super().__init__()
+        self._parts = names
+        for name, part in zip(names, (attn, ffn, RMSNorm(dim, eps), RMSNorm(dim, eps))):
+            self.add_module(name, part)
+
+    def forward(self, x_BTC, *attn_args, **attn_kwargs):
+        attn, ffn, attn_norm, ffn_norm = (self._modules[n] for n in self._parts)
+        h_BTC = x_BTC + attn(attn_norm(x_BTC), *attn_args, **attn_kwargs)
+        return h_BTC + ffn(ffn_norm(h_BTC))
+
+
 def rope_2d(grid_h: int, grid_w: int, head_dim: int, base: float = 10000.0,
             class_rope: str = "zero") -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables [1 + grid_h * grid_w, head_dim // 2] (fp32).

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from arpg.models.layers import (
     BackboneConfig,
     FeedForward,
+    PreNormBlock,
     RMSNorm,
     apply_rope,
     block_causal_mask,
@@ -60,17 +61,10 @@ class Attention(nn.Module):
         return self.resid_dropout(self.wo(merge_heads(y_BHTD)))
 
 
-class TransformerBlock(nn.Module):
-    def __init__(self, cfg: RasterConfig):
-        super().__init__()
-        self.attention = Attention(cfg)
-        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_multiple_of, cfg.ffn_dropout)
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-
-    def forward(self, x_BTC, cos, sin, cache=None):
-        h_BTC = x_BTC + self.attention(self.attention_norm(x_BTC), cos, sin, cache)
-        return h_BTC + self.feed_forward(self.ffn_norm(h_BTC))
+class TransformerBlock(PreNormBlock):
+    def __init__(self, cfg: RasterConfig):  # forward(x_BTC, cos, sin, cache=None)
+        super().__init__(Attention(cfg), FeedForward(cfg.dim, cfg.ffn_multiple_of, cfg.ffn_dropout),
+                         cfg.dim, cfg.norm_eps, names=("attention", "feed_forward", "attention_norm", "ffn_norm"))
 
 
 class LabelEmbedder(nn.Module):
