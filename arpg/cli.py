@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("arpg.commands.sample", "draw class-balanced samples for one sweep point"),
     "reference-stats": ("arpg.commands.reference_stats", "feature statistics of the real data for one extractor"),
     "evaluate": ("arpg.commands.evaluate", "FID / KID / IS / precision-recall of one sweep point"),
-    "profile": ("arpg.commands.profile", "throughput and memory of ARPG vs raster decoding"),
+    "profile": ("arpg.commands.profile", "throughput and memory of every decoder (arpg/decoders.py)"),
     "gallery": ("arpg.commands.gallery", "zero-shot inpainting, outpainting and resolution expansion"),
     "report": ("arpg.commands.report", "render reports/ from the stage outputs"),
     "export-dvc": ("arpg.commands.export_dvc", "write dvc.yaml from the pipeline's stage list"),

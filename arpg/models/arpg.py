@@ -13,20 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arpg.models.layers import (
-    BackboneConfig,
-    FeedForward,
-    PreNormBlock,
-    RMSNorm,
-    apply_rope,
-    attend,
-    cache_write_attend,
-    init_weights,
-    merge_heads,
-    rope_2d,
-    rope_lookup,
-    split_heads,
-)
+from arpg.models.layers import (BackboneConfig, FeedForward, PreNormBlock, RMSNorm, apply_rope, attend,
+                                cache_write_attend, init_weights, merge_heads, rope_2d, rope_lookup, split_heads)
 
 
 @dataclass
