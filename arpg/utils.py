@@ -111,6 +111,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+def atomic_save_png(image, path: str | os.PathLike) -> None:
+    """A PIL image as PNG, atomically."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file, then rename. Through a file object: given a path, torch.save
     names the archive's records after the (random) temporary file, so identical runs differed."""

@@ -69,7 +69,7 @@ def api_runs(root: Path, study: Path) -> dict:
     from arpg.config import load_params
     from arpg.engine.tokenizer import train_tokenizer
     from arpg.engine.train import TrainConfig, train
-    from arpg.engine.train_stage import build_study_model, load_study_data
+    from arpg.commands.train import build_study_model, load_study_data
     from conftest import write_params
 
     out = {}

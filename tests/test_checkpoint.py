@@ -115,3 +115,30 @@ def test_missing_and_corrupt_files(tmp_path):
     torch.save({"optimizer": {"lr": 1}}, junk)
     with pytest.raises(CheckpointError, match="no state dict"):
         load_generator(junk, "ARPG-T", grid_size=G)
+
+
+@pytest.mark.parametrize("model, other_size", [("arpg", "LlamaGen-T"), ("raster", "ARPG-T")])
+def test_sample_refuses_another_decoders_model_file_naming_it_and_the_fix(params_file, capsys, model, other_size):
+    """The raster model.pt where ARPG's belongs (or the reverse): a message, exit 2, no traceback."""
+    from arpg.cli import main
+    from arpg.config import load_params
+    from arpg.models.checkpoint import save_generator
+    from arpg.models.registry import build_model
+    from arpg.models.vq import VQConfig, VQModel, tokenizer_payload
+    from arpg.utils import atomic_torch_save
+
+    params = load_params(params_file("configs/smoke.yaml", **{"tracking.enabled": False, "device": "cpu"}))
+    layout = params.layout
+    layout.tokenizer_checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(tokenizer_payload(VQModel(VQConfig.from_params(params))), layout.tokenizer_checkpoint)
+    layout.model_checkpoint(model).parent.mkdir(parents=True, exist_ok=True)
+    wrong = build_model(other_size, codebook_size=params["tokenizer"]["codebook_size"],
+                        num_classes=params["data"]["num_classes"], grid_size=8)
+    save_generator(wrong, layout.model_checkpoint(model), other_size)
+    steps, order = ("4", "random") if model == "arpg" else ("64", "raster")
+    argv = ["sample", "--params", str(params.path), "--model", model, "--steps", steps, "--cfg", "1.0",
+            "--order", order]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(layout.model_checkpoint(model)) in err and f"arpg train --model {model}" in err
+    assert "Traceback" not in err and not list(layout.out.glob("samples/**/*.npz"))

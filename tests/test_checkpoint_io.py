@@ -107,7 +107,7 @@ def test_arpg_has_exactly_one_torch_load_call():
 
 @pytest.mark.parametrize("kind", ["arpg", "raster"])
 def test_train_pretrained_generator_is_refused(params_file, tmp_path, kind):
-    from arpg.engine.train_stage import run_train
+    from arpg.commands.train import run_train
 
     marker = tmp_path / "marker"
     path = crafted(tmp_path / f"{kind}.pt", marker)

@@ -20,7 +20,7 @@ from arpg.config import load_params
 from arpg.data.tokens import TokenData
 from arpg.engine.ema import EMA
 from arpg.engine.train import TrainConfig, draw_conditioning, param_groups, token_batches, train
-from arpg.engine.train_stage import run_train
+from arpg.commands.train import run_train
 from arpg.errors import ArpgError, CheckpointError, ConfigError, DataError, TrainingDiverged
 from arpg.models.checkpoint import load_generator
 from arpg.models.registry import build_model
@@ -423,7 +423,7 @@ def test_command_relaunches_under_torchrun(params_file):
 
 @pytest.mark.parametrize("kind, wrong", [("arpg", "LlamaGen-T"), ("raster", "ARPG-T")])
 def test_a_size_of_the_other_kind_is_refused_naming_the_key_and_the_sizes_that_fit(params_file, kind, wrong):
-    from arpg.engine.train_stage import build_study_model
+    from arpg.commands.train import build_study_model
     from arpg.errors import ConfigError
     from arpg.models.registry import SIZES
 

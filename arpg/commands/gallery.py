@@ -45,18 +45,18 @@ def run(args, params) -> None:
 
 
 def _gallery(params, device) -> None:
-    from arpg.commands.sample import load_models, save_png
     from arpg.data.arrays import load_images, load_labels
     from arpg.data.pixels import from_uint8
     from arpg.decoders import zero_shot_decoder
     from arpg.engine.sampler import SamplerConfig
     from arpg.engine.zeroshot import pick_images, run_task
+    from arpg.models.checkpoint import load_study_models
     from arpg.tracking import stage_run
-    from arpg.utils import derive_seed, make_generator, write_json
+    from arpg.utils import atomic_save_png, derive_seed, make_generator, write_json
 
     gal, smp = params["gallery"], params["sample"]
     layout = params.layout
-    model, tokenizer = load_models(params, zero_shot_decoder().name, device)
+    model, tokenizer = load_study_models(params, zero_shot_decoder().name, device)
     images_N = load_images(layout, "test")
     labels_N = load_labels(layout, "test")
     index = pick_images(labels_N, gal["num_images"])
@@ -77,7 +77,7 @@ def _gallery(params, device) -> None:
             result = run_task(task, model, tokenizer, images_BCHW, labels_B, samples=gal["samples"],
                               expand_to=gal["expand_to"], sampler=sampler,
                               generator=make_generator(derive_seed(params["seed"], t), device))
-            save_png(panel(result), layout.gallery_image(task))
+            atomic_save_png(panel(result), layout.gallery_image(task))
             grid = result["grid"]
             doc["tasks"][task] = {
                 "image": str(layout.gallery_image(task)), "token_grid": grid,

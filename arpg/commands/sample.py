@@ -8,7 +8,6 @@ batches r, r + W, ...) and rank 0 merges them: the result equals one process.
 
 from __future__ import annotations
 
-import io
 import time
 
 import numpy as np
@@ -44,82 +43,16 @@ def check_point(point, n_tokens: int) -> None:
         raise ArpgError(f"--steps {point.steps} must be between 1 and the {n_tokens} tokens of the grid")
 
 
-def image_grid(images_NHWC: np.ndarray, labels_N: np.ndarray, columns: int):
-    """One row per class (first `columns` samples of each), uint8 pixels side by side."""
-    from PIL import Image
-
-    classes = np.unique(labels_N)
-    H, W, C = images_NHWC.shape[1:]
-    canvas = np.zeros((len(classes) * H, columns * W, C), dtype=np.uint8)
-    for row, c in enumerate(classes):
-        for col, img in enumerate(images_NHWC[labels_N == c][:columns]):
-            canvas[row * H:(row + 1) * H, col * W:(col + 1) * W] = img
-    return Image.fromarray(canvas[..., 0] if C == 1 else canvas)
-
-
-def save_png(image, path) -> None:
-    from arpg.utils import atomic_write_bytes
-
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def save_npz(path, **arrays) -> None:
-    from arpg.utils import atomic_save_npz
-
-    atomic_save_npz(path, **arrays)
-
-
-def load_models(params, model: str, device: torch.device):
-    """The trained generator and the tokenizer, strictly loaded, eval mode, on `device`."""
-    from arpg.config import token_grid
-    from arpg.models.checkpoint import load_generator
-    from arpg.models.layers import prepack_linears_for_cpu
-    from arpg.models.vq import TRAIN_COMMAND, VQConfig, load_tokenizer
-
-    layout = params.layout
-    tokenizer = load_tokenizer(layout.tokenizer_checkpoint, VQConfig.from_params(params),
-                               written_by=TRAIN_COMMAND).to(device).eval()
-    generator = load_generator(layout.model_checkpoint(model), codebook_size=params["tokenizer"]["codebook_size"],
-                               num_classes=params["data"]["num_classes"], grid_size=token_grid(params),
-                               device=device, written_by=f"arpg train --model {model}")
-    prepack_linears_for_cpu(generator)  # fp32 CPU decoding: oneDNN with prepacked weights (no-op elsewhere)
-    return generator, tokenizer
-
-
-def make_draw(model_kind: str, generator_model, tokenizer, opts, order: str):
-    """labels_B, torch.Generator -> (tokens [B, h, w], uint8 images [B, H, W, C])."""
-    from arpg.data.pixels import to_uint8
-    from arpg.engine.sampler import generate_arpg, generate_raster
-
-    side = generator_model.config.grid_size
-
-    @torch.inference_mode()
-    def draw(labels_B, gen):
-        if DECODERS[model_kind].parallel:
-            tokens_BN = generate_arpg(generator_model, labels_B, steps=opts.steps, cfg=opts.cfg,
-                                      cfg_schedule=opts.cfg_schedule, schedule=opts.schedule,
-                                      temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
-                                      order=order, generator=gen)
-        else:
-            tokens_BN = generate_raster(generator_model, labels_B, cfg=opts.cfg, cfg_schedule=opts.cfg_schedule,
-                                        temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
-                                        generator=gen)
-        tokens_Bhw = tokens_BN.view(-1, side, side)  # [B, h, w]
-        pixels_BHWC = to_uint8(tokenizer.decode(tokens_Bhw)).permute(0, 2, 3, 1)  # [B, H, W, C]
-        return tokens_Bhw, pixels_BHWC
-
-    return draw
-
-
 def run(args, params) -> None:
     from arpg import dist
     from arpg.config import token_count
-    from arpg.engine.sample_set import generate_class_balanced, merge_batches
+    from arpg.data.pixels import image_grid
+    from arpg.engine.sample_set import generate_class_balanced, make_draw, merge_batches
     from arpg.engine.sampler import SamplerConfig
+    from arpg.models.checkpoint import load_study_models
     from arpg.paths import SweepPoint
     from arpg.tracking import stage_run
+    from arpg.utils import atomic_save_npz, atomic_save_png
 
     point = SweepPoint(args.model, args.steps, args.cfg, args.order)
     check_point(point, token_count(params))
@@ -127,7 +60,7 @@ def run(args, params) -> None:
     opts = SamplerConfig.from_params(cfg, steps=point.steps, cfg=point.cfg)
     with dist.session(params["device"]) as (info, device):
         layout = params.layout
-        generator_model, tokenizer = load_models(params, point.model, device)
+        generator_model, tokenizer = load_study_models(params, point.model, device)
         draw = make_draw(point.model, generator_model, tokenizer, opts, point.order)
 
         num_classes = params["data"]["num_classes"]
@@ -150,8 +83,8 @@ def run(args, params) -> None:
                   "temperature": opts.temperature, "top_k": opts.top_k, "top_p": opts.top_p,
                   "num_samples": total, "nproc": info.world_size}
     with stage_run(params, "sample", f"sample-{point.model}-{point.tag}", run_params) as run:
-        save_npz(layout.samples(point), arr_0=images_NHWC, labels=labels_np, tokens=tokens_Nhw)
-        save_png(image_grid(images_NHWC, labels_np, min(GRID_COLUMNS, cfg["num_per_class"])),
+        atomic_save_npz(layout.samples(point), arr_0=images_NHWC, labels=labels_np, tokens=tokens_Nhw)
+        atomic_save_png(image_grid(images_NHWC, labels_np, min(GRID_COLUMNS, cfg["num_per_class"])),
                  layout.sample_grid(point))
         # wall time of rank 0's share (decoding included); the profiling stage measures speed properly
         mine = sum(len(labels_B) for labels_B, _ in part.values())

@@ -8,11 +8,22 @@ nccl on CUDA); launched by torchrun directly, it joins the existing group.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import subprocess
 import sys
+from typing import Any, Mapping
 
-from arpg.decoders import DECODERS
+import torch
+import torch.nn as nn
+
+from arpg.data.tokens import TokenData
+from arpg.decoders import DECODERS, decoder
+from arpg.engine.train import STREAM_INIT, TrainConfig, train
+from arpg.errors import ConfigError
+from arpg.utils import derive_seed, deterministic_algorithms, make_generator, seeded_global_rng
+
 
 
 def configure(parser) -> None:
@@ -30,8 +41,133 @@ def run(args, params) -> int:
         print(f"launching {nproc} processes: {' '.join(cmd[1:])}", flush=True)
         return subprocess.run(cmd, check=False).returncode
 
-    from arpg.engine.train_stage import run_train
-
     run_train(params, args.model)
     return 0
 
+
+
+def codebook_size(params: Mapping[str, Any]) -> int:
+    """Vocabulary of the token grids: the tokenizer's codebook (the data check catches a mismatch)."""
+    return int(params["tokenizer"]["codebook_size"])
+
+
+def model_name(params: Mapping[str, Any], kind: str) -> str:
+    return params["train"][decoder(kind).model_key]
+
+
+def build_study_model(params: Mapping[str, Any], kind: str, **overrides) -> nn.Module:
+    """The registry model named by train.<kind>_model, initialised from a seed of its own."""
+    from arpg.config import token_grid
+    from arpg.models.registry import build_model
+
+    name = model_name(params, kind)
+    with seeded_global_rng(None):  # module constructors draw default inits (then overwritten) from it
+        model = build_model(name, codebook_size=codebook_size(params), num_classes=params["data"]["num_classes"],
+                            grid_size=token_grid(params),
+                            generator=make_generator(derive_seed(params["seed"], STREAM_INIT)), **overrides)
+    _check_kind(model, kind, name)
+    return model
+
+
+def _check_kind(model: nn.Module, kind: str, name: str) -> None:
+    """The size named by train.<kind>_model builds the kind of network the decoder trains."""
+    from arpg.models.registry import SIZES
+
+    d = decoder(kind)
+    if SIZES[name][0] != d.size_kind:
+        fits = ", ".join(n for n, (k, _) in SIZES.items() if k == d.size_kind)
+        raise ConfigError(f"{d.param_keys[0]}={name!r} builds a {type(model).__name__}, which --model {kind} "
+                          f"does not train; pick one of: {fits}")
+
+
+def load_study_data(params: Mapping[str, Any]) -> TokenData:
+    from arpg.config import token_grid
+    from arpg.data.arrays import load_token_labels, load_tokens
+
+    layout = params.layout
+    splits = ["train", "train_flip"] if params["train"]["use_flipped"] else ["train"]
+    return TokenData([load_tokens(layout, s) for s in splits], [load_token_labels(layout, s) for s in splits],
+                     grid_size=token_grid(params), codebook_size=codebook_size(params),
+                     num_classes=params["data"]["num_classes"], names=[f"{s} tokens" for s in splits])
+
+
+def _write_outputs(params, kind: str, model: nn.Module, metrics: dict, tracker) -> None:
+    from arpg.models.checkpoint import save_generator
+    from arpg.utils import write_json
+
+    layout = params.layout
+    save_generator(model, layout.model_checkpoint(kind), model_name(params, kind))
+    write_json(layout.model_metrics(kind), metrics)
+    tracker.log_artifact(layout.model_metrics(kind))
+    print(f"wrote {layout.model_checkpoint(kind)} and {layout.model_metrics(kind)}")
+
+
+def import_pretrained(params, kind: str, tracker) -> dict:
+    """Skip training: strictly load the configured released checkpoint, re-save it in our layout."""
+    from arpg.config import token_grid
+    from arpg.models.checkpoint import load_generator
+    from arpg.utils import require_file
+
+    key = decoder(kind).param_keys[1]
+    path = require_file(params["train"][decoder(kind).pretrained_key], f"{key} checkpoint",
+                        f"put the file there or set {key}: null to train the model")
+    name = model_name(params, kind)
+    model = load_generator(path, name, codebook_size=codebook_size(params),
+                           num_classes=params["data"]["num_classes"], grid_size=token_grid(params), what=key)
+    _check_kind(model, kind, name)
+    metrics = {"model": name, "kind": kind, "pretrained": str(path), "steps": 0,
+               "parameters": sum(p.numel() for p in model.parameters()),
+               "uniform_loss": math.log(codebook_size(params))}
+    print(f"{kind}: using pretrained weights {path} ({name}); training skipped")
+    _write_outputs(params, kind, model, metrics, tracker)
+    return metrics
+
+
+def run_train(params, kind: str) -> dict | None:
+    """`arpg train --model <kind>`: train (or import) one study model; returns the metrics on rank 0."""
+    from arpg import dist
+
+    with dist.session(params["device"]) as (info, device):
+        return _run_train(params, kind, info, device)
+
+
+def _run_train(params, kind: str, info, device: torch.device) -> dict | None:
+    from arpg.tracking import NullRun, stage_run
+
+    name = model_name(params, kind)
+    cfg = TrainConfig.from_params(params)
+    run_params = {"model": kind, "name": name, "seed": cfg.seed, "train_steps": cfg.max_steps,
+                  "batch_size": cfg.batch_size, "lr": cfg.lr, "world_size": info.world_size}
+    tracking = (stage_run(params, "train", run_name=f"train-{kind}", run_params=run_params)
+                if info.is_main else contextlib.nullcontext(NullRun()))
+    with tracking as tracker:
+        if params["train"][decoder(kind).pretrained_key]:
+            return import_pretrained(params, kind, tracker) if info.is_main else None
+        data = load_study_data(params)
+        model = build_study_model(params, kind)
+        n_params = sum(p.numel() for p in model.parameters())
+        if info.is_main:
+            print(f"{kind}: {name}, {n_params:,} parameters, {len(data):,} sequences of {data.seq_len} "
+                  f"tokens, {info.world_size} process(es) on {device}")
+        with deterministic_algorithms(device):
+            result = train(model, kind, data, cfg, state_path=params.layout.model_state(kind), device=device,
+                           dist_info=info, tracker=tracker, name=name)
+        if not info.is_main:
+            return None
+        uniform = math.log(codebook_size(params))
+        model.load_state_dict(result.sampling_state)
+        # results only: speed goes to the log and MLflow, so the file is the same on any machine
+        metrics = {"model": name, "kind": kind, "parameters": n_params, "steps": result.steps,
+                   "final_loss": result.final_loss, "uniform_loss": uniform,
+                   "world_size": info.world_size, "weights": "ema" if cfg.ema > 0 else "final",
+                   "ema_decay": cfg.ema,
+                   "precision": "bf16" if cfg.precision == "bf16" and device.type == "cuda" else "fp32"}
+        tracker.log_metrics({"final_loss": result.final_loss, "uniform_loss": uniform,
+                             "train_tokens_per_s": result.tokens_per_s, "train_wall_s": result.wall_s},
+                            result.steps)
+        final = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
+        print(f"{kind}: {result.steps} steps, final loss {final} vs "
+              f"uniform-guess ln({codebook_size(params)}) = {uniform:.4f}; {result.tokens_per_s:,.0f} tokens/s, "
+              f"{result.wall_s:.1f} s; sampling weights: {metrics['weights']}")
+        _write_outputs(params, kind, model, metrics, tracker)
+        return metrics

@@ -29,3 +29,16 @@ def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats -> uint8 pixels, LlamaGen's clamp(127.5 x + 128, 0, 255)."""
     return (127.5 * images + 128).clamp(0, 255).to(torch.uint8)
+
+
+def image_grid(images_NHWC: np.ndarray, labels_N: np.ndarray, columns: int):
+    """One row per class (first `columns` samples of each), uint8 pixels side by side."""
+    from PIL import Image
+
+    classes = np.unique(labels_N)
+    H, W, C = images_NHWC.shape[1:]
+    canvas = np.zeros((len(classes) * H, columns * W, C), dtype=np.uint8)
+    for row, c in enumerate(classes):
+        for col, img in enumerate(images_NHWC[labels_N == c][:columns]):
+            canvas[row * H:(row + 1) * H, col * W:(col + 1) * W] = img
+    return Image.fromarray(canvas[..., 0] if C == 1 else canvas)

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from arpg.decoders import DECODERS
 from arpg.errors import ArpgError
 from arpg.utils import derive_seed, make_generator
 
@@ -53,3 +54,28 @@ def merge_batches(parts: Sequence[dict]) -> tuple[torch.Tensor, list]:
         raise ArpgError(f"sample batches {sorted(set(range(max(keys) + 1)) - set(keys))} are missing after "
                         "merging the ranks; rerun `arpg sample`")
     return torch.cat([merged[b][0] for b in keys]), [merged[b][1] for b in keys]
+
+
+def make_draw(model_kind: str, generator_model, tokenizer, opts, order: str):
+    """labels_B, torch.Generator -> (tokens [B, h, w], uint8 images [B, H, W, C])."""
+    from arpg.data.pixels import to_uint8
+    from arpg.engine.sampler import generate_arpg, generate_raster
+
+    side = generator_model.config.grid_size
+
+    @torch.inference_mode()
+    def draw(labels_B, gen):
+        if DECODERS[model_kind].parallel:
+            tokens_BN = generate_arpg(generator_model, labels_B, steps=opts.steps, cfg=opts.cfg,
+                                      cfg_schedule=opts.cfg_schedule, schedule=opts.schedule,
+                                      temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
+                                      order=order, generator=gen)
+        else:
+            tokens_BN = generate_raster(generator_model, labels_B, cfg=opts.cfg, cfg_schedule=opts.cfg_schedule,
+                                        temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
+                                        generator=gen)
+        tokens_Bhw = tokens_BN.view(-1, side, side)  # [B, h, w]
+        pixels_BHWC = to_uint8(tokenizer.decode(tokens_Bhw)).permute(0, 2, 3, 1)  # [B, H, W, C]
+        return tokens_Bhw, pixels_BHWC
+
+    return draw

@@ -1,4 +1,4 @@
-"""Training loop of the ARPG model and the raster-order baseline (the stage: train_stage.py).
+"""Training loop of the ARPG model and the raster-order baseline (the stage: arpg/commands/train.py).
 
 Determinism contract (CPU, fp32): the weights after step s are a pure function of
 (seed, params, data, s), whatever the number of processes, kills and restarts:

@@ -146,3 +146,24 @@ def load_generator(
     model = model.to_empty(device="cpu")
     model.load_state_dict(sd, strict=True)
     return model.to(device).eval()
+
+
+def load_study_models(params, model: str, device: torch.device):
+    """The trained generator and the tokenizer, strictly loaded, eval mode, on `device`."""
+    from arpg.config import token_grid
+    from arpg.decoders import decoder
+    from arpg.models.layers import prepack_linears_for_cpu
+    from arpg.models.vq import TRAIN_COMMAND, VQConfig, load_tokenizer
+
+    layout = params.layout
+    tokenizer = load_tokenizer(layout.tokenizer_checkpoint, VQConfig.from_params(params),
+                               written_by=TRAIN_COMMAND).to(device).eval()
+    generator = load_generator(layout.model_checkpoint(model), codebook_size=params["tokenizer"]["codebook_size"],
+                               num_classes=params["data"]["num_classes"], grid_size=token_grid(params),
+                               device=device, written_by=f"arpg train --model {model}")
+    if _kind_of(generator) != decoder(model).size_kind:  # e.g. another decoder's model.pt copied here
+        raise CheckpointError(f"{layout.model_checkpoint(model)} holds a {type(generator).__name__}, not a model "
+                              f"of the {decoder(model).label}; rerun `arpg train --model {model}` (or snakemake) "
+                              "to write it")
+    prepack_linears_for_cpu(generator)  # fp32 CPU decoding: oneDNN with prepacked weights (no-op elsewhere)
+    return generator, tokenizer
