@@ -41,7 +41,8 @@ class Recorder:
         return self.model.query(cache, pos_BQ)
 
 
-SAMPLER = S.SamplerConfig(steps=3, cfg=2.0)
+SAMPLER = S.SamplerConfig(steps=3, cfg=2.0, cfg_schedule="linear", schedule="arccos", temperature=1.0, top_k=0,
+                           top_p=1.0)
 
 
 def test_masks():

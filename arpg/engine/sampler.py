@@ -29,15 +29,16 @@ ORDERS = ("random", "raster", "spiral-in", "spiral-out", "z-curve", "alternate")
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """Decoding options shared by both samplers (steps only matters to ARPG)."""
+    """Decoding options shared by both samplers (steps only matters to ARPG). No defaults: the study's
+    values come from params (`from_params`), a direct caller states every one."""
 
-    steps: int = 8
-    cfg: float = 1.0
-    cfg_schedule: str = "linear"
-    schedule: str = "arccos"
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    steps: int
+    cfg: float
+    cfg_schedule: str
+    schedule: str
+    temperature: float
+    top_k: int
+    top_p: float
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -278,6 +279,9 @@ def generate_arpg(model, labels_B: torch.Tensor, *, steps: int, cfg: float = 1.0
                   return_orders: bool = False):
     """Decode token grids with randomized parallel decoding -> tokens [B, N] in raster order.
 
+    The keyword defaults are the release's generate() (arccos, linear guidance), kept so release-parity
+    code reads like the release; every study stage passes all of them from params (SamplerConfig).
+
     Step 0 feeds pass 1 the class (plus any context); each later step feeds only
     the tokens sampled in the step before and queries only this step's target
     positions. With cfg > 1 the batch is doubled [cond; null class] and both
@@ -347,8 +351,8 @@ def generate_raster(model, labels_B: torch.Tensor, *, cfg: float = 1.0, cfg_sche
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                     generator: torch.Generator) -> torch.Tensor:
     """LlamaGen-style decoding with the RasterGPT KV cache -> tokens [B, N] in raster order."""
-    opts = SamplerConfig(steps=1, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
-                         top_k=top_k, top_p=top_p)
+    opts = SamplerConfig(steps=1, cfg=cfg, cfg_schedule=cfg_schedule, schedule=SCHEDULES[0],  # one token a step:
+                         temperature=temperature, top_k=top_k, top_p=top_p)  # no step schedule applies
     device = labels_B.device
     _check_ready(model, generator, device)
     B, N = labels_B.shape[0], model.config.grid_size ** 2
