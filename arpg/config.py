@@ -19,6 +19,7 @@ import yaml
 from arpg.decoders import DECODERS
 from arpg.errors import ConfigError
 from arpg.paths import DEFAULT_PARAMS, SCHEMA_PATH, Layout, SweepPoint
+from arpg.sizes import sizes_of
 
 PARAMS_ENV = "ARPG_PARAMS"
 
@@ -109,9 +110,11 @@ def schema() -> dict:
         raise ConfigError(f"schema {SCHEMA_PATH} is missing; restore it from git") from exc
     train = doc["properties"]["train"]
     patterns = train.pop("patternProperties")
-    for key in (k for d in DECODERS.values() for k in (d.model_key, d.pretrained_key)):
-        train["properties"][key] = next(node for pattern, node in patterns.items() if re.search(pattern, key))
-        train["required"].append(key)
+    for d in DECODERS.values():
+        for key in (d.model_key, d.pretrained_key):
+            train["properties"][key] = dict(next(node for pattern, node in patterns.items() if re.search(pattern, key)))
+            train["required"].append(key)
+        train["properties"][d.model_key]["enum"] = sizes_of(d.size_kind)  # the sizes that build its network
     return doc
 
 

@@ -255,12 +255,6 @@ def test_command_trains_and_writes_outputs(params_file, capsys):
     assert [h.step for h in client.get_metric_history(runs[0].info.run_id, "loss")] == [2, 4]
 
 
-def test_command_rejects_wrong_model_kind(params_file):
-    params = smoke_params(params_file, **{"train.arpg_model": "LlamaGen-T"})
-    with pytest.raises(ConfigError, match="train.arpg_model"):
-        run_train(params, "arpg")
-
-
 def test_pretrained_weights_skip_training(params_file, tmp_path):
     released = tmp_path / "released.pt"
     source = tiny_model(seed=3)
@@ -421,14 +415,15 @@ def test_command_relaunches_under_torchrun(params_file):
     assert load_generator(params.layout.model_checkpoint("raster")).config.grid_size == G
 
 
-@pytest.mark.parametrize("kind, wrong", [("arpg", "LlamaGen-T"), ("raster", "ARPG-T")])
-def test_a_size_of_the_other_kind_is_refused_naming_the_key_and_the_sizes_that_fit(params_file, kind, wrong):
-    from arpg.commands.train import build_study_model
+@pytest.mark.parametrize("kind, wrong", [("arpg", "LlamaGen-T"), ("raster", "ARPG-T"), ("arpg", "ARPG-Q")])
+def test_an_unknown_size_or_one_of_the_other_kind_is_refused_when_params_load(params_file, kind, wrong):
+    """Refused before any job runs (the dry run too), naming the key and the sizes that fit."""
     from arpg.errors import ConfigError
     from arpg.models.registry import SIZES
 
-    params = load_params(params_file("configs/smoke.yaml", **{f"train.{kind}_model": wrong}))
-    with pytest.raises(ConfigError, match=f"train.{kind}_model='{wrong}'") as err:
-        build_study_model(params, kind)
-    fits = [n for n, (k, _) in SIZES.items() if k == kind]
-    assert fits and all(n in str(err.value) for n in fits) and wrong not in str(err.value).split("one of:")[1]
+    with pytest.raises(ConfigError, match=f"train.{kind}_model") as err:
+        load_params(params_file("configs/smoke.yaml", **{f"train.{kind}_model": wrong}))
+    allowed = str(err.value).split("expected one of", 1)[1].splitlines()[0]
+    assert f'got "{wrong}"' in str(err.value)
+    assert sorted(allowed.replace('"', "").replace(",", " ").split()) == sorted(
+        n for n, (k, _) in SIZES.items() if k == kind)

@@ -21,7 +21,6 @@ import torch.nn as nn
 from arpg.data.tokens import TokenData
 from arpg.decoders import DECODERS, decoder
 from arpg.engine.train import STREAM_INIT, TrainConfig, train
-from arpg.errors import ConfigError
 from arpg.utils import derive_seed, deterministic_algorithms, make_generator, seeded_global_rng
 
 
@@ -65,19 +64,7 @@ def build_study_model(params: Mapping[str, Any], kind: str, **overrides) -> nn.M
         model = build_model(name, codebook_size=codebook_size(params), num_classes=params["data"]["num_classes"],
                             grid_size=token_grid(params),
                             generator=make_generator(derive_seed(params["seed"], STREAM_INIT)), **overrides)
-    _check_kind(model, kind, name)
     return model
-
-
-def _check_kind(model: nn.Module, kind: str, name: str) -> None:
-    """The size named by train.<kind>_model builds the kind of network the decoder trains."""
-    from arpg.models.registry import SIZES
-
-    d = decoder(kind)
-    if SIZES[name][0] != d.size_kind:
-        fits = ", ".join(n for n, (k, _) in SIZES.items() if k == d.size_kind)
-        raise ConfigError(f"{d.param_keys[0]}={name!r} builds a {type(model).__name__}, which --model {kind} "
-                          f"does not train; pick one of: {fits}")
 
 
 def load_study_data(params: Mapping[str, Any]) -> TokenData:
@@ -114,7 +101,6 @@ def import_pretrained(params, kind: str, tracker) -> dict:
     name = model_name(params, kind)
     model = load_generator(path, name, codebook_size=codebook_size(params),
                            num_classes=params["data"]["num_classes"], grid_size=token_grid(params), what=key)
-    _check_kind(model, kind, name)
     metrics = {"model": name, "kind": kind, "pretrained": str(path), "steps": 0,
                "parameters": sum(p.numel() for p in model.parameters()),
                "uniform_loss": math.log(codebook_size(params))}
