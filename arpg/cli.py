@@ -10,25 +10,26 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from arpg.errors import ArpgError
 
-# name -> (module, one-line help). Add a stage here and in arpg/commands/.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("arpg.commands.info", "print versions, device, resolved params and where data / MLflow live"),
-    "prepare-data": ("arpg.commands.prepare_data", "decode the dataset into memory-mappable arrays + manifest"),
-    "train-tokenizer": ("arpg.commands.train_tokenizer", "train the VQ tokenizer (or verify the pretrained one)"),
-    "tokenize": ("arpg.commands.tokenize", "encode the prepared images into token grids; reconstruction metrics"),
-    "train-classifier": ("arpg.commands.train_classifier", "train the small CNN used for IS / FID / accuracy"),
-    "train": ("arpg.commands.train", "train one study model, a decoder of arpg/decoders.py (or import it)"),
-    "sample": ("arpg.commands.sample", "draw class-balanced samples for one sweep point"),
-    "reference-stats": ("arpg.commands.reference_stats", "feature statistics of the real data for one extractor"),
-    "evaluate": ("arpg.commands.evaluate", "FID / KID / IS / precision-recall of one sweep point"),
-    "profile": ("arpg.commands.profile", "throughput and memory of every decoder (arpg/decoders.py)"),
-    "gallery": ("arpg.commands.gallery", "zero-shot inpainting, outpainting and resolution expansion"),
-    "report": ("arpg.commands.report", "render reports/ from the stage outputs"),
-    "export-dvc": ("arpg.commands.export_dvc", "write dvc.yaml from the pipeline's stage list"),
-}
+# The subcommands, in pipeline order. Each is the module arpg/commands/<name, "-" as "_">.py: its
+# configure(parser) and run(args, params) do the work, and its docstring's first paragraph
+# ("`arpg NAME ...`: what it does") is the help, read as text so no module is imported for it.
+COMMAND_NAMES = ("info", "prepare-data", "train-tokenizer", "tokenize", "train-classifier", "train", "sample",
+                 "reference-stats", "evaluate", "profile", "gallery", "report", "export-dvc")
+
+
+def _command(name: str) -> tuple[str, str]:
+    module_name = "arpg.commands." + name.replace("-", "_")
+    source = (Path(__file__).parent / "commands" / f"{name.replace('-', '_')}.py").read_text(encoding="utf-8")
+    summary = " ".join(source.split('"""')[1].split("\n\n")[0].split())
+    return module_name, summary.split("`: ", 1)[-1]
+
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {name: _command(name) for name in COMMAND_NAMES}
 
 
 def build_parser(selected: str | None) -> argparse.ArgumentParser:

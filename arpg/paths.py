@@ -34,6 +34,42 @@ class SweepPoint:
         return f"steps{self.steps}_cfg{format_cfg(self.cfg)}_{self.order}"
 
 
+class _Under:
+    """A fixed path below a Layout's output_dir, read as a property: `_OUT / "data" / "x.json"`;
+    `.each(pattern)` makes a family of them keyed by the pattern's fields."""
+
+    def __init__(self, parts: tuple[str, ...] = (), doc: str | None = None):
+        self.parts, self.__doc__ = parts, doc
+
+    def __truediv__(self, name: str) -> "_Under":
+        return _Under(self.parts + (name,))
+
+    def doc(self, text: str) -> "_Under":
+        return _Under(self.parts, text)
+
+    def each(self, pattern: str) -> "_Each":
+        return _Each(self.parts, pattern)
+
+    def __get__(self, layout, owner=None):
+        return self if layout is None else layout.out.joinpath(*self.parts)
+
+
+class _Each:
+    """A family of paths below output_dir, read as a method: `layout.images("train")`."""
+
+    def __init__(self, parts: tuple[str, ...], pattern: str):
+        self.parts, self.pattern = parts, pattern
+
+    def __get__(self, layout, owner=None):
+        if layout is None:
+            return self
+        base = layout.out.joinpath(*self.parts)
+        return lambda *keys: base / self.pattern.format(*keys)
+
+
+_OUT = _Under()
+
+
 @dataclass(frozen=True)
 class Layout:
     out: Path
@@ -43,83 +79,37 @@ class Layout:
         values = params.values if isinstance(getattr(params, "values", None), dict) else params  # unrecorded
         return cls(Path(values["output_dir"]))
 
+    # Fixed paths read as properties (layout.data_dir); a path under another is spelled from it.
     # --- data -------------------------------------------------------------
-    @property
-    def data_dir(self) -> Path:
-        return self.out / "data"
+    data_dir = _OUT / "data"
+    data_manifest = data_dir / "manifest.json"
 
-    def images(self, split: str) -> Path:
-        return self.data_dir / f"{split}_images.npy"
-
-    def labels(self, split: str) -> Path:
-        return self.data_dir / f"{split}_labels.npy"
-
-    @property
-    def data_manifest(self) -> Path:
-        return self.data_dir / "manifest.json"
+    images = data_dir.each("{}_images.npy")  # layout.images(split)
+    labels = data_dir.each("{}_labels.npy")
 
     # --- tokenizer ----------------------------------------------------------
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.out / "tokenizer"
-
-    @property
-    def tokenizer_checkpoint(self) -> Path:
-        return self.tokenizer_dir / "tokenizer.pt"
-
-    @property
-    def tokenizer_state(self) -> Path:
-        """Resumable training state (model, optimizer, step, RNG)."""
-        return self.tokenizer_dir / "train_state.pt"
-
-    @property
-    def tokenizer_metrics(self) -> Path:
-        return self.tokenizer_dir / "train_metrics.json"
-
-    @property
-    def tokens_dir(self) -> Path:
-        return self.out / "tokens"
-
-    def tokens(self, split: str) -> Path:
-        """Token grids [N, h, w] (int16/int32) of a split; 'train_flip' is the flipped copy."""
-        return self.tokens_dir / f"{split}_tokens.npy"
-
-    def token_labels(self, split: str) -> Path:
-        return self.tokens_dir / f"{split}_labels.npy"
-
-    @property
-    def tokenize_metrics(self) -> Path:
-        return self.tokens_dir / "metrics.json"
-
-    @property
-    def reconstructions(self) -> Path:
-        return self.tokens_dir / "reconstructions.png"
+    tokenizer_dir = _OUT / "tokenizer"
+    tokenizer_checkpoint = tokenizer_dir / "tokenizer.pt"
+    tokenizer_state = (tokenizer_dir / "train_state.pt").doc("Resumable training state (model, optimizer, step, RNG).")
+    tokenizer_metrics = tokenizer_dir / "train_metrics.json"
+    tokens_dir = _OUT / "tokens"
+    tokenize_metrics = tokens_dir / "metrics.json"
+    reconstructions = tokens_dir / "reconstructions.png"
+    tokens = tokens_dir.each("{}_tokens.npy")  # token grids [N, h, w] (int16/int32); 'train_flip': flipped copy
+    token_labels = tokens_dir.each("{}_labels.npy")
 
     # --- classifier ---------------------------------------------------------
-    @property
-    def classifier_dir(self) -> Path:
-        return self.out / "classifier"
-
-    @property
-    def classifier_checkpoint(self) -> Path:
-        return self.classifier_dir / "classifier.pt"
-
-    @property
-    def classifier_metrics(self) -> Path:
-        return self.classifier_dir / "metrics.json"
+    classifier_dir = _OUT / "classifier"
+    classifier_checkpoint = classifier_dir / "classifier.pt"
+    classifier_metrics = classifier_dir / "metrics.json"
 
     # --- generators -----------------------------------------------------------
-    def model_dir(self, model: str) -> Path:
-        return self.out / "models" / model
-
-    def model_checkpoint(self, model: str) -> Path:
-        return self.model_dir(model) / "model.pt"
-
-    def model_state(self, model: str) -> Path:
-        return self.model_dir(model) / "train_state.pt"
-
-    def model_metrics(self, model: str) -> Path:
-        return self.model_dir(model) / "train_metrics.json"
+    models_dir = _OUT / "models"
+    model_dir = models_dir.each("{}")  # layout.model_dir(decoder name)
+    model_checkpoint = models_dir.each("{}/model.pt")
+    model_state = models_dir.each("{}/train_state.pt")
+    model_metrics = models_dir.each("{}/train_metrics.json")
+    reference_stats = _OUT.each("reference/{}_{}.npz")  # layout.reference_stats(extractor, split)
 
     # --- sampling / evaluation ------------------------------------------------
     def sample_dir(self, point: SweepPoint) -> Path:
@@ -131,39 +121,17 @@ class Layout:
     def sample_grid(self, point: SweepPoint) -> Path:
         return self.sample_dir(point) / "grid.png"
 
-    def reference_stats(self, extractor: str, split: str) -> Path:
-        return self.out / "reference" / f"{extractor}_{split}.npz"
-
     def metrics(self, point: SweepPoint) -> Path:
         return self.out / "metrics" / point.model / f"{point.tag}.json"
 
-    # --- profiling / galleries --------------------------------------------------
-    @property
-    def profile_dir(self) -> Path:
-        return self.out / "profile"
+    # --- profiling / galleries / report ------------------------------------------
+    profile_dir = _OUT / "profile"
+    profile_csv = profile_dir / "profile.csv"
+    profile_json = profile_dir / "profile.json"
+    gallery_dir = _OUT / "gallery"
+    gallery_json = gallery_dir / "gallery.json"
+    report_index = (_OUT / "report_index.json").doc(
+        "What `arpg report` wrote into report.dir. The pipeline's report target: report.dir itself is "
+        "committed for the default study, so its existence proves nothing.")
 
-    @property
-    def profile_csv(self) -> Path:
-        return self.profile_dir / "profile.csv"
-
-    @property
-    def profile_json(self) -> Path:
-        return self.profile_dir / "profile.json"
-
-    @property
-    def gallery_dir(self) -> Path:
-        return self.out / "gallery"
-
-    def gallery_image(self, task: str) -> Path:
-        return self.gallery_dir / f"{task}.png"
-
-    @property
-    def gallery_json(self) -> Path:
-        return self.gallery_dir / "gallery.json"
-
-    # --- report -------------------------------------------------------------------
-    @property
-    def report_index(self) -> Path:
-        """What `arpg report` wrote into report.dir. The pipeline's report target: report.dir
-        itself is committed for the default study, so its existence proves nothing."""
-        return self.out / "report_index.json"
+    gallery_image = gallery_dir.each("{}.png")  # layout.gallery_image(task)

@@ -14,6 +14,9 @@ def test_every_command_module_exists_and_has_its_hooks():
         assert help_text, name
     helps = [h for _, h in COMMANDS.values()]
     assert len(set(helps)) == len(helps)  # no copy-pasted help text
+    assert not any(h.startswith("`arpg") for h in helps)  # the "`arpg NAME ...`: " prefix is cut
+    modules = {p.stem for p in (REPO_ROOT / "arpg" / "commands").glob("*.py")} - {"__init__"}
+    assert modules == {m.rsplit(".", 1)[1] for m, _ in COMMANDS.values()}  # no command module left out
 
 
 def test_info_prints_locations(params_file, capsys):

@@ -72,38 +72,37 @@ def _count(sd, prefix):
     return len({k[len(prefix) + 1:].split(".")[0] for k in sd if k.startswith(prefix + ".")})
 
 
-def ref_encoder(sd, x):
-    h = _conv(sd, "encoder.conv_in", x, padding=1)
-    levels = _count(sd, "encoder.conv_blocks")
+def _ref_levels(sd, prefix, h, resample):
+    """The resolution levels under prefix: res blocks (each with attention where the keys have it),
+    then resample(h, level prefix) on every level but the last."""
+    levels = _count(sd, prefix)
     for i in range(levels):
-        p = f"encoder.conv_blocks.{i}"
+        p = f"{prefix}.{i}"
         for j in range(_count(sd, p + ".res")):
             h = _res(sd, f"{p}.res.{j}", h)
             if f"{p}.attn.{j}.q.weight" in sd:
                 h = _attn(sd, f"{p}.attn.{j}", h)
         if i != levels - 1:
-            h = _conv(sd, f"{p}.downsample.conv", F.pad(h, (0, 1, 0, 1)), stride=2)
-    h = _res(sd, "encoder.mid.0", h)
-    h = _attn(sd, "encoder.mid.1", h)
-    h = _res(sd, "encoder.mid.2", h)
-    h = _gn(sd, "encoder.norm_out", h)
+            h = resample(h, p)
+    return h
+
+
+def _ref_mid(sd, prefix, h):
+    return _res(sd, f"{prefix}.2", _attn(sd, f"{prefix}.1", _res(sd, f"{prefix}.0", h)))
+
+
+def ref_encoder(sd, x):
+    h = _conv(sd, "encoder.conv_in", x, padding=1)
+    h = _ref_levels(sd, "encoder.conv_blocks", h,
+                    lambda h, p: _conv(sd, f"{p}.downsample.conv", F.pad(h, (0, 1, 0, 1)), stride=2))
+    h = _gn(sd, "encoder.norm_out", _ref_mid(sd, "encoder.mid", h))
     return _conv(sd, "encoder.conv_out", h * torch.sigmoid(h), padding=1)
 
 
 def ref_decoder(sd, z):
-    h = _conv(sd, "decoder.conv_in", z, padding=1)
-    h = _res(sd, "decoder.mid.0", h)
-    h = _attn(sd, "decoder.mid.1", h)
-    h = _res(sd, "decoder.mid.2", h)
-    levels = _count(sd, "decoder.conv_blocks")
-    for i in range(levels):
-        p = f"decoder.conv_blocks.{i}"
-        for j in range(_count(sd, p + ".res")):
-            h = _res(sd, f"{p}.res.{j}", h)
-            if f"{p}.attn.{j}.q.weight" in sd:
-                h = _attn(sd, f"{p}.attn.{j}", h)
-        if i != levels - 1:
-            h = _conv(sd, f"{p}.upsample.conv", F.interpolate(h, scale_factor=2.0, mode="nearest"), padding=1)
+    h = _ref_mid(sd, "decoder.mid", _conv(sd, "decoder.conv_in", z, padding=1))
+    h = _ref_levels(sd, "decoder.conv_blocks", h, lambda h, p: _conv(
+        sd, f"{p}.upsample.conv", F.interpolate(h, scale_factor=2.0, mode="nearest"), padding=1))
     h = _gn(sd, "decoder.norm_out", h)
     return _conv(sd, "decoder.conv_out", h * torch.sigmoid(h), padding=1)
 

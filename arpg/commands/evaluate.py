@@ -1,6 +1,7 @@
-"""`arpg evaluate --model M --steps S --cfg C --order O`: FID / KID / IS / precision-recall (and
-classifier accuracy) of one sweep point's samples, for every extractor in evaluate.extractors, each
-with a bootstrap standard error and 95% interval (evaluate.bootstrap replicates; 0: none).
+"""`arpg evaluate --model M --steps S --cfg C --order O`: FID / KID / IS / precision-recall of one sweep point.
+
+Every extractor in evaluate.extractors, plus the classifier's accuracy, each with a bootstrap
+standard error and 95% interval (evaluate.bootstrap replicates; 0: none).
 
 Metrics JSON: the point estimates as flat `<metric>_<extractor>` keys, plus
 `"intervals": {"fid_classifier": {"se", "lo", "hi", "replicates"}, ...}` (null where not finite) and

@@ -1,4 +1,4 @@
-"""`arpg profile`: images/s and peak memory of ARPG vs raster decoding (CSV, JSON, plots, MLflow)."""
+"""`arpg profile`: images/s and peak memory of every decoder of arpg/decoders.py (CSV, JSON, plots, MLflow)."""
 
 from __future__ import annotations
 

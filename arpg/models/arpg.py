@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arpg.models.layers import (BackboneConfig, FeedForward, PreNormBlock, RMSNorm, apply_rope, attend,
-                                cache_write_attend, init_weights, merge_heads, rope_2d, rope_lookup, split_heads)
+from arpg.models.layers import (BackboneConfig, FeedForward, KVCache, PreNormBlock, RMSNorm, RopeTables,
+                                apply_rope, attend, cache_placement, init_weights, merge_heads, rope_lookup,
+                                self_attend, split_heads)
 
 
 @dataclass
@@ -23,16 +24,26 @@ class ARPGConfig(BackboneConfig):
     n_cross_layers: int = 12
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, cfg: ARPGConfig):
+class _Attention(nn.Module):
+    """Heads, dropouts and the named bias-free projections, registered in the order given (it fixes
+    the state-dict keys and which init draws each weight gets)."""
+
+    def __init__(self, cfg: ARPGConfig, projections: tuple[str, ...]):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.attn_dropout = cfg.attn_dropout
-        self.to_q = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.to_k = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.to_v = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        for name in projections:
+            self.add_module(name, nn.Linear(cfg.dim, cfg.dim, bias=False))
         self.proj_drop = nn.Dropout(cfg.resid_dropout)
+
+    @property
+    def dropout_p(self) -> float:
+        return self.attn_dropout if self.training else 0.0
+
+
+class SelfAttention(_Attention):
+    def __init__(self, cfg: ARPGConfig):
+        super().__init__(cfg, ("to_q", "to_k", "to_v", "proj"))
 
     def qkv(self, x_BTC, cos, sin):
         q_BTHD = apply_rope(split_heads(self.to_q(x_BTC), self.n_heads), cos, sin)
@@ -43,30 +54,19 @@ class SelfAttention(nn.Module):
     def forward(self, x_BTC, cos, sin, cache=None):
         """cache: None (causal over x) or (k_cache, v_cache, start) for incremental decoding."""
         q, k, v = self.qkv(x_BTC, cos, sin)
-        if cache is None:
-            drop = self.attn_dropout if self.training else 0.0
-            y_BHTD = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
-        else:
-            # new tokens see every cached token and each other: no mask
-            y_BHTD = cache_write_attend(q, k, v, *cache)
+        y_BHTD = self_attend(q, k, v, cache, self.dropout_p)  # with a cache: no mask, new tokens see each other
         return self.proj_drop(self.proj(merge_heads(y_BHTD)))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Attention):
     """Only to_q and proj: keys/values are the shared pass-1 K/V."""
 
     def __init__(self, cfg: ARPGConfig):
-        super().__init__()
-        self.n_heads = cfg.n_heads
-        self.attn_dropout = cfg.attn_dropout
-        self.to_q = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.proj_drop = nn.Dropout(cfg.resid_dropout)
+        super().__init__(cfg, ("to_q", "proj"))
 
     def forward(self, x_BQC, k_BHTD, v_BHTD, cos, sin, causal: bool):
         q_BHQD = apply_rope(split_heads(self.to_q(x_BQC), self.n_heads), cos, sin).transpose(1, 2)
-        drop = self.attn_dropout if self.training else 0.0
-        y_BHQD = attend(q_BHQD, k_BHTD, v_BHTD, is_causal=causal, dropout_p=drop)
+        y_BHQD = attend(q_BHQD, k_BHTD, v_BHTD, is_causal=causal, dropout_p=self.dropout_p)
         return self.proj_drop(self.proj(merge_heads(y_BHQD)))
 
 
@@ -94,30 +94,14 @@ class TwoPass(nn.Module):
         self.to_v = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
 
-@dataclass
-class ARPGCache:
-    """Preallocated decoding state for one batch. Written in place; `length` tokens are filled.
+@dataclass(kw_only=True)
+class ARPGCache(KVCache):
+    """KVCache of the pass-1 layers (k, v: [n_self_layers, B, H, S, D]) plus the shared pass-2 K/V
+    (shared_k, shared_v: [B, H, S, D]); cos, sin are for grid_size (may exceed the training grid)."""
 
-    k, v: [n_self_layers, B, H, S, D] pass-1 keys/values; shared_k, shared_v: [B, H, S, D] pass-2 K/V.
-    cos, sin: RoPE tables for the cache's grid (may be larger than the training grid).
-    """
-
-    k: torch.Tensor
-    v: torch.Tensor
     shared_k: torch.Tensor
     shared_v: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
     grid_size: int
-    length: int = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[3]
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[1]
 
 
 class ARPG(nn.Module):
@@ -132,18 +116,9 @@ class ARPG(nn.Module):
         self.layers = TwoPass(cfg)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.codebook_size, bias=False)
-        self._rope: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rope_tables = RopeTables(cfg)  # (grid, device) -> fp32 (cos, sin); may exceed the training grid
         init_weights(self, 0.02, generator)
         nn.init.zeros_(self.head.weight)
-
-    def rope_tables(self, grid_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 (cos, sin) for a grid, memoised per (grid, device). Kept out of the state dict and
-        out of .to(dtype) (released weights carry no table; bf16 angles would lose precision)."""
-        key = (int(grid_size), str(device))
-        if key not in self._rope:
-            cos, sin = rope_2d(grid_size, grid_size, self.config.head_dim, self.config.rope_base, self.config.class_rope)
-            self._rope[key] = (cos.to(device), sin.to(device))
-        return self._rope[key]
 
     # ---- ids -------------------------------------------------------------------------------
     def class_ids(self, labels_B: torch.Tensor) -> torch.Tensor:
@@ -199,9 +174,7 @@ class ARPG(nn.Module):
     def new_cache(self, batch_size: int, max_context: int, grid_size: int | None = None, device=None, dtype=None):
         """Allocate the whole cache once. grid_size: RoPE grid (default: the training grid)."""
         cfg = self.config
-        ref = self.head.weight
-        device = ref.device if device is None else torch.device(device)
-        dtype = ref.dtype if dtype is None else dtype
+        device, dtype = cache_placement(self.head.weight, device, dtype)
         grid = cfg.grid_size if grid_size is None else int(grid_size)
         cos, sin = self.rope_tables(grid, device)
         shape = (batch_size, cfg.n_heads, max_context, cfg.head_dim)

@@ -144,6 +144,49 @@ def rope_2d(grid_h: int, grid_w: int, head_dim: int, base: float = 10000.0,
     return cos, sin
 
 
+@dataclass(kw_only=True)
+class KVCache:
+    """Preallocated decoding state for one batch, written in place; `length` positions are filled.
+    k, v: [n_layers, B, H, S, D] per-layer keys/values; cos, sin: the RoPE tables its positions use."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+
+def cache_placement(weight: torch.Tensor, device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """Where a model's cache lives: beside its weights and in their dtype, unless asked otherwise."""
+    return (weight.device if device is None else torch.device(device)), (weight.dtype if dtype is None else dtype)
+
+
+class RopeTables:
+    """fp32 (cos, sin) of a square grid, memoised per (grid, device): an explicit cache beside the
+    model, kept out of its state dict and out of .to(dtype) (released weights carry no table;
+    bf16 angles would lose precision)."""
+
+    def __init__(self, cfg: BackboneConfig):
+        self.cfg = cfg
+        self._tables: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, grid_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (int(grid_size), str(device))
+        if key not in self._tables:
+            cfg = self.cfg
+            cos, sin = rope_2d(grid_size, grid_size, cfg.head_dim, cfg.rope_base, cfg.class_rope)
+            self._tables[key] = (cos.to(device), sin.to(device))
+        return self._tables[key]
+
+
 def rope_lookup(cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Table rows for positions in [-1, rows - 1): returns cos, sin of shape [*pos.shape, hd/2]."""
     slot = pos + 1  # class (-1) -> slot 0
@@ -191,6 +234,14 @@ def cache_write_attend(
     k_cache_BHSD[:, :, start:end] = k_BHTD
     v_cache_BHSD[:, :, start:end] = v_BHTD
     return attend(q_BHQD, k_cache_BHSD[:, :, :end], v_cache_BHSD[:, :, :end], attn_mask)  # [B, H, Q, D]
+
+
+def self_attend(q_BHTD, k_BHTD, v_BHTD, cache=None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention over the sequence (cache None: training, prefill), or the new tokens against
+    a decoding cache (k_cache, v_cache, start[, mask]) that they are first written into."""
+    if cache is None:
+        return F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, is_causal=True, dropout_p=dropout_p)
+    return cache_write_attend(q_BHTD, k_BHTD, v_BHTD, *cache)  # [B, H, T, D]
 
 
 def attend(q_BHQD, k_BHLD, v_BHLD, attn_mask=None, is_causal=False, dropout_p=0.0) -> torch.Tensor:

@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arpg.models.layers import (BackboneConfig, FeedForward, PreNormBlock, RMSNorm, apply_rope, block_causal_mask,
-                                cache_write_attend, init_weights, merge_heads, rope_2d, rope_lookup, split_heads)
+from arpg.models.layers import (BackboneConfig, FeedForward, KVCache, PreNormBlock, RMSNorm, RopeTables,
+                                apply_rope, block_causal_mask, cache_placement, init_weights, merge_heads,
+                                rope_lookup, self_attend, split_heads)
 
 
 @dataclass
@@ -41,11 +42,7 @@ class Attention(nn.Module):
         q = apply_rope(split_heads(q_BTC, self.n_heads), cos, sin).transpose(1, 2)  # [B, H, T, D]
         k = apply_rope(split_heads(k_BTC, self.n_heads), cos, sin).transpose(1, 2)  # [B, H, T, D]
         v = split_heads(v_BTC, self.n_heads).transpose(1, 2)  # [B, H, T, D]
-        if cache is None:
-            drop = self.attn_dropout if self.training else 0.0
-            y_BHTD = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
-        else:
-            y_BHTD = cache_write_attend(q, k, v, *cache)
+        y_BHTD = self_attend(q, k, v, cache, self.attn_dropout if self.training else 0.0)
         return self.resid_dropout(self.wo(merge_heads(y_BHTD)))
 
 
@@ -63,19 +60,8 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + 1, dim)
 
 
-@dataclass
-class RasterCache:
-    """k, v: [n_layers, B, H, S, D], written in place; `length` positions are filled."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    length: int = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[3]
+class RasterCache(KVCache):
+    """KVCache of the raster model's layers (k, v: [n_layers, B, H, S, D])."""
 
 
 class RasterGPT(nn.Module):
@@ -89,18 +75,9 @@ class RasterGPT(nn.Module):
         self.layers = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.codebook_size, bias=False)
-        self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rope_tables = RopeTables(cfg)  # (grid, device) -> fp32 (cos, sin); not in the state dict
         init_weights(self, 0.02, generator)
         nn.init.zeros_(self.output.weight)
-
-    def rope_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 (cos, sin) for the model grid, memoised per device (not in the state dict)."""
-        key = str(device)
-        if key not in self._rope:
-            cfg = self.config
-            cos, sin = rope_2d(cfg.grid_size, cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.class_rope)
-            self._rope[key] = (cos.to(device), sin.to(device))
-        return self._rope[key]
 
     def class_ids(self, labels_B: torch.Tensor) -> torch.Tensor:
         """Id of each label's class token; label -1 (dropped) -> the null class."""
@@ -124,7 +101,7 @@ class RasterGPT(nn.Module):
         cls_BC = self.cls_embedding.embedding_table(self.class_ids(labels_B) - cfg.codebook_size)
         tok_BTC = self.tok_embeddings(tokens_BN[:, :-1])  # [B, N-1, C]
         x_BNC = self.tok_dropout(torch.cat([cls_BC[:, None], tok_BTC], dim=1))  # [B, N, C]
-        cos, sin = self.rope_tables(tokens_BN.device)
+        cos, sin = self.rope_tables(self.config.grid_size, tokens_BN.device)
         cos_N, sin_N = cos[:N], sin[:N]  # slot 0 class, then token t at its own position t
         for block in self.layers:
             x_BNC = block(x_BNC, cos_N, sin_N)
@@ -136,11 +113,9 @@ class RasterGPT(nn.Module):
 
     def new_cache(self, batch_size: int, max_context: int, device=None, dtype=None) -> RasterCache:
         cfg = self.config
-        ref = self.output.weight
-        device = ref.device if device is None else torch.device(device)
-        dtype = ref.dtype if dtype is None else dtype
+        device, dtype = cache_placement(self.output.weight, device, dtype)
         shape = (cfg.n_layers, batch_size, cfg.n_heads, max_context, cfg.head_dim)
-        cos, sin = self.rope_tables(device)
+        cos, sin = self.rope_tables(self.config.grid_size, device)
         return RasterCache(
             k=torch.empty(shape, device=device, dtype=dtype),
             v=torch.empty(shape, device=device, dtype=dtype),

@@ -157,9 +157,22 @@ class Level(nn.Module):
         return h if self.resample_name is None else getattr(self, self.resample_name)(h)
 
 
-def _mid(ch: int, groups: int, dropout: float) -> nn.ModuleList:
-    return nn.ModuleList([ResnetBlock(ch, ch, groups, dropout), AttnBlock(ch, groups),
-                          ResnetBlock(ch, ch, groups, dropout)])
+def _level(block_in: int, block_out: int, n_res: int, with_attn: bool, resample, name: str,
+           groups: int, dropout: float) -> tuple[Level, int]:
+    """n_res res blocks (the first block_in -> block_out), each followed by attention if with_attn,
+    then `resample` (a module class, or None). Built in this order: it fixes the init draws."""
+    res, attn = [], []
+    for _ in range(n_res):
+        res.append(ResnetBlock(block_in, block_out, groups, dropout))
+        block_in = block_out
+        if with_attn:
+            attn.append(AttnBlock(block_in, groups))
+    return Level(res, attn, resample(block_in) if resample is not None else None, name), block_in
+
+
+def _mid(ch: int, groups: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(ResnetBlock(ch, ch, groups, dropout), AttnBlock(ch, groups),
+                         ResnetBlock(ch, ch, groups, dropout))
 
 
 class Encoder(nn.Module):
@@ -167,27 +180,19 @@ class Encoder(nn.Module):
         super().__init__()
         ch, mult, g, p = cfg.base_channels, cfg.channel_mult, cfg.norm_groups, cfg.dropout
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
-        self.conv_blocks = nn.ModuleList()
+        self.conv_blocks = nn.Sequential()
         block_in = ch
         last = len(mult) - 1
-        for level, m in enumerate(mult):
-            res, attn = [], []
-            for _ in range(cfg.num_res_blocks):
-                res.append(ResnetBlock(block_in, ch * m, g, p))
-                block_in = ch * m
-                if level == last:  # attention only at the lowest resolution
-                    attn.append(AttnBlock(block_in, g))
-            self.conv_blocks.append(Level(res, attn, Downsample(block_in) if level != last else None, "downsample"))
+        for level, m in enumerate(mult):  # attention only at the lowest resolution
+            block, block_in = _level(block_in, ch * m, cfg.num_res_blocks, level == last,
+                                     Downsample if level != last else None, "downsample", g, p)
+            self.conv_blocks.append(block)
         self.mid = _mid(block_in, g, p)
         self.norm_out = nn.GroupNorm(g, block_in, eps=1e-6)
         self.conv_out = nn.Conv2d(block_in, cfg.z_channels, 3, padding=1)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x_BCHW)
-        for level in self.conv_blocks:
-            h = level(h)
-        for block in self.mid:
-            h = block(h)
+        h = self.mid(self.conv_blocks(self.conv_in(x_BCHW)))
         return self.conv_out(swish(self.norm_out(h)))  # [B, z, h, w]
 
 
@@ -198,25 +203,17 @@ class Decoder(nn.Module):
         block_in = ch * mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
         self.mid = _mid(block_in, g, p)
-        self.conv_blocks = nn.ModuleList()  # deepest level first
+        self.conv_blocks = nn.Sequential()  # deepest level first
         last = len(mult) - 1
         for level in reversed(range(len(mult))):
-            res, attn = [], []
-            for _ in range(cfg.num_res_blocks + 1):
-                res.append(ResnetBlock(block_in, ch * mult[level], g, p))
-                block_in = ch * mult[level]
-                if level == last:
-                    attn.append(AttnBlock(block_in, g))
-            self.conv_blocks.append(Level(res, attn, Upsample(block_in) if level != 0 else None, "upsample"))
+            block, block_in = _level(block_in, ch * mult[level], cfg.num_res_blocks + 1, level == last,
+                                     Upsample if level != 0 else None, "upsample", g, p)
+            self.conv_blocks.append(block)
         self.norm_out = nn.GroupNorm(g, block_in, eps=1e-6)
         self.conv_out = nn.Conv2d(block_in, cfg.in_channels, 3, padding=1)
 
     def forward(self, z_BZhw: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z_BZhw)
-        for block in self.mid:
-            h = block(h)
-        for level in self.conv_blocks:
-            h = level(h)
+        h = self.conv_blocks(self.mid(self.conv_in(z_BZhw)))
         return self.conv_out(swish(self.norm_out(h)))  # [B, C, H, W]
 
 
