@@ -28,6 +28,11 @@ SIZES: dict[str, tuple[str, dict]] = {
     "LlamaGen-T": ("raster", dict(dim=64, n_heads=4, n_layers=4, ffn_multiple_of=32)),
 }
 
+# The one place that pairs a published ARPG size with its same-backbone raster twin (same width,
+# heads and total depth; the profile checks it when it builds the pair).
+RASTER_TWIN: dict[str, str] = {"ARPG-T": "LlamaGen-T", "ARPG-S": "LlamaGen-S", "ARPG-L": "LlamaGen-L",
+                               "ARPG-XL": "LlamaGen-XL"}
+
 
 def sizes_of(kind: str) -> list[str]:
     """The size names that build a network of `kind` (a decoder's size_kind)."""

@@ -206,3 +206,19 @@ def test_the_report_compares_every_step_count_with_each_sequential_baseline(toy_
     for baseline in ("raster", TOY.label):
         assert [b for a, b in pairs if a == baseline] == [f"ARPG {s} steps" for s in steps], (baseline, pairs)
     assert f"the raster baseline and {TOY.label} predicts" in (report.build(toy_study)["dir"] / "README.md").read_text()
+
+
+def test_the_profile_gives_each_parallel_decoder_a_speed_up_over_each_sequential_one(toy):
+    from arpg.engine.profile.results import speedups, summary
+
+    def row(kind, steps, img_s):
+        return {"status": "ok", "kind": kind, "model": "default", "batch": 1, "backbone": "64x4x4", "net": kind,
+                "tokens": 16, "steps": steps, "threads": 1, "device": "cpu", "gen_img_s_median": img_s,
+                "gen_img_s_min": img_s, "gen_img_s_max": img_s, "kv_cache_bytes": 1.0, "gen_mem_bytes": 0}
+
+    rows = [row("arpg", 4, 12.0), row("raster", 16, 3.0), row("toy", 16, 2.0)]
+    gains = speedups(rows)
+    assert [(g["decoder"], g["baseline"], g["speedup_gen"]) for g in gains] == [
+        ("arpg", "raster", 4.0), ("arpg", "toy", 6.0)]
+    text = summary({"speedups": gains, "rows": rows, "reference": {"comparison": []}})
+    assert "arpg over raster:" in text and "arpg over toy:" in text

@@ -105,6 +105,17 @@ class ARPGCache(KVCache):
 
 
 class ARPG(nn.Module):
+    KIND = "arpg"  # the network kind a size of arpg/sizes.py names (and a checkpoint's "kind")
+    Config = ARPGConfig
+
+    @staticmethod
+    def token_space(sd: dict) -> tuple[int | None, int | None]:
+        """codebook_size, num_classes from a state dict's shapes (None where the keys are absent)."""
+        head, emb = sd.get("head.weight"), sd.get("embeddings.weight")
+        if head is None or emb is None:
+            return None, None
+        return head.shape[0], emb.shape[0] - head.shape[0] - 3  # rows = V + [MASK] + classes + null + unused
+
     def __init__(self, config: ARPGConfig, generator: torch.Generator | None = None):
         super().__init__()
         self.config = cfg = config

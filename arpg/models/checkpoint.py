@@ -16,21 +16,11 @@ import torch.nn as nn
 
 from arpg.checkpoint_io import check_state_dict, read_checkpoint
 from arpg.errors import CheckpointError
-from arpg.models.arpg import ARPG, ARPGConfig
-from arpg.models.raster import RasterConfig, RasterGPT
-from arpg.models.registry import build_model, model_kind
+from arpg.models.registry import NETWORKS, build_model, kind_of, model_kind
 from arpg.utils import atomic_torch_save
 
 _STATE_KEYS = ("state_dict", "model", "module")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers
-
-
-def _kind_of(model: nn.Module) -> str:
-    if isinstance(model, ARPG):
-        return "arpg"
-    if isinstance(model, RasterGPT):
-        return "raster"
-    raise CheckpointError(f"save_generator: {type(model).__name__} is not an ARPG or RasterGPT model")
 
 
 def save_generator(model: nn.Module, path: str | os.PathLike, name: str) -> dict:
@@ -40,7 +30,7 @@ def save_generator(model: nn.Module, path: str | os.PathLike, name: str) -> dict
     payload = {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "config": asdict(model.config),
-        "kind": _kind_of(model),
+        "kind": kind_of(model),
         "name": name,
     }
     atomic_torch_save(payload, path)
@@ -66,22 +56,11 @@ def _strip_wrappers(sd: dict) -> dict:
     return sd
 
 
-SIZES_FIX = ("check the model name and codebook_size / num_classes / grid_size "
-             "(train.arpg_model / raster_model, tokenizer.codebook_size)")
+def _sizes_fix() -> str:
+    from arpg.decoders import DECODERS
 
-
-def _infer_token_space(kind: str, sd: dict) -> tuple[int | None, int | None]:
-    """codebook_size, num_classes from released tensor shapes (None where the key is absent)."""
-    if kind == "arpg":
-        head, emb = sd.get("head.weight"), sd.get("embeddings.weight")
-        if head is None or emb is None:
-            return None, None
-        V = head.shape[0]
-        return V, emb.shape[0] - V - 3  # rows = V + [MASK] + classes + null + unused
-    head, cls = sd.get("output.weight"), sd.get("cls_embedding.embedding_table.weight")
-    if head is None or cls is None:
-        return None, None
-    return head.shape[0], cls.shape[0] - 1
+    keys = " / ".join(d.param_keys[0] for d in DECODERS.values())
+    return f"check the model name and codebook_size / num_classes / grid_size ({keys}, tokenizer.codebook_size)"
 
 
 def load_generator(
@@ -119,13 +98,11 @@ def load_generator(
                 )
         if name is not None and obj.get("name") not in (None, name):
             raise CheckpointError(f"{path} holds {obj.get('name')!r}, not {name!r}; fix the model name")
-        if obj["kind"] not in ("arpg", "raster"):
-            raise CheckpointError(f"{path}: unknown model kind {obj['kind']!r} (expected arpg or raster)")
+        if obj["kind"] not in NETWORKS:
+            raise CheckpointError(f"{path}: unknown model kind {obj['kind']!r} (expected one of {', '.join(NETWORKS)})")
+        cls = NETWORKS[obj["kind"]]
         with torch.device("meta"):  # shapes only; real tensors come from the checkpoint
-            if obj["kind"] == "arpg":
-                model = ARPG(ARPGConfig(**config))
-            else:
-                model = RasterGPT(RasterConfig(**config))
+            model = cls(cls.Config(**config))
     else:
         if name is None:
             raise CheckpointError(
@@ -134,7 +111,7 @@ def load_generator(
             )
         if grid_size is None:
             raise CheckpointError(f"{path}: released checkpoints need grid_size (16 for ImageNet 256x256)")
-        inferred_v, inferred_c = _infer_token_space(model_kind(name), sd)
+        inferred_v, inferred_c = NETWORKS[model_kind(name)].token_space(sd)
         V = codebook_size if codebook_size is not None else inferred_v
         C = num_classes if num_classes is not None else inferred_c
         if V is None or C is None:
@@ -142,7 +119,7 @@ def load_generator(
         with torch.device("meta"):
             model = build_model(name, codebook_size=V, num_classes=C, grid_size=grid_size)
 
-    check_state_dict(model, sd, f"{what} {path}", SIZES_FIX)
+    check_state_dict(model, sd, f"{what} {path}", _sizes_fix())
     model = model.to_empty(device="cpu")
     model.load_state_dict(sd, strict=True)
     return model.to(device).eval()
@@ -161,7 +138,7 @@ def load_study_models(params, model: str, device: torch.device):
     generator = load_generator(layout.model_checkpoint(model), codebook_size=params["tokenizer"]["codebook_size"],
                                num_classes=params["data"]["num_classes"], grid_size=token_grid(params),
                                device=device, written_by=f"arpg train --model {model}")
-    if _kind_of(generator) != decoder(model).size_kind:  # e.g. another decoder's model.pt copied here
+    if kind_of(generator) != decoder(model).size_kind:  # e.g. another decoder's model.pt copied here
         raise CheckpointError(f"{layout.model_checkpoint(model)} holds a {type(generator).__name__}, not a model "
                               f"of the {decoder(model).label}; rerun `arpg train --model {model}` (or snakemake) "
                               "to write it")

@@ -65,6 +65,17 @@ class RasterCache(KVCache):
 
 
 class RasterGPT(nn.Module):
+    KIND = "raster"  # the network kind a size of arpg/sizes.py names (and a checkpoint's "kind")
+    Config = RasterConfig
+
+    @staticmethod
+    def token_space(sd: dict) -> tuple[int | None, int | None]:
+        """codebook_size, num_classes from a state dict's shapes (None where the keys are absent)."""
+        head, cls = sd.get("output.weight"), sd.get("cls_embedding.embedding_table.weight")
+        if head is None or cls is None:
+            return None, None
+        return head.shape[0], cls.shape[0] - 1  # rows = classes + null
+
     def __init__(self, config: RasterConfig, generator: torch.Generator | None = None):
         super().__init__()
         self.config = cfg = config

@@ -12,17 +12,33 @@ from typing import Callable
 import torch.nn as nn
 
 from arpg.errors import ArpgError
-from arpg.models.arpg import ARPG, ARPGConfig
-from arpg.models.raster import RasterConfig, RasterGPT
+from arpg.models.arpg import ARPG
+from arpg.models.raster import RasterGPT
 from arpg.sizes import SIZES  # the named sizes live in a torch-free module: the params schema lists them
+
+
+# network kind -> its class (KIND, Config, token_space); a size of arpg/sizes.py names its kind
+NETWORKS: dict[str, type[nn.Module]] = {cls.KIND: cls for cls in (ARPG, RasterGPT)}
+
+
+def network(kind: str) -> type[nn.Module]:
+    if kind not in NETWORKS:
+        raise ArpgError(f"unknown model kind {kind!r}; known: {', '.join(NETWORKS)} (arpg/models/registry.py)")
+    return NETWORKS[kind]
+
+
+def kind_of(model: nn.Module) -> str:
+    """The network kind of a built model (its class's KIND)."""
+    for kind, cls in NETWORKS.items():
+        if isinstance(model, cls):
+            return kind
+    raise ArpgError(f"{type(model).__name__} is none of the networks {', '.join(NETWORKS)} (arpg/models/registry.py)")
 
 
 def _build(kind: str, size: dict, **kwargs) -> nn.Module:
     generator = kwargs.pop("generator", None)
-    fields = {**size, **kwargs}
-    if kind == "arpg":
-        return ARPG(ARPGConfig(**fields), generator=generator)
-    return RasterGPT(RasterConfig(**fields), generator=generator)
+    cls = network(kind)
+    return cls(cls.Config(**size, **kwargs), generator=generator)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -31,16 +47,17 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def model_kind(name: str) -> str:
-    """'arpg' or 'raster' for a registry name."""
+    """The network kind (a key of NETWORKS) a registry name builds."""
     _check_name(name)
     return SIZES[name][0]
 
 
 def _check_name(name: str) -> None:
     if name not in SIZES:
-        raise ArpgError(
-            f"unknown model {name!r}; known models: {', '.join(SIZES)} (set train.arpg_model / raster_model)"
-        )
+        from arpg.decoders import DECODERS
+
+        keys = " / ".join(d.param_keys[0] for d in DECODERS.values())
+        raise ArpgError(f"unknown model {name!r}; known models: {', '.join(SIZES)} (set {keys})")
 
 
 def build_model(name: str, *, codebook_size: int, num_classes: int, grid_size: int, **overrides) -> nn.Module:
@@ -48,8 +65,7 @@ def build_model(name: str, *, codebook_size: int, num_classes: int, grid_size: i
     (e.g. dropouts) and `generator=` seeds the init from a dedicated stream."""
     _check_name(name)
     kind, size = SIZES[name]
-    config_cls = ARPGConfig if kind == "arpg" else RasterConfig
-    known = set(config_cls.__dataclass_fields__) | {"generator"}
+    known = set(network(kind).Config.__dataclass_fields__) | {"generator"}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ArpgError(f"{name}: unknown config field(s) {unknown}; valid: {sorted(known)}")

@@ -7,15 +7,8 @@ from typing import Iterable
 
 from arpg.decoders import DECODERS
 from arpg.errors import ArpgError
+from arpg.sizes import RASTER_TWIN
 
-# The one place that pairs an ARPG size with its same-backbone raster twin
-# (same width, heads and total depth; checked when the pair is built).
-RASTER_TWIN: dict[str, str] = {
-    "ARPG-T": "LlamaGen-T",
-    "ARPG-S": "LlamaGen-S",
-    "ARPG-L": "LlamaGen-L",
-    "ARPG-XL": "LlamaGen-XL",
-}
 # Registry sizes are profiled at the published (ImageNet) vocabulary.
 PUBLISHED_CODEBOOK = 16384
 PUBLISHED_CLASSES = 1000
@@ -64,7 +57,7 @@ class RunSpec:
 def twin_of(name: str) -> str:
     if name not in RASTER_TWIN:
         raise ArpgError(f"profile.models: {name!r} has no raster twin; use 'default' or one of "
-                        f"{', '.join(RASTER_TWIN)} (pairs are defined in arpg/engine/profile/planning.py "
+                        f"{', '.join(RASTER_TWIN)} (pairs are defined in arpg/sizes.py "
                         "RASTER_TWIN)")
     return RASTER_TWIN[name]
 

@@ -1,5 +1,6 @@
-"""What `arpg profile` writes: ARPG-over-raster speed-ups, profile.csv / profile.json, the text
-summary and the flat MLflow metrics (its figures: `arpg.figures.profile_figures`)."""
+"""What `arpg profile` writes: each parallel decoder's speed-up over each sequential one,
+profile.csv / profile.json, the text summary and the flat MLflow metrics (its figures:
+`arpg.figures.profile_figures`)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ CSV_COLUMNS = [
     "load_avg_1m", "load_avg_1m_after", "omp_wait_policy",
 ]
 SPEEDUP_COLUMNS = [
-    "model", "batch", "steps", "tokens", "step_ratio", "goal", "speedup_gen", "speedup_gen_low",
+    "decoder", "baseline", "model", "batch", "steps", "tokens", "step_ratio", "goal", "speedup_gen", "speedup_gen_low",
     "speedup_gen_high", "speedup_e2e", "kv_ratio", "gen_mem_ratio",
 ]
 
@@ -46,10 +47,10 @@ def speedups(rows: list[dict]) -> list[dict]:
             raise ArpgError(f"{r['model']}: {r['kind']} backbone {r['backbone']} differs from its "
                             f"{base['kind']} twin's "
                             f"{base['backbone']} ({base['net']}); fix RASTER_TWIN in "
-                            "arpg/engine/profile/planning.py")
+                            "arpg/sizes.py")
         ratio = r["tokens"] / r["steps"]
         item = {
-            "model": r["model"], "batch": r["batch"], "steps": r["steps"], "tokens": r["tokens"],
+            "decoder": r["kind"], "baseline": base["kind"], "model": r["model"], "batch": r["batch"], "steps": r["steps"], "tokens": r["tokens"],
             "step_ratio": ratio, "goal": GOAL_FRACTION_OF_STEP_RATIO * ratio,
             "speedup_gen": r["gen_img_s_median"] / base["gen_img_s_median"],
             # worst and best pairing of the two spreads
@@ -85,10 +86,12 @@ def summary(doc: dict) -> str:
     lines = [f"{par} speed-up over {seq} decoding (generation only, median; [worst, best] from the spreads)",
              f"{'model':<10}{'batch':>6}{'steps':>7}{'speed-up':>10}{'[low, high]':>16}{'n/S':>7}{'goal':>7}"
              f"{'e2e':>8}{'kv':>7}{'mem':>7}"]
+    several_pairs = len({(g["decoder"], g["baseline"]) for g in doc["speedups"]}) > 1
     for g in doc["speedups"]:
         e2e = f"{g['speedup_e2e']:.2f}x" if g["speedup_e2e"] else "-"
         mem = f"{g['gen_mem_ratio']:.2f}" if g["gen_mem_ratio"] else "-"
-        lines.append(f"{g['model']:<10}{g['batch']:>6}{g['steps']:>7}{g['speedup_gen']:>9.2f}x"
+        pair = f"{g['decoder']} over {g['baseline']}: " if several_pairs else ""
+        lines.append(f"{pair}{g['model']:<10}{g['batch']:>6}{g['steps']:>7}{g['speedup_gen']:>9.2f}x"
                      f"{'[%.2f, %.2f]' % (g['speedup_gen_low'], g['speedup_gen_high']):>16}"
                      f"{g['step_ratio']:>6.0f}x{g['goal']:>6.1f}x{e2e:>8}{g['kv_ratio']:>7.2f}{mem:>7}")
     skipped = [r for r in doc["rows"] if r["status"] == "skipped"]
