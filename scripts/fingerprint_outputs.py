@@ -67,7 +67,7 @@ def api_runs(root: Path, study: Path) -> dict:
     import torch
 
     from arpg.config import load_params
-    from arpg.engine.tokenizer import train_tokenizer
+    from arpg.commands.train_tokenizer import train_from_params as train_tokenizer
     from arpg.engine.train import TrainConfig, train
     from arpg.commands.train import build_study_model, load_study_data
     from conftest import write_params

@@ -13,7 +13,10 @@ from scipy.ndimage import gaussian_filter
 
 from arpg.cli import main
 from arpg.config import load_params
+from arpg.commands.tokenize import tokenize_dataset
+from arpg.commands.train_tokenizer import train_from_params
 from arpg.engine import tokenizer as engine
+from arpg.engine.image_metrics import psnr, ssim
 from arpg.errors import CheckpointError, TrainingDiverged
 from arpg.data.pixels import from_uint8
 from arpg.models.vq import VQConfig, VQModel, load_tokenizer
@@ -73,8 +76,8 @@ def test_psnr_matches_formula():
     a = torch.randint(0, 256, (3, 1, 16, 16), generator=gen, dtype=torch.uint8)
     b = torch.randint(0, 256, (3, 1, 16, 16), generator=gen, dtype=torch.uint8)
     mse = ((a.numpy().astype(np.float64) - b.numpy()) ** 2).reshape(3, -1).mean(1)
-    np.testing.assert_allclose(engine.psnr(a, b).numpy(), 20 * np.log10(255) - 10 * np.log10(mse), rtol=1e-12)
-    assert torch.isinf(engine.psnr(a, a)).all()
+    np.testing.assert_allclose(psnr(a, b).numpy(), 20 * np.log10(255) - 10 * np.log10(mse), rtol=1e-12)
+    assert torch.isinf(psnr(a, a)).all()
 
 
 def ssim_reference(a: np.ndarray, b: np.ndarray) -> float:
@@ -96,10 +99,10 @@ def test_ssim_matches_scipy_reference():
     a = torch.randint(0, 256, (2, 1, 24, 20), generator=gen, dtype=torch.uint8)
     noise = torch.randint(-30, 31, a.shape, generator=gen)
     b = (a.int() + noise).clamp(0, 255).to(torch.uint8)
-    got = engine.ssim(a, b)
+    got = ssim(a, b)
     for i in range(2):
         assert got[i].item() == pytest.approx(ssim_reference(a[i, 0].numpy(), b[i, 0].numpy()), abs=1e-10)
-    assert engine.ssim(a, a).sub(1).abs().max().item() < 1e-12
+    assert ssim(a, a).sub(1).abs().max().item() < 1e-12
     assert 0.2 < got.mean().item() < 0.99
 
 
@@ -146,7 +149,7 @@ def test_dead_codes_move_onto_batch_latents():
 
 def test_training_reduces_loss_and_writes_artifacts(tiny_params):
     params = tiny_params(**{"tokenizer.max_steps": 30, "tokenizer.log_every": 10, "tokenizer.lr": 0.003})
-    summary = engine.train_tokenizer(params, progress=False)
+    summary = train_from_params(params, progress=False)
     layout = params.layout
     assert summary["steps"] == 30
     state = torch.load(layout.tokenizer_state, weights_only=False)
@@ -161,7 +164,7 @@ def test_training_leaves_the_global_rng_alone(tiny_params):
     params = tiny_params()
     torch.manual_seed(123)  # the test's own state; the tokenizer's init is seeded inside a fork
     before = torch.get_rng_state()
-    engine.train_tokenizer(params, progress=False)
+    train_from_params(params, progress=False)
     assert torch.equal(torch.get_rng_state(), before)
 
 
@@ -177,7 +180,7 @@ def test_a_diverged_loss_stops_and_keeps_the_last_good_checkpoint(tiny_params, m
 
     monkeypatch.setattr(VQModel, "forward", forward_turning_nan_at_step_4)
     with pytest.raises(TrainingDiverged, match=r"tokenizer loss is nan at step 4.*lower tokenizer\.lr"):
-        engine.train_tokenizer(params, progress=False)
+        train_from_params(params, progress=False)
     state = torch.load(params.layout.tokenizer_state, weights_only=False)
     assert state["step"] == 2  # checkpoint_every 2: the last good state, not the diverged step
     assert all(torch.isfinite(v).all() for v in state["model"].values())
@@ -186,7 +189,7 @@ def test_a_diverged_loss_stops_and_keeps_the_last_good_checkpoint(tiny_params, m
 
 def test_interrupted_training_resumes_to_the_same_weights(tiny_params, monkeypatch):
     straight = tiny_params()
-    engine.train_tokenizer(straight, progress=False)
+    train_from_params(straight, progress=False)
     expected = torch.load(straight.layout.tokenizer_checkpoint)["model"]
     for path in (straight.layout.tokenizer_state, straight.layout.tokenizer_checkpoint):
         path.unlink()
@@ -202,10 +205,10 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny_params, monkeypat
 
     monkeypatch.setattr(VQModel, "forward", dying_forward)
     with pytest.raises(KeyboardInterrupt):
-        engine.train_tokenizer(straight, progress=False)
+        train_from_params(straight, progress=False)
     assert torch.load(straight.layout.tokenizer_state, weights_only=False)["step"] == 2
     monkeypatch.setattr(VQModel, "forward", forward)
-    summary = engine.train_tokenizer(straight, progress=False)
+    summary = train_from_params(straight, progress=False)
     assert summary["steps"] == 4
     resumed = torch.load(straight.layout.tokenizer_checkpoint)["model"]
     for key, value in expected.items():
@@ -214,15 +217,15 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny_params, monkeypat
 
 def test_resume_with_other_sizes_is_refused(tiny_params, params_file):
     params = tiny_params(**{"tokenizer.max_steps": 2})
-    engine.train_tokenizer(params, progress=False)
+    train_from_params(params, progress=False)
     other = load_params(params_file(**(TINY | {"tokenizer.codebook_size": 64, "tokenizer.max_steps": 2})))
     with pytest.raises(CheckpointError, match="delete it"):
-        engine.train_tokenizer(other, progress=False)
+        train_from_params(other, progress=False)
 
 
 def test_adversarial_loss_trains_the_discriminator(tiny_params):
     params = tiny_params(**{"tokenizer.adversarial_weight": 0.1, "tokenizer.adversarial_start": 1})
-    engine.train_tokenizer(params, progress=False)
+    train_from_params(params, progress=False)
     state = torch.load(params.layout.tokenizer_state, weights_only=False)
     logged = [h for h in state["history"] if "d_loss" in h]
     assert [h["step"] for h in logged] == [2, 3, 4]  # off at step 1, on from adversarial_start
@@ -231,8 +234,8 @@ def test_adversarial_loss_trains_the_discriminator(tiny_params):
 
 def test_tokenize_writes_grids_labels_metrics_and_grid(tiny_params):
     params = tiny_params(**{"tokenizer.tokenize_flip": True})
-    engine.train_tokenizer(params, progress=False)
-    metrics = engine.tokenize_dataset(params, batch_size=5, grid_images=6)
+    train_from_params(params, progress=False)
+    metrics = tokenize_dataset(params, batch_size=5, grid_images=6)
     layout = params.layout
     model = load_tokenizer(layout.tokenizer_checkpoint)
     train = np.load(layout.images("train"))
@@ -252,7 +255,7 @@ def test_tokenize_writes_grids_labels_metrics_and_grid(tiny_params):
     with torch.no_grad():
         test = torch.from_numpy(np.load(layout.images("test"))).permute(0, 3, 1, 2)
         recon = engine.reconstruct_pixels(model, test, 5, "cpu")
-    assert saved["psnr"] == pytest.approx(engine.psnr(recon, test).mean().item())
+    assert saved["psnr"] == pytest.approx(psnr(recon, test).mean().item())
     from PIL import Image
     with Image.open(layout.reconstructions) as png:  # 1 column-block of 6 pairs: 2 rows of 16 px + gaps
         assert png.size == (2 * (6 * 18 + 2), 2 * (2 * 18 + 2))

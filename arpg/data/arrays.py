@@ -24,6 +24,17 @@ def load_images(layout: Layout, split: str) -> np.ndarray:
     return _load(layout.images(split), f"prepared {split} images")
 
 
+def load_images_NCHW(layout: Layout, split: str, channels: int):
+    """The prepared split as a uint8 tensor [N, C, H, W] (copied out of the memory map)."""
+    from arpg.data.pixels import to_tensor_NCHW
+
+    images_NHWC = load_images(layout, split)
+    if images_NHWC.ndim != 4 or images_NHWC.shape[-1] != channels:
+        raise DataError(f"prepared {split} images have shape {images_NHWC.shape}, expected [N, H, W, {channels}] "
+                        "(data.channels); re-run `arpg prepare-data`")
+    return to_tensor_NCHW(images_NHWC)
+
+
 def load_labels(layout: Layout, split: str) -> np.ndarray:
     """int64 [N]."""
     return np.asarray(_load(layout.labels(split), f"prepared {split} labels"))

@@ -1,4 +1,5 @@
-"""VQ tokenizer loops: training, importing a LlamaGen checkpoint, dataset tokenization, metrics.
+"""VQ tokenizer loops: training, encoding and reconstructing images, codebook statistics.
+(The stage glue that reads params and writes the outputs: arpg/commands/train_tokenizer.py, tokenize.py.)
 
 Training objective (all terms optional by weight, none needs downloaded weights):
   l1 * |x - x'| + l2 * (x - x')^2                      reconstruction
@@ -22,7 +23,6 @@ are a function of the params alone (not of the machine's speed or load).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping
@@ -32,15 +32,14 @@ import torch
 import torch.nn.functional as F
 
 from arpg.checkpoint_io import load_state_strict
-from arpg.data.arrays import load_images, load_labels
 from arpg.data.batches import EpochBatches
-from arpg.data.pixels import from_uint8, to_tensor_NCHW, to_uint8
-from arpg.errors import ArpgError, CheckpointError
+from arpg.data.pixels import from_uint8, to_uint8
+from arpg.engine.image_metrics import psnr
+from arpg.errors import CheckpointError
 from arpg.lr_schedule import lr_by_progress, set_lr
 from arpg.models.discriminator import PatchDiscriminator
-from arpg.models.vq import TRAIN_COMMAND, VQConfig, VQModel, load_tokenizer, read_tokenizer_checkpoint, tokenizer_payload
-from arpg.utils import (atomic_path, atomic_save_npy, atomic_torch_save, deterministic_algorithms, make_generator,
-                        require_finite, resolve_device, seeded_global_rng, write_json)
+from arpg.models.vq import TRAIN_COMMAND, VQConfig, VQModel, read_tokenizer_checkpoint
+from arpg.utils import atomic_path, atomic_torch_save, make_generator, require_finite, seeded_global_rng
 
 WARMUP_SHARE = 0.05
 MIN_LR_SHARE = 0.1
@@ -69,41 +68,7 @@ class TokenizerTrainConfig:
         return cls(**{k: tok[k] for k in cls.__dataclass_fields__ if k != "seed"}, seed=params["seed"])
 
 
-# --- metrics -------------------------------------------------------------------------
-
-def psnr(pixels_a: torch.Tensor, pixels_b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of uint8 images [B, ...] (peak 255); identical images give inf."""
-    diff = pixels_a.double() - pixels_b.double()
-    mse_B = diff.pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(255.0 ** 2 / mse_B)
-
-
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    return g / g.sum()  # [size]
-
-
-def ssim(pixels_a: torch.Tensor, pixels_b: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03,
-    data range 255, valid window positions only), averaged over channels. Inputs uint8 [B, C, H, W]."""
-    a = pixels_a.double()
-    b = pixels_b.double()
-    C = a.shape[1]
-    g = _gaussian_window()
-    kernel_C1SS = (g[:, None] * g[None, :]).expand(C, 1, -1, -1)
-
-    def blur(x):
-        return F.conv2d(x, kernel_C1SS, groups=C)  # [B, C, H-10, W-10]
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a ** 2
-    var_b = blur(b * b) - mu_b ** 2
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
-    return ssim_map.flatten(1).mean(1)
-
+# --- codebook statistics ---------------------------------------------------------------
 
 def codebook_stats(tokens: np.ndarray | torch.Tensor, codebook_size: int) -> dict:
     """Share of codes used at least once and perplexity exp(H) of the code histogram."""
@@ -119,17 +84,6 @@ def _usage_from_counts(counts_K: torch.Tensor) -> dict:
     entropy = -(p_K[p_K > 0] * p_K[p_K > 0].log()).sum().item()
     used = int((counts_K > 0).sum())
     return {"usage": used / counts_K.numel(), "perplexity": math.exp(entropy), "codes_used": used}
-
-
-# --- data ----------------------------------------------------------------------------
-
-def _images_tensor(layout, split: str, channels: int) -> torch.Tensor:
-    """The prepared split as a uint8 tensor [N, C, H, W] (copied out of the memory map)."""
-    images_NHWC = load_images(layout, split)
-    if images_NHWC.ndim != 4 or images_NHWC.shape[-1] != channels:
-        raise ArpgError(f"prepared {split} images have shape {images_NHWC.shape}, expected [N, H, W, {channels}] "
-                        "(data.channels); re-run `arpg prepare-data`")
-    return to_tensor_NCHW(images_NHWC)
 
 
 @torch.no_grad()
@@ -155,20 +109,18 @@ def _adv_losses(disc: PatchDiscriminator, real: torch.Tensor, fake: torch.Tensor
     return d_loss, g_loss
 
 
-def train_tokenizer(params, run=None, progress: bool = True) -> dict:
-    """Train the VQ tokenizer (resuming from the layout's state file), write tokenizer.pt and metrics."""
-    with deterministic_algorithms(resolve_device(params["device"])):
-        return _train_tokenizer(params, run, progress)
+@dataclass
+class TokenizerResult:
+    model: VQModel           # trained, eval mode, on the training device
+    steps: int
+    history: list[dict]      # one entry per log window
 
 
-def _train_tokenizer(params, run, progress: bool) -> dict:
+def train_tokenizer(vq_cfg: VQConfig, cfg: TokenizerTrainConfig, images_NCHW: torch.Tensor, device: torch.device,
+                    *, state_path: Path, run=None, progress: bool = True) -> TokenizerResult:
+    """Train the VQ tokenizer on uint8 images [N, C, H, W], resuming from (and checkpointing to)
+    state_path. Call under `utils.deterministic_algorithms(device)`."""
     from tqdm import tqdm
-
-    layout = params.layout
-    vq_cfg = VQConfig.from_params(params)
-    cfg = TokenizerTrainConfig.from_params(params)
-    device = resolve_device(params["device"])
-    images_NCHW = _images_tensor(layout, "train", vq_cfg.in_channels)
 
     # nn.Module init can only draw from the global RNG: seeded inside a fork, nothing else is disturbed;
     # every draw during training (batches, flips, dead-code restarts) uses `gen`
@@ -185,15 +137,15 @@ def _train_tokenizer(params, run, progress: bool) -> dict:
                            key="tokenizer.batch_size", items="training images")
     step, history = 0, []
 
-    if layout.tokenizer_state.is_file():
-        state = read_tokenizer_checkpoint(layout.tokenizer_state, "tokenizer train state", TRAIN_COMMAND)
+    if state_path.is_file():
+        state = read_tokenizer_checkpoint(state_path, "tokenizer train state", TRAIN_COMMAND)
         fresh = "delete it to train from scratch"
         if VQConfig.from_dict(state["config"]) != vq_cfg or bool(state.get("discriminator")) != (disc is not None):
-            raise CheckpointError(f"{layout.tokenizer_state} was written with other tokenizer settings; {fresh}")
-        load_state_strict(model, state["model"], str(layout.tokenizer_state), fresh)
+            raise CheckpointError(f"{state_path} was written with other tokenizer settings; {fresh}")
+        load_state_strict(model, state["model"], str(state_path), fresh)
         opt.load_state_dict(state["optimizer"])
         if disc is not None:
-            load_state_strict(disc, state["discriminator"], f"{layout.tokenizer_state} (discriminator)", fresh)
+            load_state_strict(disc, state["discriminator"], f"{state_path} (discriminator)", fresh)
             disc_opt.load_state_dict(state["disc_optimizer"])
         gen.set_state(state["stream"]["rng"])
         batches.load_state_dict(state["stream"])
@@ -206,7 +158,7 @@ def _train_tokenizer(params, run, progress: bool) -> dict:
             "discriminator": disc.state_dict() if disc is not None else None,
             "disc_optimizer": disc_opt.state_dict() if disc is not None else None,
             "stream": {"rng": gen.get_state(), **batches.state_dict()}, "step": step, "history": history,
-        }, layout.tokenizer_state)
+        }, state_path)
 
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train-tokenizer", disable=not progress, dynamic_ncols=True)
@@ -234,7 +186,7 @@ def _train_tokenizer(params, run, progress: bool) -> dict:
             loss = loss + cfg.adversarial_weight * g_loss
             terms |= {"g_adv": g_loss.item(), "d_loss": d_loss.item()}
         # a diverged step is never applied: the state file keeps the last good checkpoint
-        require_finite(loss.item(), "tokenizer loss", step + 1, "lower tokenizer.lr", layout.tokenizer_state)
+        require_finite(loss.item(), "tokenizer loss", step + 1, "lower tokenizer.lr", state_path)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -268,25 +220,7 @@ def _train_tokenizer(params, run, progress: bool) -> dict:
             save_state()
     bar.close()
     save_state()
-    model.eval()
-    atomic_torch_save(tokenizer_payload(model.cpu()), layout.tokenizer_checkpoint)
-    summary = {"steps": step, "images_seen": step * cfg.batch_size, "pretrained": None,
-               "final": history[-1] if history else {}, "config": asdict(vq_cfg)}
-    write_json(layout.tokenizer_metrics, summary)
-    return summary
-
-
-def import_pretrained(params) -> dict:
-    """tokenizer.pretrained set: load the LlamaGen checkpoint strictly and write our tokenizer.pt from it."""
-    layout = params.layout
-    path = Path(params["tokenizer"]["pretrained"])
-    vq_cfg = VQConfig.from_params(params)
-    model = load_tokenizer(path, vq_cfg, what="tokenizer.pretrained")
-    atomic_torch_save(tokenizer_payload(model), layout.tokenizer_checkpoint)
-    summary = {"steps": 0, "pretrained": str(path),
-               "parameters": sum(p.numel() for p in model.parameters()), "config": asdict(vq_cfg)}
-    write_json(layout.tokenizer_metrics, summary)
-    return summary
+    return TokenizerResult(model.eval(), step, history)
 
 
 # --- tokenization --------------------------------------------------------------------
@@ -338,54 +272,3 @@ def save_grid(originals_NCHW: torch.Tensor, recons_NCHW: torch.Tensor, path: Pat
     image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     with atomic_path(path, ".png") as tmp:
         image.save(tmp)
-
-
-TOKENIZE_BATCH = 100  # larger batches (>32 MB activations) make glibc mmap/munmap every batch (3x the time)
-
-
-def tokenize_dataset(params, run=None, batch_size: int = TOKENIZE_BATCH, grid_images: int = 32) -> dict:
-    """Encode train / test (and the flipped train set), write tokens + labels, metrics and a grid PNG.
-
-    The metrics file holds results only; encoding times go to the log and MLflow."""
-    layout = params.layout
-    tok = params["tokenizer"]
-    device = resolve_device(params["device"])
-    vq_cfg = VQConfig.from_params(params)
-    model = load_tokenizer(layout.tokenizer_checkpoint, vq_cfg, written_by=TRAIN_COMMAND).to(device)
-    dtype = token_dtype(vq_cfg.codebook_size)
-    timings, stats = {}, {}
-    splits = [("train", "train", False), ("test", "test", False)]
-    if tok["tokenize_flip"]:
-        splits.append(("train_flip", "train", True))
-    pixels_by_split = {}
-    for name, source, flip in splits:
-        if source not in pixels_by_split:
-            pixels_by_split[source] = _images_tensor(layout, source, vq_cfg.in_channels)
-        t0 = time.monotonic()
-        tokens_Nhw = encode_pixels(model, pixels_by_split[source], batch_size, device, flip=flip)
-        timings[f"{name}_seconds"] = time.monotonic() - t0
-        print(f"encoded {name}: {timings[name + '_seconds']:.1f} s")
-        atomic_save_npy(layout.tokens(name), tokens_Nhw.numpy().astype(dtype))
-        # train_flip gets its own copy of the labels, so every split reads the same way
-        atomic_save_npy(layout.token_labels(name), np.asarray(load_labels(layout, source), dtype=np.int64))
-        if name == "train":
-            stats = codebook_stats(tokens_Nhw, vq_cfg.codebook_size)
-
-    test = pixels_by_split["test"][:tok["eval_images"]]
-    recon = reconstruct_pixels(model, test, batch_size, device)
-    psnr_N, ssim_N = psnr(recon, test), ssim(recon, test)
-    save_grid(test[:grid_images], recon[:grid_images], layout.reconstructions)
-    metrics = {
-        "psnr": psnr_N.clamp(max=100).mean().item(),  # a perfect image (inf dB) counts as 100 dB
-        "ssim": ssim_N.mean().item(),
-        "eval_images": int(test.shape[0]),
-        "codebook_usage": stats["usage"], "codebook_perplexity": stats["perplexity"],
-        "codes_used": stats["codes_used"], "codebook_size": vq_cfg.codebook_size,
-        "token_grid": list(tokens_Nhw.shape[1:]), "token_dtype": np.dtype(dtype).name,
-    }
-    write_json(layout.tokenize_metrics, metrics)
-    if run is not None:
-        run.log_metrics({k: v for k, v in (metrics | timings).items() if isinstance(v, (int, float))})
-        run.log_artifact(layout.reconstructions)
-        run.log_artifact(layout.tokenize_metrics)
-    return metrics
