@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arpg.models.layers import (BackboneConfig, FeedForward, KVCache, PreNormBlock, RMSNorm, RopeTables,
-                                apply_rope, attend, cache_placement, init_weights, merge_heads, rope_lookup,
-                                self_attend, split_heads)
+from arpg.models.layers import (BackboneConfig, FeedForward, KVCache, PreNormBlock, RMSNorm, add_output_head,
+                                apply_rope, attend, cache_placement, merge_heads, rope_lookup, self_attend,
+                                split_heads)
 
 
 @dataclass
@@ -108,14 +108,6 @@ class ARPG(nn.Module):
     KIND = "arpg"  # the network kind a size of arpg/sizes.py names (and a checkpoint's "kind")
     Config = ARPGConfig
 
-    @staticmethod
-    def token_space(sd: dict) -> tuple[int | None, int | None]:
-        """codebook_size, num_classes from a state dict's shapes (None where the keys are absent)."""
-        head, emb = sd.get("head.weight"), sd.get("embeddings.weight")
-        if head is None or emb is None:
-            return None, None
-        return head.shape[0], emb.shape[0] - head.shape[0] - 3  # rows = V + [MASK] + classes + null + unused
-
     def __init__(self, config: ARPGConfig, generator: torch.Generator | None = None):
         super().__init__()
         self.config = cfg = config
@@ -125,11 +117,15 @@ class ARPG(nn.Module):
         self.embeddings = nn.Embedding(cfg.codebook_size + 1 + cfg.num_classes + 2, cfg.dim)
         self.embed_drop = nn.Dropout(cfg.token_dropout)
         self.layers = TwoPass(cfg)
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = nn.Linear(cfg.dim, cfg.codebook_size, bias=False)
-        self.rope_tables = RopeTables(cfg)  # (grid, device) -> fp32 (cos, sin); may exceed the training grid
-        init_weights(self, 0.02, generator)
-        nn.init.zeros_(self.head.weight)
+        add_output_head(self, cfg, "head", generator)  # norm, head
+
+    @staticmethod
+    def token_space(sd: dict) -> tuple[int | None, int | None]:
+        """codebook_size, num_classes from a state dict's shapes (None where the keys are absent)."""
+        head, emb = sd.get("head.weight"), sd.get("embeddings.weight")
+        if head is None or emb is None:
+            return None, None
+        return head.shape[0], emb.shape[0] - head.shape[0] - 3  # rows = V + [MASK] + classes + null + unused
 
     # ---- ids -------------------------------------------------------------------------------
     def class_ids(self, labels_B: torch.Tensor) -> torch.Tensor:

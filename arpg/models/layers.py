@@ -260,6 +260,16 @@ def block_causal_mask(start: int, new: int, device=None) -> torch.Tensor:
     return key_idx[None, :] <= query_idx[:, None]  # [new, start + new]
 
 
+def add_output_head(model: nn.Module, cfg: BackboneConfig, head_name: str, generator: torch.Generator | None) -> None:
+    """What both backbones end with: the final RMSNorm (`norm`), the bias-free vocabulary head under
+    its release's name, the RoPE tables; then every weight drawn N(0, 0.02) and the head zeroed."""
+    model.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+    model.add_module(head_name, nn.Linear(cfg.dim, cfg.codebook_size, bias=False))
+    model.rope_tables = RopeTables(cfg)  # (grid, device) -> fp32 (cos, sin); may exceed the training grid
+    init_weights(model, 0.02, generator)
+    nn.init.zeros_(getattr(model, head_name).weight)
+
+
 def init_weights(module: nn.Module, std: float = 0.02, generator: torch.Generator | None = None) -> None:
     """Release init: Linear and Embedding weights N(0, std), biases zero (norms keep their ones).
     Draws from `generator` (a dedicated stream) when given; the caller zeroes the head after."""

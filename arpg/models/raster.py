@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arpg.models.layers import (BackboneConfig, FeedForward, KVCache, PreNormBlock, RMSNorm, RopeTables,
-                                apply_rope, block_causal_mask, cache_placement, init_weights, merge_heads,
-                                rope_lookup, self_attend, split_heads)
+from arpg.models.layers import (BackboneConfig, FeedForward, KVCache, PreNormBlock, add_output_head,
+                                apply_rope, block_causal_mask, cache_placement, merge_heads, rope_lookup,
+                                self_attend, split_heads)
 
 
 @dataclass
@@ -68,14 +68,6 @@ class RasterGPT(nn.Module):
     KIND = "raster"  # the network kind a size of arpg/sizes.py names (and a checkpoint's "kind")
     Config = RasterConfig
 
-    @staticmethod
-    def token_space(sd: dict) -> tuple[int | None, int | None]:
-        """codebook_size, num_classes from a state dict's shapes (None where the keys are absent)."""
-        head, cls = sd.get("output.weight"), sd.get("cls_embedding.embedding_table.weight")
-        if head is None or cls is None:
-            return None, None
-        return head.shape[0], cls.shape[0] - 1  # rows = classes + null
-
     def __init__(self, config: RasterConfig, generator: torch.Generator | None = None):
         super().__init__()
         self.config = cfg = config
@@ -84,11 +76,15 @@ class RasterGPT(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.codebook_size, cfg.dim)
         self.tok_dropout = nn.Dropout(cfg.token_dropout)
         self.layers = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.codebook_size, bias=False)
-        self.rope_tables = RopeTables(cfg)  # (grid, device) -> fp32 (cos, sin); not in the state dict
-        init_weights(self, 0.02, generator)
-        nn.init.zeros_(self.output.weight)
+        add_output_head(self, cfg, "output", generator)  # norm, output (LlamaGen's names)
+
+    @staticmethod
+    def token_space(sd: dict) -> tuple[int | None, int | None]:
+        """codebook_size, num_classes from a state dict's shapes (None where the keys are absent)."""
+        head, cls = sd.get("output.weight"), sd.get("cls_embedding.embedding_table.weight")
+        if head is None or cls is None:
+            return None, None
+        return head.shape[0], cls.shape[0] - 1  # rows = classes + null
 
     def class_ids(self, labels_B: torch.Tensor) -> torch.Tensor:
         """Id of each label's class token; label -1 (dropped) -> the null class."""
