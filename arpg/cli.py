@@ -51,6 +51,21 @@ def _version() -> str:
     return f"arpg {__version__}"
 
 
+# Commands that write nothing under output_dir (every other one checks it is writable first).
+WRITES_NO_OUTPUTS = ("info", "export-dvc")
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (Snakemake, SLURM, `kill`) ends a command like Ctrl-C: its MLflow run is marked KILLED
+    and the atomic writers leave no half-written file."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 RECORD_READS_ENV = "ARPG_RECORD_READS"
 
 
@@ -78,16 +93,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
+    _stop_on_sigterm()
     try:
         from arpg.config import load_params, stage_threads
-        from arpg.utils import set_threads
+        from arpg.utils import require_writable_dir, set_threads
 
         params = load_params(args.params)
+        if args.command not in WRITES_NO_OUTPUTS:  # before any work: not after the images are drawn
+            require_writable_dir(params.layout.out, "output_dir")
         set_threads(stage_threads(params, args.command))
         result = module.run(args, params)
         _record_reads(argv, params)
     except ArpgError as exc:
         print(f"arpg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk or a path that went away mid-run: name it, no traceback
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"arpg {args.command}: error: cannot write or read{where}: {exc.strerror or exc}; free disk space "
+              "or make the path writable (or set output_dir elsewhere), then rerun: completed checkpoints "
+              "are kept", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"arpg {args.command}: interrupted; completed checkpoints are kept, "

@@ -72,6 +72,19 @@ def derive_seed(*keys: int) -> int:
     return int(state >> np.uint64(1))
 
 
+def require_writable_dir(path, key: str) -> None:
+    """Create `path` if needed and prove a file can be written in it, or raise an ArpgError naming
+    the params key, the path and the fix."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".arpg-write-check-"):
+            pass
+    except OSError as exc:
+        raise ArpgError(f"{key} {path} is not writable ({exc.strerror or exc}); make it writable, free disk "
+                        f"space, or set {key} to a directory you can write") from None
+
+
 @contextlib.contextmanager
 def seeded_global_rng(seed: int | None, device="cpu") -> Iterator[None]:
     """Run a block whose draws can only come from torch's global RNG (nn.Module default init,

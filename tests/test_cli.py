@@ -37,3 +37,55 @@ def test_bad_params_fail_before_work_without_traceback(params_file):
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "prepare-data" in capsys.readouterr().out
+
+
+def test_an_unwritable_output_dir_is_named_before_any_work(tmp_path, params_file, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")  # as root, chmod cannot make a folder read-only: a file can
+    for command in (["prepare-data"], ["sample", "--model", "arpg", "--steps", "4", "--cfg", "2.0",
+                                        "--order", "random"], ["train", "--model", "arpg"], ["gallery"]):
+        path = params_file(**{"output_dir": str(blocker / "outputs"), "tracking.enabled": False})
+        assert main([command[0], "--params", str(path), *command[1:]]) == 2
+        err = capsys.readouterr().err
+        assert f"output_dir {blocker / 'outputs'} is not writable" in err and "Traceback" not in err
+
+
+def test_a_filesystem_error_mid_run_becomes_a_message(params_file, capsys, monkeypatch):
+    import errno
+
+    from arpg.commands import prepare_data
+
+    def full_disk(args, params):
+        raise OSError(errno.ENOSPC, "No space left on device", "outputs/data/train_images.npy")
+
+    monkeypatch.setattr(prepare_data, "run", full_disk)
+    assert main(["prepare-data", "--params", str(params_file(**{"tracking.enabled": False}))]) == 2
+    err = capsys.readouterr().err
+    assert "outputs/data/train_images.npy" in err and "No space left" in err and "free disk space" in err
+
+
+def test_sigterm_marks_the_stage_run_killed(params_file):
+    """Snakemake and SLURM stop a job with SIGTERM: the stage's MLflow run must not stay RUNNING."""
+    path = params_file()
+    script = (
+        "import os, signal, sys\n"
+        "from arpg import cli, tracking\n"
+        "from arpg.config import load_params\n"
+        "cli._stop_on_sigterm()\n"
+        f"params = load_params({str(path)!r})\n"
+        "try:\n"
+        "    with tracking.stage_run(params, 'train') as run:\n"
+        "        print(run.run_id, flush=True)\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        signal.pause()\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(130)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    from mlflow.tracking import MlflowClient
+
+    from arpg import tracking
+    from arpg.config import load_params
+
+    run_id = proc.stdout.split()[0]
+    assert MlflowClient(tracking.tracking_uri(load_params(path))).get_run(run_id).info.status == "KILLED"

@@ -144,3 +144,85 @@ def test_fit_image_policies(policy):
         assert out[:4].max() == 0 and out[12:].max() == 0 and out[4:12].min() == 200
     else:
         assert out.min() == 200
+
+
+# ---------------------------------------------------------------- bad input (issue 16)
+
+def _one_image_folder(root: Path, images: dict[str, list[Image.Image]]) -> Path:
+    for name, items in images.items():
+        (root / name).mkdir(parents=True)
+        for i, image in enumerate(items):
+            image.save(root / name / f"{i}.png")
+    return root
+
+
+def _folder_params(params_file, root: Path, **overrides):
+    return load_params(params_file(**{"data.source": "imagefolder", "data.path": str(root), "data.num_classes": 2,
+                                      "data.test_path": str(root), "data.resize": "resize", **overrides}))
+
+
+def test_a_16_bit_png_is_scaled_not_clipped(tmp_path, params_file):
+    ramp_16 = (np.arange(16 * 16, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)  # 0 .. 65535
+    ramp_8 = np.round(ramp_16 / 257).astype(np.uint8)  # the same picture in 8 bits
+    root = _one_image_folder(tmp_path / "imgs", {"a": [Image.fromarray(ramp_16)], "b": [Image.fromarray(ramp_8)]})
+    with Image.open(root / "a" / "0.png") as png:
+        assert png.mode.startswith("I")  # Pillow opens it as 16-bit grey
+    params = _folder_params(params_file, root)
+    prepare(params)
+    images = np.load(params.layout.images("train"))
+    assert images.shape == (2, 32, 32, 1)
+    assert np.array_equal(images[0], images[1])  # not 70% white: scaled by 255/65535
+    assert (images[0] == 255).mean() < 0.01
+
+
+def test_a_float_image_is_refused_by_name(tmp_path, params_file):
+    root = _one_image_folder(tmp_path / "imgs", {"a": [], "b": [Image.fromarray(np.zeros((16, 16), np.uint8))]})
+    Image.fromarray(np.full((16, 16), 0.5, np.float32), mode="F").save(root / "a" / "0.tif")  # float pixels
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "a" / "1.png")
+    manifest = prepare(_folder_params(params_file, root))
+    skipped = {Path(s["file"]).name: s["reason"] for s in manifest["skipped"]}
+    assert "0.tif" in skipped and "mode F" in skipped["0.tif"]
+
+
+def test_an_empty_class_folder_is_warned_about_or_refused(tmp_path, params_file, capsys):
+    root = _one_image_folder(tmp_path / "imgs", {"a": [Image.fromarray(np.zeros((16, 16), np.uint8))], "b": []})
+    manifest = prepare(_folder_params(params_file, root))
+    assert manifest["empty_classes"] == ["b"]
+    assert "warning" in capsys.readouterr().out
+    strict = _folder_params(params_file, root, **{"data.on_corrupt": "fail"})
+    with pytest.raises(DataError, match="hold no images"):
+        prepare(strict)
+
+
+def test_a_failed_decode_leaves_no_partial_file(tmp_path, params_file):
+    root = _image_folder(tmp_path / "train")  # dog/broken.jpg is truncated
+    params = _folder_params(params_file, root, **{"data.on_corrupt": "fail", "data.test_path": None})
+    with pytest.raises(DataError, match="broken.jpg"):
+        prepare(params)
+    left = [p.name for p in params.layout.data_dir.iterdir()]
+    assert not [name for name in left if "partial" in name] and "manifest.json" not in left
+
+
+def test_a_wrong_class_count_is_refused_before_any_array_is_written(tmp_path, params_file):
+    root = _image_folder(tmp_path / "train", truncated=False)
+    params = _folder_params(params_file, root, **{"data.num_classes": 3})
+    with pytest.raises(Exception, match="data.num_classes is 3 but .* has 2 classes"):
+        prepare(params)
+    assert not any(params.layout.data_dir.iterdir())
+    _fake_fashion(tmp_path / "fm")
+    fashion = load_params(params_file(**{"data.path": str(tmp_path / "fm"), "data.num_classes": 5}))
+    with pytest.raises(Exception, match="data.num_classes is 5"):
+        prepare(fashion)
+    assert not any(fashion.layout.data_dir.iterdir())
+
+
+def test_too_little_disk_is_refused_before_decoding(tmp_path, params_file, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    root = _image_folder(tmp_path / "train", truncated=False)
+    params = _folder_params(params_file, root)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(DataError, match="MiB free; the prepared arrays need"):
+        prepare(params)

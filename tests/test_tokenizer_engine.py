@@ -291,3 +291,15 @@ def test_pretrained_checkpoint_is_imported_strictly(tiny_params, tmp_path, capsy
     assert main(["train-tokenizer", "--params", str(bad.path)]) == 2
     err = capsys.readouterr().err
     assert "missing keys (1): quantize.embedding.weight" in err
+
+
+def test_an_unreadable_pretrained_tokenizer_is_not_called_deletable(tiny_params, tmp_path, capsys):
+    truncated = tmp_path / "vq_ds16_c2i.pt"  # the user's own download, cut short
+    truncated.write_bytes(b"PK\x03\x04 not the whole file")
+    bad = tiny_params(**{"tokenizer.pretrained": str(truncated)})
+    assert main(["train-tokenizer", "--params", str(bad.path)]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.pretrained" in err and str(truncated) in err and "copied completely" in err
+    assert "delete" not in err and "Traceback" not in err
+    assert truncated.is_file()
+

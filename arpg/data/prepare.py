@@ -107,11 +107,28 @@ def fit_array(images_NHW: np.ndarray, geometry: Geometry) -> np.ndarray:
     return np.repeat(out, 3, axis=-1) if geometry.channels == 3 else out
 
 
+def to_8bit(image):
+    """A PIL image with 8-bit channels. 16-bit grey (modes I;16*, or I as Pillow opens 16-bit PNGs)
+    is scaled by 255/65535, not clipped; 32-bit data (values over 65535, float mode F) has no known
+    range and is refused (ValueError, which the caller reports as an unusable file)."""
+    from PIL import Image
+
+    if image.mode == "F":
+        raise ValueError("32-bit float image (mode F): its pixel range is unknown; save it as 8- or 16-bit")
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        values = np.asarray(image)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"32-bit integer image with values in [{values.min()}, {values.max()}]: its range is "
+                             "unknown; save it as 8- or 16-bit")
+        return Image.fromarray(np.round(values.astype(np.float64) * (255 / 65535)).astype(np.uint8), mode="L")
+    return image
+
+
 def fit_image(image, geometry: Geometry):
     """Resize / centre-crop / pad a PIL image to resolution x resolution in the channel policy."""
     from PIL import Image
 
-    image = image.convert("RGB" if geometry.channels == 3 else "L")  # grey -> 3 channels, RGB -> luma
+    image = to_8bit(image).convert("RGB" if geometry.channels == 3 else "L")  # grey -> 3 channels, RGB -> luma
     res = geometry.resolution
     w, h = image.size
     if geometry.resize == "resize":
@@ -161,25 +178,27 @@ def decode_files(files: list[tuple[Path, int]], geometry: Geometry, on_corrupt: 
     """Decode into a memory-mapped array at out_images; returns labels and skipped records."""
     res, ch = geometry.resolution, geometry.channels
     tmp = out_images.with_name(f".{out_images.name}.partial.npy")
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), res, res, ch))
     labels, skipped, kept = [], [], 0
     jobs = [(str(path), geometry) for path, _ in files]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        for (path, label), (image, error) in zip(files, pool.map(_decode, jobs, chunksize=64)):
-            if error is not None:
-                if on_corrupt == "fail":
-                    raise DataError(f"corrupt image {path}: {error}; remove or replace it, or set "
-                                    f"data.on_corrupt: skip to list it in the manifest and continue")
-                skipped.append({"file": str(path), "reason": error})
-                continue
-            array[kept] = image
-            labels.append(label)
-            kept += 1
-    array.flush()
-    del array
-    final = np.load(tmp, mmap_mode="r")[:kept]
-    np.save(out_images, final)  # a compact copy without the skipped rows
-    tmp.unlink()
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), res, res, ch))
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for (path, label), (image, error) in zip(files, pool.map(_decode, jobs, chunksize=64)):
+                if error is not None:
+                    if on_corrupt == "fail":
+                        raise DataError(f"corrupt image {path}: {error}; remove or replace it, or set "
+                                        f"data.on_corrupt: skip to list it in the manifest and continue")
+                    skipped.append({"file": str(path), "reason": error})
+                    continue
+                array[kept] = image
+                labels.append(label)
+                kept += 1
+        array.flush()
+        del array
+        final = np.load(tmp, mmap_mode="r")[:kept]
+        atomic_save_npy(out_images, final)  # a compact copy without the skipped rows
+    finally:  # a failed decode leaves no dataset-sized scratch file behind
+        tmp.unlink(missing_ok=True)
     return np.asarray(labels, dtype=np.int64), skipped
 
 
@@ -221,6 +240,36 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _check_class_count(classes: list[str], data) -> None:
+    if len(classes) != data["num_classes"]:
+        raise ConfigError(f"data.num_classes is {data['num_classes']} but {data['path']} has {len(classes)} classes; "
+                          f"set data.num_classes: {len(classes)}")
+
+
+def _empty_classes(classes: list[str], files: list[tuple[Path, int]], root: Path, on_corrupt: str) -> list[str]:
+    """Class folders without a single image file: refused under on_corrupt: fail, else warned about."""
+    counts = Counter(label for _, label in files)
+    empty = [name for label, name in enumerate(classes) if counts[label] == 0]
+    if empty:
+        where = ", ".join(str(root / name) for name in empty)
+        if on_corrupt == "fail":
+            raise DataError(f"class folder(s) {where} hold no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                            "add images or remove the folder (and lower data.num_classes), or set "
+                            "data.on_corrupt: skip to keep the class without images")
+        print(f"warning: class folder(s) {where} hold no images: the class is kept (label ids stay by folder "
+              "name) but no model sees an example of it; add images or remove the folder")
+    return empty
+
+
+def _check_free_space(directory: Path, needed_bytes: int) -> None:
+    import shutil
+
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes:
+        raise DataError(f"{directory} has {free / 2**20:.0f} MiB free; the prepared arrays need about "
+                        f"{needed_bytes / 2**20:.0f} MiB; free disk space or set output_dir on a larger disk")
+
+
 def prepare(params) -> dict:
     """Write the prepared arrays and manifest; returns the manifest."""
     data = params["data"]
@@ -234,6 +283,7 @@ def prepare(params) -> dict:
 
     if data["source"] == "fashion-mnist":
         manifest["class_names"] = FASHION_CLASSES
+        _check_class_count(FASHION_CLASSES, data)
         manifest["sources"] = {}
         for split in ("train", "test"):
             raw, labels, source = fashion_mnist_split(Path(data["path"]), split)
@@ -248,6 +298,8 @@ def prepare(params) -> dict:
         root = Path(data["path"])
         classes, files = scan_image_folder(root)
         manifest["class_names"] = classes
+        _check_class_count(classes, data)  # before any array is written
+        manifest["empty_classes"] = _empty_classes(classes, files, root, data["on_corrupt"])
         if data["test_path"]:
             test_classes, test_files = scan_image_folder(Path(data["test_path"]))
             if test_classes != classes:
@@ -257,17 +309,18 @@ def prepare(params) -> dict:
             train, test = _split_holdout(files, data["test_fraction"], params["seed"])
             splits = {"train": train, "test": test}
         workers = max(1, min(os.cpu_count() or 1, 16))
+        splits = {split: _cap_per_class(items, data["max_per_class"], lambda item: item[1])
+                  for split, items in splits.items()}
+        # each split is decoded into a scratch array, then copied compactly: twice its size at the peak
+        _check_free_space(layout.data_dir, max(2 * len(items) for items in splits.values())
+                          * geometry.resolution ** 2 * geometry.channels)
         for split, items in splits.items():
-            items = _cap_per_class(items, data["max_per_class"], lambda item: item[1])
             labels, skipped = decode_files(items, geometry, data["on_corrupt"], layout.images(split), workers)
             atomic_save_npy(layout.labels(split), labels)
             manifest["skipped"] += [dict(s, split=split) for s in skipped]
             manifest["splits"][split] = {}
 
     n_found = len(manifest["class_names"])
-    if n_found != data["num_classes"]:
-        raise ConfigError(f"data.num_classes is {data['num_classes']} but {data['path']} has {n_found} classes; "
-                          f"set data.num_classes: {n_found}")
     for split in ("train", "test"):
         images = np.load(layout.images(split), mmap_mode="r")
         labels = np.load(layout.labels(split))
