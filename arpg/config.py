@@ -206,10 +206,17 @@ def _check_consistency(values: dict, source: str) -> None:
         raise ConfigError(
             f"{source}: sample.steps_default {sample['steps_default']} exceeds the "
             f"{token_count(values)} tokens of the grid")
-    too_many = [s for s in sample["steps"] if s > token_count(values)]
-    if too_many:
-        raise ConfigError(
-            f"{source}: sample.steps {too_many} exceed the {token_count(values)} tokens of the grid")
+    for key in ("steps", "strategy_steps"):
+        too_many = [s for s in sample[key] if s > token_count(values)]
+        if too_many:
+            raise ConfigError(
+                f"{source}: sample.{key} {too_many} exceed the {token_count(values)} tokens of the grid")
+    side = token_grid(values)
+    for key in ("orders", "strategies"):  # region-BxB cuts the token grid into B x B blocks
+        uneven = [o for o in sample[key] if o.startswith("region-") and side % int(o.split("x")[-1])]
+        if uneven:
+            raise ConfigError(f"{source}: sample.{key} {uneven} need a token grid divisible by the block count; "
+                              f"the grid is {side}x{side}: drop them or use another resolution")
 
 
 def stage_threads(values: Mapping, command: str) -> int:
@@ -236,7 +243,8 @@ def sweep_points(values: Mapping) -> list[SweepPoint]:
     """Every (model, steps, cfg, order) the study samples and evaluates, for each registered decoder.
 
     A parallel decoder (ARPG): the step sweep (its native order, default cfg), the guidance sweep
-    (default steps) and the order sweep (default steps and cfg). A sequential one (the raster
+    (default steps), the order sweep (default steps and cfg) and the strategy sweep (each of
+    sample.strategies at each of sample.strategy_steps, default cfg). A sequential one (the raster
     baseline): one token per step in its native order, over the same guidance values.
     """
     s = values["sample"]
@@ -247,6 +255,8 @@ def sweep_points(values: Mapping) -> list[SweepPoint]:
             points |= {SweepPoint(d.name, steps, s["cfg_default"], d.native_order) for steps in s["steps"]}
             points |= {SweepPoint(d.name, s["steps_default"], cfg, d.native_order) for cfg in s["cfg"]}
             points |= {SweepPoint(d.name, s["steps_default"], s["cfg_default"], order) for order in s["orders"]}
+            points |= {SweepPoint(d.name, steps, s["cfg_default"], strategy)
+                       for strategy in s["strategies"] for steps in s["strategy_steps"]}
         else:
             points |= {SweepPoint(d.name, n, cfg, d.native_order) for cfg in [*s["cfg"], s["cfg_default"]]}
     return sorted(points, key=lambda p: (p.model, p.order, p.steps, p.cfg))

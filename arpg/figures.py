@@ -152,18 +152,25 @@ Curve = Sequence[tuple[float, float, float | None]]  # (x, y, interval half-widt
 def fid_vs_steps(path: Path, curves: Mapping[str, Mapping[str, Curve]], level: float | None = None) -> Path:
     """One panel per FID column: {column: {decoder name: [(steps, fid, half-width)]}}, with the
     half-widths (intervals at `level`) as error bars where known."""
+    panels = {col: {(f"{d.label} ({d.native_order} order)" if d.parallel else d.label):
+                    ("o-" if d.parallel else "s", by_model[d.name])
+                    for d in DECODERS.values() if by_model.get(d.name)} for col, by_model in curves.items()}
+    return curves_vs_steps(path, panels, level)
+
+
+def curves_vs_steps(path: Path, panels: Mapping[str, Mapping[str, tuple[str, Curve]]],
+                    level: float | None = None) -> Path:
+    """One panel per metric column: {column: {legend label: (matplotlib fmt, [(steps, value, half-width)])}},
+    log-2 steps axis, the half-widths (intervals at `level`) as error bars where known."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
-    for ax, (col, by_model) in zip(axes[0], curves.items()):
-        for d in DECODERS.values():
-            pts = by_model.get(d.name)
-            if pts:
-                xs, ys, halves = zip(*pts)
-                ax.errorbar(xs, ys, yerr=_yerr(halves), fmt="o-" if d.parallel else "s", capsize=3,
-                            label=f"{d.label} ({d.native_order} order)" if d.parallel else d.label)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (col, lines) in zip(axes[0], panels.items()):
+        for label, (fmt, pts) in lines.items():
+            xs, ys, halves = zip(*pts)
+            ax.errorbar(xs, ys, yerr=_yerr(halves), fmt=fmt, capsize=3, label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("decoding steps")
-        bars = level is not None and any(h is not None for pts in by_model.values() for _, _, h in pts)
+        bars = level is not None and any(h is not None for _, pts in lines.values() for _, _, h in pts)
         ax.set_ylabel(f"{col} (bars: {level:.0%} interval)" if bars else col)
         ax.grid(alpha=0.3)
         ax.legend()

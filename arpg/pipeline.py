@@ -70,7 +70,7 @@ def pattern(params: Mapping, rule: str) -> Job:
 def wildcard_constraints() -> dict[str, str]:
     """Regexes that keep Snakemake from splitting paths at the wrong place."""
     return {"model": "|".join(DECODERS), "steps": r"[0-9]+", "cfg": r"[0-9]+(\.[0-9]+)?",
-            "order": r"[a-z]+(-[a-z]+)?", "extractor": r"[a-z]+(-[a-z]+)?"}
+            "order": r"[a-z]+(-[a-z0-9]+)?", "extractor": r"[a-z]+(-[a-z]+)?"}
 
 
 def param_values(params: Mapping, keys: tuple[str, ...]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from arpg.paths import Layout, SweepPoint, format_cfg
 
 POINT_WILDCARDS = ("model", "steps", "cfg", "order")
 # Values of sample.* that choose *which* points exist, not what one point does.
-SWEEP_KEYS = ("steps", "cfg", "orders", "steps_default", "cfg_default")
+SWEEP_KEYS = ("steps", "cfg", "orders", "steps_default", "cfg_default", "strategies", "strategy_steps")
 
 
 @dataclass(frozen=True)
@@ -313,7 +313,8 @@ def _gallery(ctx: _Ctx, w) -> Job:
               _s(lay.images("test")), _s(lay.labels("test")))
     outputs = tuple(_s(lay.gallery_image(t)) for t in params["gallery"]["tasks"]) + (_s(lay.gallery_json),)
     return Job("gallery", {}, ("gallery",), inputs, outputs,
-               _keys(COMPUTE_KEYS, "gallery", DECODING_KEYS, "seed", VQ_KEYS, TOKEN_SPACE_KEYS),
+               _keys(COMPUTE_KEYS, "gallery", DECODING_KEYS, "sample.confidence_noise", "seed", VQ_KEYS,
+                     TOKEN_SPACE_KEYS),
                threads=params["threads"], gpus=_gpus(params), log=_log(ctx, "gallery", w, ()))
 
 
@@ -322,7 +323,7 @@ def _report(ctx: _Ctx, w) -> Job:
     # what the text and tables show besides the stage outputs: titles, sweep defaults, the grid
     keys = _keys("threads", "report", "name", "data.source", "data.num_classes", "data.resolution",
                  "tokenizer.channel_mult", "evaluate.extractors", "gallery.tasks", "sample.cfg_default",
-                 "sample.steps_default")
+                 "sample.steps_default", "sample.orders", "sample.strategies", "sample.strategy_steps")
     return Job("report", {}, ("report",), tuple(inputs), (_s(ctx.layout.report_index),), keys,
                output_dir=str(ctx.params["report"]["dir"]), local=True, log=_log(ctx, "report", w, ()))
 

@@ -4,7 +4,7 @@ import pytest
 
 from arpg.config import load_params, sweep_points, token_count, token_grid, validate
 from arpg.errors import ConfigError
-from arpg.paths import REPO_ROOT, SweepPoint
+from arpg.paths import REPO_ROOT, SCHEMA_PATH, SweepPoint
 
 
 def test_default_params_are_valid():
@@ -85,12 +85,14 @@ def test_schema_is_strict_everywhere():
 def test_sweep_points_cover_each_sweep(params_file):
     params = load_params(params_file(**{"sample.steps": [2, 8], "sample.cfg": [1.0, 3.0],
                                         "sample.orders": ["random", "raster"],
+                                        "sample.strategies": ["locality", "region-4x4"], "sample.strategy_steps": [2, 4],
                                         "sample.steps_default": 8, "sample.cfg_default": 3.0}))
     points = set(sweep_points(params))
     assert points == {
         SweepPoint("arpg", 2, 3.0, "random"), SweepPoint("arpg", 8, 3.0, "random"),
         SweepPoint("arpg", 8, 1.0, "random"), SweepPoint("arpg", 8, 3.0, "raster"),
         SweepPoint("raster", 64, 1.0, "raster"), SweepPoint("raster", 64, 3.0, "raster"),
+        *(SweepPoint("arpg", steps, 3.0, s) for s in ("locality", "region-4x4") for steps in (2, 4)),
     }
     assert SweepPoint("arpg", 8, 3.0, "random").tag == "steps8_cfg3.0_random"
     assert SweepPoint("arpg", 8, 1.25, "z-curve").tag == "steps8_cfg1.25_z-curve"
@@ -106,3 +108,22 @@ def test_flat_params_use_dotted_keys():
 def test_validate_rejects_non_mapping():
     with pytest.raises(ConfigError, match="expected object"):
         validate([1, 2], "x.yaml")
+
+
+def test_strategy_sweep_values_are_checked_against_the_grid(params_file):
+    with pytest.raises(ConfigError, match=r"sample.strategy_steps \[65\] exceed the 64 tokens"):
+        load_params(params_file(**{"sample.strategy_steps": [2, 65]}))
+    with pytest.raises(ConfigError, match=r"sample.strategies \['region-4x4'\] need a token grid divisible"):
+        load_params(params_file(**{"data.resolution": 24, "sample.steps": [2, 8],  # 6x6 tokens
+                                   "sample.strategies": ["region-4x4"]}))
+    with pytest.raises(ConfigError, match="sample.strategies"):
+        load_params(params_file(**{"sample.strategies": ["spiral"]}))
+
+
+def test_the_schema_offers_exactly_the_samplers_orders_and_strategies():
+    from arpg.engine import sampler, strategies
+
+    sample = json.loads(SCHEMA_PATH.read_text())["properties"]["sample"]["properties"]
+    assert sample["orders"]["items"]["enum"] == list(sampler.ORDERS)
+    assert sample["strategies"]["items"]["enum"] == [*strategies.REGION_ORDERS, strategies.LOCALITY,
+                                                     strategies.CONFIDENCE]

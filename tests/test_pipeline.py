@@ -138,7 +138,7 @@ def test_smoke_dag_equals_dvc_and_pipeline(params_file, tmp_path):
     rules = {j.rule for j in jobs}
     assert rules == set(pipeline.RULES)  # every stage is in the smoke study
     assert [j.name for j in jobs if j.rule == "train"] == [f"train@{m}" for m in DECODERS]  # one per decoder
-    assert len([j for j in jobs if j.rule == "sample"]) == 4
+    assert len([j for j in jobs if j.rule == "sample"]) == 7  # 2 steps, 2 orders, 3 strategies, 1 raster
 
 
 def test_paper_dag_equals_dvc_and_pipeline(params_file, tmp_path):
@@ -232,12 +232,12 @@ def test_paper_dry_run_lists_jobs_and_resources(tmp_path):
                  f"params={REPO_ROOT / 'configs/paper.yaml'}"], REPO_ROOT)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    assert _job_counts(out) == {"prepare_data": 1, "train_tokenizer": 1, "train": len(DECODERS), "sample": 12, "reference_stats": 1, "evaluate": 12, "profile": 1, "gallery": 1,
-                                "report": 1, "all": 1, "total": 33}
+    assert _job_counts(out) == {"prepare_data": 1, "train_tokenizer": 1, "train": len(DECODERS), "sample": 24, "reference_stats": 1, "evaluate": 24, "profile": 1, "gallery": 1,
+                                "report": 1, "all": 1, "total": 57}
     assert "note: weights/arpg_300m.pt does not exist yet (needed by train@arpg)" in out
     assert re.search(r"torchrun --standalone --nproc_per_node=8 --no-python arpg sample .*--steps 256", out)
     sample_blocks = re.findall(r"rule sample:\n(?:    .*\n)+", out)
-    assert len(sample_blocks) == 12 and all("gpu=8" in b for b in sample_blocks)
+    assert len(sample_blocks) == 24 and all("gpu=8" in b for b in sample_blocks)
 
 
 def test_slurm_profile_dry_run(tmp_path):

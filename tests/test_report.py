@@ -113,7 +113,7 @@ def test_tables_hold_the_stage_numbers(study):
     out = result["dir"]
     quality = _csv(out / "quality.csv")
     points = [report.point_of(j) for j in pipeline.jobs(study) if j.rule == "evaluate"]
-    assert len(quality) == len(points) == 4
+    assert len(quality) == len(points) == 7
     for row in quality:
         expected = _fid(row["model"], int(row["steps"]), float(row["cfg"]), row["order"])
         assert float(row["fid_classifier"]) == pytest.approx(expected)
@@ -231,8 +231,12 @@ def test_intervals_in_tables_plots_and_the_noise_section(study, monkeypatch):
     assert "No interval: raster order vs random order" in _line(text, "- **Orders**, `accuracy_classifier`")
 
     verdicts = {(r["comparison"], r["metric"]): r for r in _csv(out / "differences.csv")}
+    strategy_rows = {f"{o} 2 steps vs random 2 steps" for o in ("locality", "confidence", "region-2x2")}
     assert {k[0] for k in verdicts} == {"ARPG 2 steps vs raster", "ARPG 4 steps vs raster",
-                                        "ARPG 4 steps vs ARPG 2 steps", "raster order vs random order"}
+                                        "ARPG 4 steps vs ARPG 2 steps", "raster order vs random order",
+                                        *strategy_rows}
+    assert all(verdicts[c, "fid_classifier"]["significant"] == "False" for c in strategy_rows)  # +0.5 +- 1.39
+    assert "locality 2 steps vs random 2 steps (+0.5" in _line(text, "- **Strategies**, `fid_classifier`")
     assert [verdicts[c, "fid_classifier"]["significant"] for c in ("ARPG 2 steps vs raster", "ARPG 4 steps vs raster",
                                                                     "ARPG 4 steps vs ARPG 2 steps",
                                                                     "raster order vs random order")] == \
@@ -244,6 +248,14 @@ def test_intervals_in_tables_plots_and_the_noise_section(study, monkeypatch):
     arpg_bars, raster_bars = [(51.02, 52.98), (26.02, 27.98)], [(-32.14, 46.26)]  # FID -+ 1.96 se
     assert bars["fid_vs_steps.png"] == [[arpg_bars, raster_bars]]  # one FID column: one axis
     assert bars["fid_vs_throughput.png"] == [[arpg_bars, raster_bars]]
+    # strategies at 2 steps (FID 52.5 +- 0.98) beside the random order (52 +- 0.98), one line each
+    strategy = [(51.52, 53.48)]
+    assert [strategy, strategy, [(51.02, 52.98)], strategy] in bars["quality_vs_steps_strategies.png"]
+    assert "## Decoding strategies (ARPG, cfg 2.0)" in text
+    assert ("- `fid_classifier`: at 2 steps the best strategy, confidence, gives 52.5 ± 0.98 against 27 ± 0.98 "
+            "for the random order at 4 steps: +25.5 (95% interval of the difference [24.11, 26.89]), worse, "
+            "beyond the noise.") in text
+    assert {r["order"] for r in _csv(out / "strategies.csv")} == {"random", "locality", "confidence", "region-2x2"}
 
 
 def test_bootstrap_off_shows_bare_numbers(study):

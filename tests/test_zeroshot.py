@@ -42,7 +42,7 @@ class Recorder:
 
 
 SAMPLER = S.SamplerConfig(steps=3, cfg=2.0, cfg_schedule="linear", schedule="arccos", temperature=1.0, top_k=0,
-                           top_p=1.0)
+                           top_p=1.0, confidence_noise=0.0)
 
 
 def test_masks():

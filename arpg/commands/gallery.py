@@ -65,7 +65,7 @@ def _gallery(params, device) -> None:
     labels_B = torch.from_numpy(labels_N[index]).long().to(device)
     sampler = SamplerConfig(steps=gal["steps"], cfg=gal["cfg"], cfg_schedule=smp["cfg_schedule"],
                             schedule=smp["schedule"], temperature=smp["temperature"], top_k=smp["top_k"],
-                            top_p=smp["top_p"])
+                            top_p=smp["top_p"], confidence_noise=smp["confidence_noise"])
     doc = {"test_indices": index, "labels": labels_B.tolist(), "seed": params["seed"],
            "sampler": asdict(sampler), "samples_per_image": gal["samples"], "order": "random",
            "columns": ["input", "input with unknown cells grey", *[f"output {i + 1}" for i in range(gal["samples"])]],

@@ -69,7 +69,7 @@ def make_draw(model_kind: str, generator_model, tokenizer, opts, order: str):
             tokens_BN = generate_arpg(generator_model, labels_B, steps=opts.steps, cfg=opts.cfg,
                                       cfg_schedule=opts.cfg_schedule, schedule=opts.schedule,
                                       temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
-                                      order=order, generator=gen)
+                                      order=order, generator=gen, confidence_noise=opts.confidence_noise)
         else:
             tokens_BN = generate_raster(generator_model, labels_B, cfg=opts.cfg, cfg_schedule=opts.cfg_schedule,
                                         temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,

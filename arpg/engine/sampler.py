@@ -4,7 +4,8 @@ Pieces, each usable on its own:
   step_counts        tokens decoded per step for a schedule (spec section 3)
   fixed_order / make_orders   generation orders as permutations of the raster indices
   cfg_weight         guidance scale at a step (linear or constant)
-  filter_logits / sample_tokens   temperature, top-k, top-p on [B, Q, V] logits
+  filter_logits / sample_tokens / mix_guidance   logits to tokens (engine/logits.py)
+  strategies         locality, confidence and region orders (engine/strategies.py)
   generate_arpg      MAR-style loop over steps with a preallocated KV cache
   generate_raster    one token per step with the RasterGPT cache
 (The class-balanced sample set, cut into seeded batches shared across processes: sample_set.py.)
@@ -20,11 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
+from arpg.engine.logits import filter_logits, mix_guidance, sample_tokens  # noqa: F401 - filter_logits: re-exported
+from arpg.engine.strategies import (CONFIDENCE, LOCALITY, REGION_ORDERS, confident_step, locality_orders,
+                                    region_order)
 from arpg.errors import ArpgError
 
 SCHEDULES = ("arccos", "cosine", "cosine-original", "linear")
 CFG_SCHEDULES = ("linear", "constant")
-ORDERS = ("random", "raster", "spiral-in", "spiral-out", "z-curve", "alternate")
+ORDERS = ("random", "raster", "spiral-in", "spiral-out", "z-curve", "alternate",  # fixed or random permutations
+          *REGION_ORDERS, LOCALITY, CONFIDENCE)  # decoding strategies (engine/strategies.py)
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class SamplerConfig:
     temperature: float
     top_k: int
     top_p: float
+    confidence_noise: float  # order "confidence": Gumbel noise on the confidences, annealed to 0 (MaskGIT)
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -53,13 +59,16 @@ class SamplerConfig:
             raise ArpgError(f"top_k {self.top_k} / top_p {self.top_p} out of range; need top_k >= 0, 0 < top_p <= 1")
         if self.steps < 1:
             raise ArpgError(f"steps {self.steps} must be >= 1")
+        if self.confidence_noise < 0:
+            raise ArpgError(f"confidence_noise {self.confidence_noise} must be >= 0 (0: no noise)")
 
     @classmethod
     def from_params(cls, sample: dict, *, steps: int, cfg: float) -> "SamplerConfig":
         """The `sample:` section of params plus the sweep point's steps / cfg."""
         return cls(steps=int(steps), cfg=float(cfg), cfg_schedule=sample["cfg_schedule"],
                    schedule=sample["schedule"], temperature=float(sample["temperature"]),
-                   top_k=int(sample["top_k"]), top_p=float(sample["top_p"]))
+                   top_k=int(sample["top_k"]), top_p=float(sample["top_p"]),
+                   confidence_noise=float(sample["confidence_noise"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,8 +80,8 @@ def mask_ratio(schedule: str, step: int, steps: int) -> float:
     t = (step + 1) / steps
     if schedule == "arccos":
         return math.acos(t) / (math.pi / 2)
-    if schedule == "cosine":
-        return math.cos(math.pi / 2 * t)
+    if schedule == "cosine":  # the release's expression, left to right: pi/2 * (s + 1) / N, not pi/2 * t
+        return math.cos(math.pi / 2 * (step + 1) / steps)  # (they differ where n * cos is an integer)
     if schedule == "linear":
         return 1.0 - t
     raise ArpgError(f"schedule {schedule!r} has no mask ratio; use one of arccos, cosine, linear")
@@ -157,6 +166,7 @@ def fixed_order(name: str, h: int, w: int) -> torch.Tensor:
     interleaved; for sides that are not powers of two, positions sorted by code).
     alternate: checkerboard, every (r + c) even position in raster order, then the
     odd ones, so the second half always has all four neighbours decoded.
+    region-2x2 / region-4x4: PAR's order (engine/strategies.py).
     """
     cells = [(r, c) for r in range(h) for c in range(w)]
     if name == "raster":
@@ -169,6 +179,8 @@ def fixed_order(name: str, h: int, w: int) -> torch.Tensor:
         order = sorted(range(h * w), key=lambda i: _morton(*cells[i]))
     elif name == "alternate":
         order = sorted(range(h * w), key=lambda i: (sum(cells[i]) % 2, i))
+    elif name in REGION_ORDERS:
+        return region_order(REGION_ORDERS[name], h, w)
     else:
         raise ArpgError(f"unknown order {name!r}; use one of {', '.join(ORDERS)} or an explicit permutation")
     return torch.tensor(order, dtype=torch.long)  # [N]
@@ -178,6 +190,9 @@ def make_orders(order: str | torch.Tensor, batch_size: int, h: int, w: int,
                 generator: torch.Generator) -> torch.Tensor:
     """Orders [B, N] on the generator's device: `random` draws one permutation per sample."""
     n, device = h * w, generator.device
+    if isinstance(order, str) and order in (LOCALITY, CONFIDENCE):
+        raise ArpgError(f"order {order!r} is chosen while decoding (from the step counts or the model's "
+                        "confidences), not up front; sample with generate_arpg(order=...)")
     if isinstance(order, str) and order == "random":
         return torch.rand(batch_size, n, generator=generator, device=device).argsort(dim=1)  # [B, N]
     if isinstance(order, str):
@@ -190,46 +205,6 @@ def make_orders(order: str | torch.Tensor, batch_size: int, h: int, w: int,
     if not torch.equal(order.sort(dim=1).values, torch.arange(n, device=device).expand(batch_size, n)):
         raise ArpgError(f"explicit order is not a permutation of 0..{n - 1} in every row; pass argsort of a key")
     return order.contiguous()  # [B, N]
-
-
-# --------------------------------------------------------------------------------------------
-# Logits processing
-# --------------------------------------------------------------------------------------------
-
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Top-k then nucleus filtering along the last (vocabulary) dim; any leading dims.
-
-    Removed entries become -inf. top-p keeps the smallest prefix of the sorted
-    distribution whose mass reaches top_p (always at least the top token).
-    """
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # [..., 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)  # [..., V]
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens
-        remove_sorted = mass_before >= top_p  # the top token has mass_before 0: always kept
-        remove = torch.zeros_like(remove_sorted).scatter(-1, sorted_idx, remove_sorted)  # back to vocab order
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
-
-
-def sample_tokens(logits_BQV: torch.Tensor, *, temperature: float, top_k: int, top_p: float,
-                  generator: torch.Generator) -> torch.Tensor:
-    """Temperature, top-k / top-p, one multinomial draw per (sample, query) -> tokens [B, Q]."""
-    B, Q, V = logits_BQV.shape
-    logits_BQV = filter_logits(logits_BQV.float() / temperature, top_k, top_p)
-    probs_MV = logits_BQV.softmax(dim=-1).reshape(B * Q, V)  # [B*Q, V]
-    return torch.multinomial(probs_MV, 1, generator=generator).view(B, Q)  # [B, Q]
-
-
-def _guided(logits_XQV: torch.Tensor, batch: int, weight: float) -> torch.Tensor:
-    """[cond; uncond] -> u + (c - u) * w; passes through when the batch is not doubled."""
-    if logits_XQV.shape[0] == batch:
-        return logits_XQV
-    cond_BQV, uncond_BQV = logits_XQV[:batch], logits_XQV[batch:]
-    return uncond_BQV + (cond_BQV - uncond_BQV) * weight  # [B, Q, V]
 
 
 def _class_ids(model, labels_B: torch.Tensor, guided: bool) -> torch.Tensor:
@@ -276,7 +251,7 @@ def generate_arpg(model, labels_B: torch.Tensor, *, steps: int, cfg: float = 1.0
                   schedule: str = "arccos", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   order: str | torch.Tensor = "random", generator: torch.Generator,
                   context: Context | None = None, grid_size: int | None = None,
-                  return_orders: bool = False):
+                  return_orders: bool = False, confidence_noise: float = 4.5):
     """Decode token grids with randomized parallel decoding -> tokens [B, N] in raster order.
 
     The keyword defaults are the release's generate() (arccos, linear guidance), kept so release-parity
@@ -288,9 +263,13 @@ def generate_arpg(model, labels_B: torch.Tensor, *, steps: int, cfg: float = 1.0
     halves receive the same tokens. `grid_size` > the model's grid decodes a
     larger grid (RoPE extended; resolution expansion). With `return_orders`,
     also returns the decoding orders [B, N] (context positions first).
+    order "locality" builds each step's group from the step counts; "confidence" queries every
+    remaining position each step and commits the k most confident draws (Gumbel noise of scale
+    confidence_noise * (1 - (s + 1) / steps) on the log-probabilities; 4.5 is MaskGIT's).
     """
     opts = SamplerConfig(steps=steps, cfg=cfg, cfg_schedule=cfg_schedule, schedule=schedule,
-                         temperature=temperature, top_k=top_k, top_p=top_p)
+                         temperature=temperature, top_k=top_k, top_p=top_p, confidence_noise=confidence_noise)
+    strategy = order if isinstance(order, str) and order in (LOCALITY, CONFIDENCE) else None
     device = labels_B.device
     _check_ready(model, generator, device)
     side = grid_size or model.config.grid_size
@@ -298,7 +277,8 @@ def generate_arpg(model, labels_B: torch.Tensor, *, steps: int, cfg: float = 1.0
     guided = opts.cfg != 1.0
     copies = 2 if guided else 1
 
-    orders_BN = make_orders(order, B, side, side, generator).to(device)  # [B, N]
+    # the strategies choose positions as they go: the raster order holds the place until then
+    orders_BN = make_orders("raster" if strategy else order, B, side, side, generator).to(device)  # [B, N]
     tokens_BN = torch.zeros(B, N, dtype=torch.long, device=device)
     n_known = 0
     if context is not None:
@@ -316,6 +296,9 @@ def generate_arpg(model, labels_B: torch.Tensor, *, steps: int, cfg: float = 1.0
         tokens_BN = torch.where(known_BN, context.tokens_BN.to(device).long(), tokens_BN)
     n_free = N - n_known
     counts = step_counts(n_free, opts.steps, opts.schedule)
+    if strategy == LOCALITY:
+        known = known_BN if n_known else None
+        orders_BN = locality_orders(counts, side, side, B, generator, known).to(device)  # [B, N]
 
     # class + every token ever fed (the last step's tokens never are): allocated once, written in place
     cache = model.new_cache(B * copies, max_context=1 + N - counts[-1], grid_size=side, device=device)
@@ -328,14 +311,17 @@ def generate_arpg(model, labels_B: torch.Tensor, *, steps: int, cfg: float = 1.0
         feed_ids = tokens_BN.gather(1, known_pos_BK).repeat(copies, 1)  # [cB, K]
 
     decoded = n_known
-    for k in counts:
+    for s, k in enumerate(counts):
         model.extend_context(cache, feed_ids, feed_pos)
-        pos_BK = orders_BN[:, decoded:decoded + k]  # [B, k]
-        logits_XKV = model.query(cache, pos_BK.repeat(copies, 1))  # [cB, k, V]
         weight = cfg_weight(opts.cfg, opts.cfg_schedule, decoded + k - n_known, n_free)
-        logits_BKV = _guided(logits_XKV, B, weight)  # [B, k, V]
-        new_BK = sample_tokens(logits_BKV, temperature=opts.temperature, top_k=opts.top_k,
-                               top_p=opts.top_p, generator=generator)  # [B, k]
+        if strategy == CONFIDENCE:
+            noise = opts.confidence_noise * (1 - (s + 1) / len(counts))
+            pos_BK, new_BK = confident_step(model, cache, orders_BN, decoded, k, weight, noise, opts, generator)
+        else:
+            pos_BK = orders_BN[:, decoded:decoded + k]  # [B, k]
+            logits_BKV = mix_guidance(model.query(cache, pos_BK.repeat(copies, 1)), B, weight)  # [B, k, V]
+            new_BK = sample_tokens(logits_BKV, temperature=opts.temperature, top_k=opts.top_k,
+                                   top_p=opts.top_p, generator=generator)  # [B, k]
         tokens_BN.scatter_(1, pos_BK, new_BK)
         feed_ids, feed_pos = new_BK.repeat(copies, 1), pos_BK.repeat(copies, 1)  # [cB, k]
         decoded += k
@@ -352,7 +338,8 @@ def generate_raster(model, labels_B: torch.Tensor, *, cfg: float = 1.0, cfg_sche
                     generator: torch.Generator) -> torch.Tensor:
     """LlamaGen-style decoding with the RasterGPT KV cache -> tokens [B, N] in raster order."""
     opts = SamplerConfig(steps=1, cfg=cfg, cfg_schedule=cfg_schedule, schedule=SCHEDULES[0],  # one token a step:
-                         temperature=temperature, top_k=top_k, top_p=top_p)  # no step schedule applies
+                         temperature=temperature, top_k=top_k, top_p=top_p,  # no step schedule applies
+                         confidence_noise=0.0)
     device = labels_B.device
     _check_ready(model, generator, device)
     B, N = labels_B.shape[0], model.config.grid_size ** 2
@@ -366,7 +353,7 @@ def generate_raster(model, labels_B: torch.Tensor, *, cfg: float = 1.0, cfg_sche
     feed_pos = torch.full_like(feed_ids, -1)  # [cB, 1]
     for i in range(N):
         logits_XV = model.extend(cache, feed_ids, feed_pos)[:, -1:]  # [cB, 1, V]
-        logits_BV = _guided(logits_XV, B, cfg_weight(opts.cfg, opts.cfg_schedule, i + 1, N))  # [B, 1, V]
+        logits_BV = mix_guidance(logits_XV, B, cfg_weight(opts.cfg, opts.cfg_schedule, i + 1, N))  # [B, 1, V]
         new_B1 = sample_tokens(logits_BV, temperature=opts.temperature, top_k=opts.top_k,
                                top_p=opts.top_p, generator=generator)  # [B, 1]
         tokens_BN[:, i] = new_B1[:, 0]

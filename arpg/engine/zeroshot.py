@@ -73,7 +73,7 @@ def complete(model, tokens_Bhw: torch.Tensor, known_hw: torch.Tensor, labels_B: 
     out_BN = generate_arpg(model, labels_B, steps=steps, cfg=sampler.cfg, cfg_schedule=sampler.cfg_schedule,
                            schedule=sampler.schedule, temperature=sampler.temperature, top_k=sampler.top_k,
                            top_p=sampler.top_p, order="random", generator=generator, context=context,
-                           grid_size=h)  # [B, N]
+                           grid_size=h, confidence_noise=sampler.confidence_noise)  # [B, N]
     return Completion(out_BN.view(B, h, w), tokens_Bhw, known_hw)
 
 

@@ -9,7 +9,8 @@ from statistics import NormalDist
 from typing import Any, Mapping
 
 from arpg.decoders import DECODERS, labels, native_orders
-from arpg.engine.report.points import Point, guidance_sweep, is_parallel, order_sweep, step_sweep, with_interval
+from arpg.engine.report.points import (Point, guidance_sweep, is_parallel, order_sweep, step_sweep, strategy_sweep,
+                                      with_interval)
 from arpg.engine.report.text import fmt, markdown_table, signed
 from arpg.errors import ArpgError
 from arpg.paths import SweepPoint, format_cfg
@@ -74,7 +75,8 @@ def noise_comparisons(params, points: list[Point]) -> list[tuple[str, Point, Poi
     """(group, a, b) pairs whose difference b - a the report tests: every step count of a parallel
     decoder against each sequential baseline (default cfg) and against its next step count; every
     guidance value against the default cfg (each decoder); every order against the decoder's native one
-    (parallel decoders at the default steps and cfg)."""
+    (parallel decoders at the default steps and cfg); every strategy against the native order at the
+    same step count."""
     cfg = float(params["sample"]["cfg_default"])
     sweep, guidance, orders = (f(params, points) for f in (step_sweep, guidance_sweep, order_sweep))
     baselines = [p for p in sweep if not is_parallel(p)]
@@ -91,6 +93,11 @@ def noise_comparisons(params, points: list[Point]) -> list[tuple[str, Point, Poi
         rows = [p for p in orders if p.point.model == d.name]
         out += [("orders", base, p) for base in rows if base.point.order == d.native_order
                 for p in rows if p is not base]
+    strategies = strategy_sweep(params, points)
+    for d in DECODERS.values():
+        rows = [p for p in strategies if p.point.model == d.name]
+        out += [("strategies", base, p) for base in rows if base.point.order == d.native_order
+                for p in rows if p.point.steps == base.point.steps and p is not base]
     return out
 
 
@@ -101,6 +108,8 @@ def point_label(group: str, p: SweepPoint) -> str:
         return f"{d.short_label} {p.steps} steps" if d.parallel else d.short_label
     if group == "guidance":
         return f"{d.short_label} cfg {format_cfg(p.cfg)}"
+    if group == "strategies":
+        return f"{p.order} {p.steps} steps"
     return f"{p.order} order"
 
 
@@ -156,7 +165,8 @@ def _test_text(params, metrics: list[str], boot: Bootstrap, comparisons: int) ->
         f"Compared: each {par} step count against the {seq} and against the next step count ({native} "
         f"order, cfg {format_cfg(s['cfg_default'])}); each guidance value against cfg "
         f"{format_cfg(s['cfg_default'])} ({par} at {s['steps_default']} steps, and the {seq}); each "
-        f"order against {native} ({par}, {s['steps_default']} steps, cfg {format_cfg(s['cfg_default'])}). "
+        f"order against {native} ({par}, {s['steps_default']} steps, cfg {format_cfg(s['cfg_default'])}); "
+        f"each decoding strategy against {native} at the same step count. "
         f"Metrics: {', '.join(f'`{m}`' for m in metrics)}. A difference b - a exceeds the noise at "
         f"{boot.level:.0%} when |b - a| > {boot.z:.2f} * sqrt(se_a^2 + se_b^2), with each se from {count} "
         f"bootstrap replicates of that point's generated set ({'; '.join(boot.methods)}). This treats the two "
@@ -170,7 +180,8 @@ def _test_text(params, metrics: list[str], boot: Bootstrap, comparisons: int) ->
 def _verdict_lines(rows: list[dict], metrics: list[str], boot: Bootstrap) -> list[str]:
     """One bullet per group and metric: the comparisons that exceed the noise, those within it."""
     lines = []
-    for group, title in (("steps", "Steps"), ("guidance", "Guidance"), ("orders", "Orders")):
+    for group, title in (("steps", "Steps"), ("guidance", "Guidance"), ("orders", "Orders"),
+                         ("strategies", "Strategies")):
         for metric in metrics:
             sel = [r for r in rows if r["group"] == group and r["metric"] == metric]
             if not sel:

@@ -162,11 +162,20 @@ def guidance_sweep(params, points: list[Point]) -> list[Point]:
 
 
 def order_sweep(params, points: list[Point]) -> list[Point]:
-    """Parallel decoders over orders, at the default steps and cfg."""
+    """Parallel decoders over sample.orders, at the default steps and cfg."""
     s = params["sample"]
     rows = [p for p in points if is_parallel(p) and p.point.steps == s["steps_default"]
-            and p.point.cfg == float(s["cfg_default"])]
+            and p.point.cfg == float(s["cfg_default"]) and p.point.order in s["orders"]]
     return sorted(rows, key=lambda p: (list(DECODERS).index(p.point.model), p.point.order))
+
+
+def strategy_sweep(params, points: list[Point]) -> list[Point]:
+    """Parallel decoders over sample.strategies and their native order, at each of
+    sample.strategy_steps and the default cfg."""
+    s = params["sample"]
+    rows = [p for p in points if is_parallel(p) and p.point.cfg == float(s["cfg_default"])
+            and p.point.steps in s["strategy_steps"] and (p.point.order in s["strategies"] or _native(p))]
+    return sorted(rows, key=lambda p: (list(DECODERS).index(p.point.model), p.point.order, p.point.steps))
 
 
 def is_parallel(p: Point) -> bool:

@@ -6,6 +6,7 @@ through `Report`, which records every written path.
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +19,9 @@ from arpg.engine.report.noise import DIFFERENCE_COLUMNS, Bootstrap, bootstrap_of
 from arpg.engine.report.points import (POINT_COLUMNS, Point, csv_row, extractor_of, guidance_sweep,
                                        headline_columns, half_width, interval_columns, md_row, metric_columns,
                                        numeric_leaves, order_sweep, point_of, read_output, read_points,
-                                       step_sweep, suffix, with_interval)
+                                       step_sweep, strategy_sweep, suffix, with_interval)
 from arpg.engine.report.speed import GAIN_COLUMNS, SPEED_COLUMNS, hardware, pareto_front, pareto_pairs, speed_rows
-from arpg.engine.report.text import markdown_kv, markdown_table
+from arpg.engine.report.text import fmt, markdown_kv, markdown_table, signed
 from arpg.errors import ArpgError
 from arpg.paths import format_cfg
 from arpg.utils import atomic_path, atomic_write_text, write_csv
@@ -36,6 +37,7 @@ EXTRACTOR_TEXT = {
 }
 # Files of report.dir that DVC's `plots:` also names (plot_specs).
 FID_CSV, FID_PNG, SPEED_CSV = "fid_vs_steps.csv", "fid_vs_steps.png", "speed.csv"
+STRATEGIES_CSV, STRATEGIES_PNG = "strategies.csv", "quality_vs_steps_strategies.png"
 # Folders of report.dir that hold only what one build copies.
 COPIED_DIRS = ("grids", "gallery")
 
@@ -90,6 +92,7 @@ class Quality:
     sweep: list[Point]  # quality vs steps
     guidance: list[Point]
     orders: list[Point]
+    strategies: list[Point]  # each decoding strategy and the native order at the strategy step counts
 
     @property
     def fid_cols(self) -> list[str]:
@@ -103,7 +106,7 @@ class Quality:
 def read_quality(params) -> Quality:
     points = read_points(params, params.layout)
     return Quality(points, metric_columns(points), bootstrap_of(points), step_sweep(params, points),
-                   guidance_sweep(params, points), order_sweep(params, points))
+                   guidance_sweep(params, points), order_sweep(params, points), strategy_sweep(params, points))
 
 
 def build(params, out_dir: Path | None = None) -> dict[str, Any]:
@@ -169,7 +172,7 @@ def _quality(rep: Report, q: Quality) -> list[str]:
     s = rep.params["sample"]
     csv_cols = POINT_COLUMNS + interval_columns(q.cols, q.points)
     for name, points in (("quality.csv", q.points), (FID_CSV, q.sweep), ("guidance.csv", q.guidance),
-                         ("orders.csv", q.orders)):
+                         ("orders.csv", q.orders), (STRATEGIES_CSV, q.strategies)):
         rep.csv(name, [csv_row(p, q.cols) for p in points], csv_cols)
     if q.fid_cols:
         curves = {col: {model: [(p.point.steps, p.metrics[col], half_width(p, col)) for p in q.sweep
@@ -188,7 +191,73 @@ def _quality(rep: Report, q: Quality) -> list[str]:
             table(q.sweep), f"![FID vs steps]({FID_PNG})\n",
             f"## Guidance scale ({par} at {s['steps_default']} steps, {seq_short})\n", table(q.guidance),
             f"## Generation orders ({par}, {s['steps_default']} steps, cfg {format_cfg(s['cfg_default'])})\n",
-            table(q.orders)]
+            table(q.orders), *_strategies(rep, q, table)]
+
+
+def _strategies(rep: Report, q: Quality, table) -> list[str]:
+    """Decoding strategies against the native order, per step count: table, curves with intervals."""
+    if not q.strategies:
+        return []
+    s = rep.params["sample"]
+    cols = [c for c in q.shown if c.startswith(("accuracy_", "fid_"))]
+    panels = {col: {f"{d.short_label}, {order}": ("o-" if order == d.native_order else "s--",
+                                                  [(p.point.steps, p.metrics[col], half_width(p, col)) for p in rows])
+                    for d, order, rows in _strategy_lines(q.strategies, col)} for col in cols}
+    if any(panels.values()):
+        rep.figure(figures.curves_vs_steps(rep.out / STRATEGIES_PNG, panels, q.boot.level))
+    return [f"## Decoding strategies ({labels(parallel=True)}, cfg {format_cfg(s['cfg_default'])})\n",
+            "Which positions each step decodes, at the same step counts: the random order of the step "
+            "sweep, locality-aware groups (LPD: far from each other, near the decoded tokens), "
+            "confidence-ordered commits (every remaining position queried each step, the most confident "
+            "kept; MaskGIT noise) and region-parallel orders (PAR). Table: "
+            f"`{STRATEGIES_CSV}`; which differences exceed the noise: below.\n",
+            table(q.strategies), f"![quality vs steps per strategy]({STRATEGIES_PNG})\n",
+            *_strategy_findings(q, cols, float(s["cfg_default"]))]
+
+
+def _strategy_findings(q: Quality, cols: list[str], cfg: float) -> list[str]:
+    """Per metric and step count S: the best strategy at S against the native order at 2S (the
+    step sweep's point, same cfg), with the difference's interval: does a strategy halve the steps?"""
+    native = {(p.point.model, p.point.steps): p for p in q.points
+              if p.point.cfg == cfg and p.point.order == DECODERS[p.point.model].native_order}
+    lines = []
+    for col in cols:
+        lower_is_better = col.startswith("fid_")
+        for steps in sorted({p.point.steps for p in q.strategies}):
+            tried = [p for p in q.strategies if p.point.steps == steps and col in p.metrics
+                     and p.point.order != DECODERS[p.point.model].native_order]
+            if not tried:
+                continue
+            best = (min if lower_is_better else max)(tried, key=lambda p: p.metrics[col])
+            ref = native.get((best.point.model, 2 * steps))
+            if ref is None or col not in ref.metrics:
+                continue
+            diff = best.metrics[col] - ref.metrics[col]
+            bands = best.band(col), ref.band(col)
+            if q.boot.on and None not in bands:
+                half = q.boot.z * math.hypot(bands[0][0], bands[1][0])
+                better = diff < -half if lower_is_better else diff > half
+                worse = diff > half if lower_is_better else diff < -half
+                verdict = ("better, beyond the noise" if better else "worse, beyond the noise" if worse
+                           else "as good within the noise")
+                interval = f" ({q.boot.level:.0%} interval of the difference [{fmt(diff - half)}, {fmt(diff + half)}])"
+            else:
+                verdict, interval = "compared without an interval", ""
+            lines.append(f"- `{col}`: at {steps} steps the best strategy, {best.point.order}, gives "
+                         f"{with_interval(best, col)} against {with_interval(ref, col)} for the "
+                         f"{ref.point.order} order at {2 * steps} steps: {signed(diff)}{interval}, {verdict}.")
+    return ["Does a strategy halve the steps? The best strategy at each step count against the "
+            "native order at twice the steps:\n", *lines, ""] if lines else []
+
+
+def _strategy_lines(points: list[Point], col: str):
+    """(decoder, order, its points by steps) per decoder and order that has `col`."""
+    groups: dict[tuple[str, str], list[Point]] = {}
+    for p in points:
+        if col in p.metrics:
+            groups.setdefault((p.point.model, p.point.order), []).append(p)
+    return [(DECODERS[model], order, sorted(rows, key=lambda p: p.point.steps))
+            for (model, order), rows in groups.items()]
 
 
 def _noise(rep: Report, q: Quality) -> list[str]:
