@@ -105,9 +105,6 @@ class ARPGCache(KVCache):
 
 
 class ARPG(nn.Module):
-    KIND = "arpg"  # the network kind a size of arpg/sizes.py names (and a checkpoint's "kind")
-    Config = ARPGConfig
-
     def __init__(self, config: ARPGConfig, generator: torch.Generator | None = None):
         super().__init__()
         self.config = cfg = config

@@ -100,9 +100,9 @@ def load_generator(
             raise CheckpointError(f"{path} holds {obj.get('name')!r}, not {name!r}; fix the model name")
         if obj["kind"] not in NETWORKS:
             raise CheckpointError(f"{path}: unknown model kind {obj['kind']!r} (expected one of {', '.join(NETWORKS)})")
-        cls = NETWORKS[obj["kind"]]
+        net = NETWORKS[obj["kind"]]
         with torch.device("meta"):  # shapes only; real tensors come from the checkpoint
-            model = cls(cls.Config(**config))
+            model = net.model(net.config(**config))
     else:
         if name is None:
             raise CheckpointError(
@@ -111,7 +111,7 @@ def load_generator(
             )
         if grid_size is None:
             raise CheckpointError(f"{path}: released checkpoints need grid_size (16 for ImageNet 256x256)")
-        inferred_v, inferred_c = NETWORKS[model_kind(name)].token_space(sd)
+        inferred_v, inferred_c = NETWORKS[model_kind(name)].model.token_space(sd)
         V = codebook_size if codebook_size is not None else inferred_v
         C = num_classes if num_classes is not None else inferred_c
         if V is None or C is None:

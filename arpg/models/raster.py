@@ -65,9 +65,6 @@ class RasterCache(KVCache):
 
 
 class RasterGPT(nn.Module):
-    KIND = "raster"  # the network kind a size of arpg/sizes.py names (and a checkpoint's "kind")
-    Config = RasterConfig
-
     def __init__(self, config: RasterConfig, generator: torch.Generator | None = None):
         super().__init__()
         self.config = cfg = config

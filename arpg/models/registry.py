@@ -6,39 +6,48 @@ on the same backbone. Token grid, codebook size and class count come from the da
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
 import torch.nn as nn
 
 from arpg.errors import ArpgError
-from arpg.models.arpg import ARPG
-from arpg.models.raster import RasterGPT
+from arpg.models.arpg import ARPG, ARPGConfig
+from arpg.models.raster import RasterConfig, RasterGPT
 from arpg.sizes import SIZES  # the named sizes live in a torch-free module: the params schema lists them
 
 
-# network kind -> its class (KIND, Config, token_space); a size of arpg/sizes.py names its kind
-NETWORKS: dict[str, type[nn.Module]] = {cls.KIND: cls for cls in (ARPG, RasterGPT)}
+@dataclass(frozen=True)
+class Network:
+    """A network kind: its module (with token_space(state_dict)) and its config dataclass."""
+
+    model: type[nn.Module]
+    config: type
 
 
-def network(kind: str) -> type[nn.Module]:
+# network kind -> Network; a size of arpg/sizes.py names its kind, and a checkpoint stores it
+NETWORKS: dict[str, Network] = {"arpg": Network(ARPG, ARPGConfig), "raster": Network(RasterGPT, RasterConfig)}
+
+
+def network(kind: str) -> Network:
     if kind not in NETWORKS:
         raise ArpgError(f"unknown model kind {kind!r}; known: {', '.join(NETWORKS)} (arpg/models/registry.py)")
     return NETWORKS[kind]
 
 
 def kind_of(model: nn.Module) -> str:
-    """The network kind of a built model (its class's KIND)."""
-    for kind, cls in NETWORKS.items():
-        if isinstance(model, cls):
+    """The network kind of a built model."""
+    for kind, net in NETWORKS.items():
+        if isinstance(model, net.model):
             return kind
     raise ArpgError(f"{type(model).__name__} is none of the networks {', '.join(NETWORKS)} (arpg/models/registry.py)")
 
 
 def _build(kind: str, size: dict, **kwargs) -> nn.Module:
     generator = kwargs.pop("generator", None)
-    cls = network(kind)
-    return cls(cls.Config(**size, **kwargs), generator=generator)
+    net = network(kind)
+    return net.model(net.config(**size, **kwargs), generator=generator)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -65,7 +74,7 @@ def build_model(name: str, *, codebook_size: int, num_classes: int, grid_size: i
     (e.g. dropouts) and `generator=` seeds the init from a dedicated stream."""
     _check_name(name)
     kind, size = SIZES[name]
-    known = set(network(kind).Config.__dataclass_fields__) | {"generator"}
+    known = set(network(kind).config.__dataclass_fields__) | {"generator"}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ArpgError(f"{name}: unknown config field(s) {unknown}; valid: {sorted(known)}")
