@@ -112,6 +112,28 @@ def test_resolution_expansion_keeps_lattice_and_extends_rope(arpg):
     assert arpg.rope_tables(6, torch.device("cpu"))[0].shape[0] == 37
 
 
+def test_interpolated_expansion_keeps_the_images_tokens_at_their_trained_angles(arpg):
+    vq = VQModel(VQConfig(in_channels=1, base_channels=32, channel_mult=(1, 2), num_res_blocks=1, z_channels=32,
+                          codebook_size=CODES, codebook_dim=4, norm_groups=8)).eval()
+    images = torch.rand(2, 1, GRID * 2, GRID * 2, generator=make_generator(5)) * 2 - 1
+    out, big = Z.expand_resolution(arpg, vq, images, torch.tensor([1, 2]), expand_to=2 * GRID, sampler=SAMPLER,
+                                   generator=make_generator(6), method="interpolate")
+    assert out.tokens_Bhw.shape == (2, 8, 8) and big.shape == (2, 1, 16, 16)
+    with torch.inference_mode():
+        original = vq.encode(images)  # [2, 4, 4]: not the up-scaled image's tokens
+    assert torch.equal(out.tokens_Bhw[:, ::2, ::2], original) and out.known_kept
+    assert int(out.known_hw.sum()) == GRID * GRID
+    # positions scaled by 1/2: cell (2r, 2c) of the 8x8 table has exactly the angles of (r, c) of the 4x4 one
+    cos8, sin8 = arpg.rope_tables(8, torch.device("cpu"), 0.5)
+    cos4, sin4 = arpg.rope_tables(4, torch.device("cpu"))
+    even = torch.tensor([2 * r * 8 + 2 * c for r in range(4) for c in range(4)])
+    assert torch.equal(cos8[1 + even], cos4[1:]) and torch.equal(sin8[1 + even], sin4[1:])
+    assert torch.equal(cos8[0], cos4[0])  # the class slot keeps its own angles
+    with pytest.raises(ArpgError, match="multiple of the training grid"):
+        Z.expand_resolution(arpg, vq, images, torch.tensor([1, 2]), expand_to=6, sampler=SAMPLER,
+                            generator=make_generator(6), method="interpolate")
+
+
 def test_gallery_command(params_file):
     import json
 
@@ -132,6 +154,14 @@ def test_gallery_command(params_file):
         side = grid * 2  # tokenizer downsampling 2
         # rows: 2 images; columns: input, mask, 2 outputs
         assert Image.open(layout.gallery_image(task)).size == ((2 + 2) * side, 2 * side)
+    assert "up-scaled" in doc["tasks"]["resolution-expansion"]["context"]
+
+    interpolated = make_tiny_study(params_file, **{"tracking.enabled": False, "gallery.expansion": "interpolate",
+                                                   "gallery.expand_to": 8, "gallery.tasks": ["resolution-expansion"]})
+    assert main(["gallery", "--params", str(interpolated.path)]) == 0
+    entry = json.loads(interpolated.layout.gallery_json.read_text())["tasks"]["resolution-expansion"]
+    assert entry["token_grid"] == 8 and entry["known_tokens"] == 16 and entry["known_tokens_kept"]
+    assert "scaled by 1/k" in entry["context"]
 
 
 def test_pick_images_cycles_classes():

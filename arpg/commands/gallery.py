@@ -14,6 +14,13 @@ import numpy as np
 import torch
 
 
+EXPANSION_CONTEXT = {
+    "extend": "tokens of the bicubic up-scaled image on a lattice with one token per training-grid cell",
+    "interpolate": "the image's own tokens at cells (k r, k c) of a grid k times the training grid, RoPE "
+                   "positions scaled by 1/k (their trained angles)",
+}
+
+
 def configure(parser) -> None:
     parser.epilog = "Tasks, image count, steps, guidance and expansion size come from the `gallery:` section."
 
@@ -75,7 +82,7 @@ def _gallery(params, device) -> None:
     with stage_run(params, "gallery", run_params=run_params) as run:
         for t, task in enumerate(gal["tasks"]):
             result = run_task(task, model, tokenizer, images_BCHW, labels_B, samples=gal["samples"],
-                              expand_to=gal["expand_to"], sampler=sampler,
+                              expand_to=gal["expand_to"], sampler=sampler, expansion=gal["expansion"],
                               generator=make_generator(derive_seed(params["seed"], t), device))
             atomic_save_png(panel(result), layout.gallery_image(task))
             grid = result["grid"]
@@ -85,8 +92,7 @@ def _gallery(params, device) -> None:
                 "generated_tokens": grid * grid - result["known"], "known_tokens_kept": result["known_kept"],
                 "context": {"inpainting": "every token outside the centre square (half the side)",
                             "outpainting": "the centre square (half the side); everything around it generated",
-                            "resolution-expansion": "tokens of the bicubic up-scaled image on a lattice with one "
-                                                    "token per training-grid cell"}[task],
+                            "resolution-expansion": EXPANSION_CONTEXT[gal["expansion"]]}[task],
             }
             run.log_metrics({f"{task}_known_tokens_kept": float(result["known_kept"])})
             run.log_artifact(layout.gallery_image(task))

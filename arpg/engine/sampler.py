@@ -251,7 +251,7 @@ def generate_arpg(model, labels_B: torch.Tensor, *, steps: int, cfg: float = 1.0
                   schedule: str = "arccos", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   order: str | torch.Tensor = "random", generator: torch.Generator,
                   context: Context | None = None, grid_size: int | None = None,
-                  return_orders: bool = False, confidence_noise: float = 4.5):
+                  return_orders: bool = False, confidence_noise: float = 4.5, rope_scale: float = 1.0):
     """Decode token grids with randomized parallel decoding -> tokens [B, N] in raster order.
 
     The keyword defaults are the release's generate() (arccos, linear guidance), kept so release-parity
@@ -261,7 +261,8 @@ def generate_arpg(model, labels_B: torch.Tensor, *, steps: int, cfg: float = 1.0
     the tokens sampled in the step before and queries only this step's target
     positions. With cfg > 1 the batch is doubled [cond; null class] and both
     halves receive the same tokens. `grid_size` > the model's grid decodes a
-    larger grid (RoPE extended; resolution expansion). With `return_orders`,
+    larger grid (resolution expansion): RoPE extended past the trained positions, or with
+    `rope_scale` < 1 interpolated into them (layers.rope_2d). With `return_orders`,
     also returns the decoding orders [B, N] (context positions first).
     order "locality" builds each step's group from the step counts; "confidence" queries every
     remaining position each step and commits the k most confident draws (Gumbel noise of scale
@@ -301,7 +302,8 @@ def generate_arpg(model, labels_B: torch.Tensor, *, steps: int, cfg: float = 1.0
         orders_BN = locality_orders(counts, side, side, B, generator, known).to(device)  # [B, N]
 
     # class + every token ever fed (the last step's tokens never are): allocated once, written in place
-    cache = model.new_cache(B * copies, max_context=1 + N - counts[-1], grid_size=side, device=device)
+    cache = model.new_cache(B * copies, max_context=1 + N - counts[-1], grid_size=side, device=device,
+                            rope_scale=rope_scale)
     feed_ids = _class_ids(model, labels_B, guided)[:, None]  # [cB, 1]
     feed_pos = torch.full_like(feed_ids, -1)  # [cB, 1]: the class slot
     if n_known:

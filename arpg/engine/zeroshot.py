@@ -6,10 +6,14 @@ random parallel steps. Known tokens are copied through untouched.
 
   inpainting            unknown = a region (default: the centre square, half the side)
   outpainting           known = a region (default: the same centre square), the rest is generated
-  resolution expansion  a grid larger than the training grid (RoPE tables extended); the
-                        up-scaled image's tokens are the context on a lattice with the training
-                        grid's density (one known token per original token cell), the positions
-                        between them are generated.
+  resolution expansion  a grid larger than the training grid, two ways (gallery.expansion):
+                        extend: RoPE tables extended past the trained positions; the up-scaled
+                          image's tokens are the context on a lattice with the training grid's
+                          density (one known token per original token cell);
+                        interpolate: a grid k times the training grid (k an integer) whose RoPE
+                          positions are scaled by 1/k (position interpolation), the original
+                          image's own tokens at cells (k r, k c), i.e. at exactly their trained
+                          angles; the cells between (fractional angles) are generated.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from arpg.engine.sampler import Context, SamplerConfig, generate_arpg
 from arpg.errors import ArpgError
 
 TASKS = ("inpainting", "outpainting", "resolution-expansion")
+EXPANSIONS = ("extend", "interpolate")
 
 
 def centre_box(side: int, frac: float = 0.5) -> torch.Tensor:
@@ -60,8 +65,9 @@ class Completion:
 
 
 def complete(model, tokens_Bhw: torch.Tensor, known_hw: torch.Tensor, labels_B: torch.Tensor, *,
-             sampler: SamplerConfig, generator: torch.Generator) -> Completion:
-    """Keep the tokens where `known_hw` is True, generate the others (random order, parallel steps)."""
+             sampler: SamplerConfig, generator: torch.Generator, rope_scale: float = 1.0) -> Completion:
+    """Keep the tokens where `known_hw` is True, generate the others (random order, parallel steps;
+    rope_scale: the grid's RoPE position scale, see layers.rope_2d)."""
     B, h, w = tokens_Bhw.shape
     if h != w or known_hw.shape != (h, w):
         raise ArpgError(f"zero-shot grids must be square with a matching mask; got tokens {tuple(tokens_Bhw.shape)}, "
@@ -73,7 +79,7 @@ def complete(model, tokens_Bhw: torch.Tensor, known_hw: torch.Tensor, labels_B: 
     out_BN = generate_arpg(model, labels_B, steps=steps, cfg=sampler.cfg, cfg_schedule=sampler.cfg_schedule,
                            schedule=sampler.schedule, temperature=sampler.temperature, top_k=sampler.top_k,
                            top_p=sampler.top_p, order="random", generator=generator, context=context,
-                           grid_size=h, confidence_noise=sampler.confidence_noise)  # [B, N]
+                           grid_size=h, confidence_noise=sampler.confidence_noise, rope_scale=rope_scale)
     return Completion(out_BN.view(B, h, w), tokens_Bhw, known_hw)
 
 
@@ -98,17 +104,32 @@ def upscale(images_BCHW: torch.Tensor, size: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def expand_resolution(model, tokenizer, images_BCHW: torch.Tensor, labels_B: torch.Tensor, *, expand_to: int,
-                      sampler: SamplerConfig, generator: torch.Generator) -> tuple[Completion, torch.Tensor]:
-    """Generate on an expand_to x expand_to token grid from an up-scaled image.
+                      sampler: SamplerConfig, generator: torch.Generator,
+                      method: str = "extend") -> tuple[Completion, torch.Tensor]:
+    """Generate on an expand_to x expand_to token grid from an image (`method`: see the module doc).
 
-    Returns the completion and the up-scaled input images [B, C, expand_to*f, expand_to*f].
+    Returns the completion and the bicubic up-scaled input images [B, C, expand_to*f, expand_to*f].
     """
     side = model.config.grid_size
     f = tokenizer.config.downsample
     big_BCHW = upscale(images_BCHW, expand_to * f)  # [B, C, E*f, E*f]
-    context_BEE = tokenizer.encode(big_BCHW)  # [B, E, E]
-    completion = complete(model, context_BEE, lattice(side, expand_to), labels_B,
-                          sampler=sampler, generator=generator)
+    if method == "extend":
+        completion = complete(model, tokenizer.encode(big_BCHW), lattice(side, expand_to), labels_B,
+                              sampler=sampler, generator=generator)
+    elif method == "interpolate":
+        if expand_to % side:
+            raise ArpgError(f"expansion 'interpolate' needs gallery.expand_to a multiple of the training grid "
+                            f"{side} (got {expand_to}); use {2 * side} or set gallery.expansion: extend")
+        k = expand_to // side
+        context_BEE = torch.zeros(images_BCHW.shape[0], expand_to, expand_to, dtype=torch.long,
+                                  device=images_BCHW.device)
+        context_BEE[:, ::k, ::k] = tokenizer.encode(images_BCHW)  # the image's own tokens, at (k r, k c)
+        known_EE = torch.zeros(expand_to, expand_to, dtype=torch.bool)
+        known_EE[::k, ::k] = True
+        completion = complete(model, context_BEE, known_EE, labels_B, sampler=sampler, generator=generator,
+                              rope_scale=1 / k)
+    else:
+        raise ArpgError(f"unknown expansion {method!r}; use one of {', '.join(EXPANSIONS)}")
     return completion, big_BCHW
 
 
@@ -142,7 +163,8 @@ def shade_unknown(images_BCHW: torch.Tensor, known_hw: torch.Tensor) -> torch.Te
 
 @torch.inference_mode()
 def run_task(task: str, model, tokenizer, images_BCHW: torch.Tensor, labels_B: torch.Tensor, *,
-             samples: int, expand_to: int, sampler: SamplerConfig, generator: torch.Generator) -> dict:
+             samples: int, expand_to: int, sampler: SamplerConfig, generator: torch.Generator,
+             expansion: str = "extend") -> dict:
     """One task on B images, `samples` draws each -> tensors for the panel and a summary.
 
     Returns {"input", "mask", "outputs" [B, S, C, H, W] in [-1, 1], "known_kept", "known", "grid"}.
@@ -152,7 +174,7 @@ def run_task(task: str, model, tokenizer, images_BCHW: torch.Tensor, labels_B: t
     images_XCHW = images_BCHW.repeat_interleave(samples, 0)  # [B*S, C, H, W]
     if task == "resolution-expansion":
         completion, big_XCHW = expand_resolution(model, tokenizer, images_XCHW, labels_X, expand_to=expand_to,
-                                                 sampler=sampler, generator=generator)
+                                                 sampler=sampler, generator=generator, method=expansion)
         inputs_BCHW = big_XCHW[::samples]  # the up-scaled input, once per image
     elif task in ("inpainting", "outpainting"):
         inputs_BCHW = images_BCHW

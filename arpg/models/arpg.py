@@ -175,12 +175,14 @@ class ARPG(nn.Module):
         return F.cross_entropy(logits_BNV.flatten(0, 1), targets_BN.flatten())
 
     # ---- incremental decoding -----------------------------------------------------------------
-    def new_cache(self, batch_size: int, max_context: int, grid_size: int | None = None, device=None, dtype=None):
-        """Allocate the whole cache once. grid_size: RoPE grid (default: the training grid)."""
+    def new_cache(self, batch_size: int, max_context: int, grid_size: int | None = None, device=None, dtype=None,
+                  rope_scale: float = 1.0):
+        """Allocate the whole cache once. grid_size: RoPE grid (default: the training grid);
+        rope_scale: its positions' scale (layers.rope_2d; 1 / k interpolates a k-times larger grid)."""
         cfg = self.config
         device, dtype = cache_placement(self.head.weight, device, dtype)
         grid = cfg.grid_size if grid_size is None else int(grid_size)
-        cos, sin = self.rope_tables(grid, device)
+        cos, sin = self.rope_tables(grid, device, rope_scale)
         shape = (batch_size, cfg.n_heads, max_context, cfg.head_dim)
         return ARPGCache(
             k=torch.empty((cfg.n_self_layers, *shape), device=device, dtype=dtype),

@@ -108,8 +108,12 @@ class PreNormBlock(nn.Module):
 
 
 def rope_2d(grid_h: int, grid_w: int, head_dim: int, base: float = 10000.0,
-            class_rope: str = "zero") -> tuple[torch.Tensor, torch.Tensor]:
+            class_rope: str = "zero", scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables [1 + grid_h * grid_w, head_dim // 2] (fp32).
+
+    scale: row and column indices are multiplied by it (position interpolation: a grid k times the
+    training grid with scale 1/k keeps every angle in the trained range, cell (k r, k c) at exactly
+    the angles of trained cell (r, c)); the class slot keeps its own angles.
 
     Pairs 0 .. head_dim/4 - 1 rotate with the row index, the rest with the column index, each half
     over head_dim/4 frequencies base^(-2j / (head_dim/2)). Row 0 is the class slot: all zeros for
@@ -123,8 +127,8 @@ def rope_2d(grid_h: int, grid_w: int, head_dim: int, base: float = 10000.0,
         raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
     half = head_dim // 2
     freqs_F = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.float32)[: half // 2] / half))  # [hd/4]
-    rows_R = torch.arange(grid_h, dtype=torch.float32)
-    cols_W = torch.arange(grid_w, dtype=torch.float32)
+    rows_R = torch.arange(grid_h, dtype=torch.float64).mul(scale).float()
+    cols_W = torch.arange(grid_w, dtype=torch.float64).mul(scale).float()
     ang_row_RF = torch.outer(rows_R, freqs_F)  # [H, hd/4]
     ang_col_WF = torch.outer(cols_W, freqs_F)  # [W, hd/4]
     ang_HWK = torch.cat(
@@ -170,19 +174,19 @@ def cache_placement(weight: torch.Tensor, device=None, dtype=None) -> tuple[torc
 
 
 class RopeTables:
-    """fp32 (cos, sin) of a square grid, memoised per (grid, device): an explicit cache beside the
-    model, kept out of its state dict and out of .to(dtype) (released weights carry no table;
-    bf16 angles would lose precision)."""
+    """fp32 (cos, sin) of a square grid, memoised per (grid, device, position scale): an explicit
+    cache beside the model, kept out of its state dict and out of .to(dtype) (released weights carry
+    no table; bf16 angles would lose precision)."""
 
     def __init__(self, cfg: BackboneConfig):
         self.cfg = cfg
-        self._tables: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[tuple[int, str, float], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, grid_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (int(grid_size), str(device))
+    def __call__(self, grid_size: int, device, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (int(grid_size), str(device), float(scale))
         if key not in self._tables:
             cfg = self.cfg
-            cos, sin = rope_2d(grid_size, grid_size, cfg.head_dim, cfg.rope_base, cfg.class_rope)
+            cos, sin = rope_2d(grid_size, grid_size, cfg.head_dim, cfg.rope_base, cfg.class_rope, scale)
             self._tables[key] = (cos.to(device), sin.to(device))
         return self._tables[key]
 
