@@ -57,7 +57,9 @@ def _speedup_pair() -> str:
 
 
 def _ok_rows(doc: Mapping) -> list[dict]:
-    return [r for r in doc["rows"] if r["status"] == "ok"]
+    """Measured rows in each decoder's own order (the strategies' rows go to the quality vs speed plot)."""
+    return [r for r in doc["rows"] if r["status"] == "ok"
+            and r.get("order", DECODERS[r["kind"]].native_order) == DECODERS[r["kind"]].native_order]
 
 
 def _models(doc: Mapping) -> list[str]:
@@ -179,20 +181,23 @@ def curves_vs_steps(path: Path, panels: Mapping[str, Mapping[str, tuple[str, Cur
 
 def fid_vs_throughput(path: Path, pairs: list[dict], front: list[dict], fid_col: str) -> Path:
     """FID against images/s of the study models (pairs: rows with `img_s`, `fid_col`, its `_lo` / `_hi`,
-    `model`, `steps`, `batch`), each point labelled with its steps, and the Pareto front dotted."""
+    `model`, `order`, `steps`, `batch`), one series per decoder and order (decoding strategies as
+    triangles), each point labelled with its steps, and the Pareto front dotted."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for model, marker in ((d.name, "o" if d.parallel else "s") for d in DECODERS.values()):
-        pts = [p for p in pairs if p["model"] == model]
-        if not pts:
-            continue
-        halves = [None if p.get(f"{fid_col}_lo") is None else (p[f"{fid_col}_hi"] - p[f"{fid_col}_lo"]) / 2
-                  for p in pts]
-        ax.errorbar([p["img_s"] for p in pts], [p[fid_col] for p in pts], yerr=_yerr(halves), fmt=marker,
-                    capsize=3, label=model)
-        for p in pts:
-            ax.annotate(str(p["steps"]), (p["img_s"], p[fid_col]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+    series = list(dict.fromkeys((p["model"], p["order"]) for p in pairs))
+    for d in DECODERS.values():  # each decoder in its own order first, then its strategies
+        for model, order in sorted((s for s in series if s[0] == d.name), key=lambda s: s[1] != d.native_order):
+            pts = [p for p in pairs if (p["model"], p["order"]) == (model, order)]
+            halves = [None if p.get(f"{fid_col}_lo") is None else (p[f"{fid_col}_hi"] - p[f"{fid_col}_lo"]) / 2
+                      for p in pts]
+            native = order == d.native_order
+            ax.errorbar([p["img_s"] for p in pts], [p[fid_col] for p in pts], yerr=_yerr(halves),
+                        fmt=("o" if d.parallel else "s") if native else "^", capsize=3,
+                        label=model if native else f"{model}, {order}")
+            for p in pts:
+                ax.annotate(str(p["steps"]), (p["img_s"], p[fid_col]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
     if front:
         ax.plot([p["img_s"] for p in front], [p[fid_col] for p in front], "k:", label="Pareto front")
     ax.set_xscale("log")

@@ -299,10 +299,11 @@ def _profile(ctx: _Ctx, w) -> Job:
     params, lay = ctx.params, ctx.layout
     prof = params["profile"]
     inputs = ()
-    keys = _keys("device", "profile", DECODING_KEYS, "seed")
-    if "default" in prof["models"]:  # the study's own models (+ tokenizer, end-to-end) are timed too
+    keys = _keys("device", "profile", DECODING_KEYS, "sample.confidence_noise", "seed")
+    if "default" in prof["models"]:  # the study's own models (+ tokenizer, end-to-end, strategies) are timed too
         inputs = (*(_s(lay.model_checkpoint(m)) for m in DECODERS), _s(lay.tokenizer_checkpoint))
-        keys += _keys(TOKEN_SPACE_KEYS, *(f"train.{d.model_key}" for d in DECODERS.values()))
+        keys += _keys(TOKEN_SPACE_KEYS, *(f"train.{d.model_key}" for d in DECODERS.values()),
+                      "sample.strategies", "sample.strategy_steps")
     return Job("profile", {}, ("profile",), inputs, (_s(lay.profile_csv), _s(lay.profile_json)), keys,
                threads=prof["threads"], gpus=_gpus(params), log=_log(ctx, "profile", w, ()))
 

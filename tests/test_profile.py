@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from arpg.config import load_params
+from arpg.decoders import DECODERS
 from arpg.engine import profile as P
 from arpg.engine.profile import child
 from arpg.errors import ArpgError
@@ -20,13 +21,16 @@ from arpg.utils import make_generator
 
 TINY = dict(model="ARPG-T", kind="arpg", net="ARPG-T", checkpoint=None, tokenizer=None, codebook_size=64,
             num_classes=10, grid=4, steps=4, batch=1, cfg=4.0, schedule="arccos", cfg_schedule="linear",
-            temperature=1.0, top_k=0, top_p=1.0, repeats=2, warmup=1, threads=1, omp_wait_policy="passive",
+            temperature=1.0, top_k=0, top_p=1.0, confidence_noise=4.5, repeats=2, warmup=1, threads=1,
+            omp_wait_policy="passive",
             device="cpu",
             precision="fp32", compile=False, max_seconds=60.0, seed=0)
 
 
 def tiny(**changes) -> P.RunSpec:
-    return P.RunSpec(**{**TINY, **changes})
+    """TINY with changes; the order defaults to the decoder's own."""
+    spec = {**TINY, **changes}
+    return P.RunSpec(**{"order": DECODERS[spec["kind"]].native_order, **spec})
 
 
 def _reference_kv_bytes(name: str, batch: int, tokens: int, itemsize: int = 4) -> int:
@@ -99,7 +103,8 @@ def _default_study(tmp_path, params_file):
         "tokenizer.codebook_size": 64, "data.resolution": 8, "sample.steps": [2, 4], "sample.steps_default": 2,
         "train.arpg_model": "ARPG-T", "train.raster_model": "LlamaGen-T",
         "profile.models": ["default"], "profile.steps": [2, 4], "profile.batch_sizes": [1],
-        "profile.overrides": [], "profile.repeats": 2, "profile.warmup": 1, "profile.threads": 1})
+        "profile.overrides": [], "profile.repeats": 2, "profile.warmup": 1, "profile.threads": 1,
+        "sample.strategies": ["locality", "confidence"], "sample.strategy_steps": [2]})
     params = load_params(path)
     layout = params.layout
     for kind, name in (("arpg", "ARPG-T"), ("raster", "LlamaGen-T")):
@@ -114,8 +119,9 @@ def _default_study(tmp_path, params_file):
 def test_default_models_end_to_end_outputs(tmp_path, params_file):
     params = _default_study(tmp_path, params_file)
     specs = P.plan(params)
-    assert [(s.kind, s.steps, s.grid, s.net) for s in specs] == [
-        ("arpg", 2, 4, "ARPG-T"), ("arpg", 4, 4, "ARPG-T"), ("raster", 16, 4, "LlamaGen-T")]
+    assert [(s.kind, s.steps, s.order, s.grid, s.net) for s in specs] == [
+        ("arpg", 2, "random", 4, "ARPG-T"), ("arpg", 4, "random", 4, "ARPG-T"), ("arpg", 2, "locality", 4, "ARPG-T"),
+        ("arpg", 2, "confidence", 4, "ARPG-T"), ("raster", 16, "raster", 4, "LlamaGen-T")]
     rows = P.run_profile(specs, isolate=False, log=lambda _: None)
     for row in rows:  # decoding with the tokenizer makes end to end slower than generation alone
         assert row["status"] == "ok" and row["e2e_s_median"] > row["gen_s_median"] > 0
@@ -123,7 +129,10 @@ def test_default_models_end_to_end_outputs(tmp_path, params_file):
     doc = P.write_outputs(rows, layout.profile_csv, layout.profile_json, P.environment())
     with open(layout.profile_csv) as fh:
         table = list(csv.DictReader(fh))
-    assert list(table[0]) == P.CSV_COLUMNS and len(table) == 3
+    assert list(table[0]) == P.CSV_COLUMNS and len(table) == 5
+    assert [r["order"] for r in table] == ["random", "random", "locality", "confidence", "raster"]
+    assert [(g["steps"], g["decoder"]) for g in doc["speedups"]] == [(2, "arpg"), (4, "arpg")]  # own order only
+    assert "img_s.default.arpg.b1.s2.confidence" in P.metrics(doc) and "img_s.default.arpg.b1.s2" in P.metrics(doc)
     assert float(table[0]["e2e_img_s_median"]) == pytest.approx(rows[0]["e2e_img_s_median"])
     stored = json.loads(layout.profile_json.read_text())
     assert set(stored) == {"meta", "rows", "speedups", "reference"}

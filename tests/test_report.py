@@ -35,6 +35,8 @@ def _fid(model, steps, cfg, order):
 PROFILE_ROWS = [  # study models at the sampled step counts (batch 4), plus a raster row at 64 tokens
     {"model": "default", "kind": "arpg", "net": "ARPG-T", "steps": 2, "batch": 4, "gen_img_s_median": 40.0},
     {"model": "default", "kind": "arpg", "net": "ARPG-T", "steps": 4, "batch": 4, "gen_img_s_median": 25.0},
+    {"model": "default", "kind": "arpg", "net": "ARPG-T", "steps": 2, "order": "locality", "batch": 4,
+     "gen_img_s_median": 36.0},  # a decoding strategy's cost, beside its quality
     {"model": "default", "kind": "raster", "net": "LlamaGen-T", "steps": 64, "batch": 4, "gen_img_s_median": 2.5},
 ]
 
@@ -123,15 +125,17 @@ def test_tables_hold_the_stage_numbers(study):
         ("arpg", 2, "random"), ("arpg", 4, "random"), ("raster", 64, "raster")]
     assert [r["order"] for r in _csv(out / "orders.csv")] == ["random", "raster"]
     speed = _csv(out / "speed.csv")
-    assert [float(r["img_s"]) for r in speed] == [40.0, 25.0, 2.5]
+    assert [(float(r["img_s"]), r["order"]) for r in speed] == [(40.0, "random"), (25.0, "random"),
+                                                                 (36.0, "locality"), (2.5, "raster")]
     assert float(speed[0]["peak_mem_mib"]) == 10.0
     assert float(_csv(out / "speedups.csv")[0]["speedup_gen"]) == 10.0
     assert float(_csv(out / "tokenizer.csv")[0]["psnr"]) == 21.5
     assert float(_csv(out / "classifier.csv")[0]["test_accuracy"]) == 0.81
     assert [float(r["final_loss"]) for r in _csv(out / "training.csv")] == [3.25, 3.5]
     pareto = _csv(out / "pareto.csv")  # FID joined with the study models' img/s at the same steps
-    assert {(r["model"], int(r["steps"]), float(r["img_s"])) for r in pareto} == {
-        ("arpg", 2, 40.0), ("arpg", 4, 25.0), ("raster", 64, 2.5)}
+    assert {(r["model"], int(r["steps"]), r["order"], float(r["img_s"])) for r in pareto} == {
+        ("arpg", 2, "random", 40.0), ("arpg", 4, "random", 25.0), ("arpg", 2, "locality", 36.0),
+        ("raster", 64, "raster", 2.5)}
     extractors = {r["metric"]: r["extractor"] for r in _csv(out / "metric_extractors.csv")}
     assert extractors == {"fid_classifier": "classifier", "is_classifier": "classifier",
                           "accuracy_classifier": "classifier"}
@@ -247,7 +251,7 @@ def test_intervals_in_tables_plots_and_the_noise_section(study, monkeypatch):
 
     arpg_bars, raster_bars = [(51.02, 52.98), (26.02, 27.98)], [(-32.14, 46.26)]  # FID -+ 1.96 se
     assert bars["fid_vs_steps.png"] == [[arpg_bars, raster_bars]]  # one FID column: one axis
-    assert bars["fid_vs_throughput.png"] == [[arpg_bars, raster_bars]]
+    assert bars["fid_vs_throughput.png"] == [[arpg_bars, [(51.52, 53.48)], raster_bars]]  # + locality, 2 steps
     # strategies at 2 steps (FID 52.5 +- 0.98) beside the random order (52 +- 0.98), one line each
     strategy = [(51.52, 53.48)]
     assert [strategy, strategy, [(51.02, 52.98)], strategy] in bars["quality_vs_steps_strategies.png"]

@@ -204,7 +204,8 @@ def _sampler(spec: RunSpec) -> Callable:
     decoder = DECODERS[spec.kind]
     if decoder.parallel:
         return lambda model, labels_B, gen: generate_arpg(model, labels_B, steps=spec.steps,
-                                                          schedule=spec.schedule, order=decoder.native_order,
+                                                          schedule=spec.schedule, order=spec.order,
+                                                          confidence_noise=spec.confidence_noise,
                                                           generator=gen, **common)
     return lambda model, labels_B, gen: generate_raster(model, labels_B, generator=gen, **common)
 
@@ -228,7 +229,7 @@ def base_row(spec: RunSpec) -> dict:
     import torch
 
     return {"model": spec.model, "net": spec.net, "kind": spec.kind, "grid": spec.grid, "tokens": spec.tokens,
-            "steps": spec.steps, "batch": spec.batch, "cfg": spec.cfg, "repeats": spec.repeats,
+            "steps": spec.steps, "order": spec.order, "batch": spec.batch, "cfg": spec.cfg, "repeats": spec.repeats,
             "warmup": spec.warmup, "threads": spec.threads, "precision": spec.precision,
             "compile": spec.compile, "torch": torch.__version__, "cpu": cpu_name(),
             # Shared machines: busy cores (and OpenMP spin-waiting under contention) slow small kernels a lot.

@@ -29,6 +29,7 @@ class RunSpec:
     num_classes: int
     grid: int
     steps: int              # decoding steps; a sequential decoder: grid * grid (one token per step)
+    order: str              # the order or decoding strategy (a sequential decoder: its native order)
     batch: int
     cfg: float
     schedule: str
@@ -36,6 +37,7 @@ class RunSpec:
     temperature: float
     top_k: int
     top_p: float
+    confidence_noise: float
     repeats: int
     warmup: int
     threads: int
@@ -51,7 +53,8 @@ class RunSpec:
         return self.grid * self.grid
 
     def label(self) -> str:
-        return f"{self.model}/{self.kind} steps={self.steps} batch={self.batch}"
+        order = "" if self.order == DECODERS[self.kind].native_order else f" order={self.order}"
+        return f"{self.model}/{self.kind} steps={self.steps}{order} batch={self.batch}"
 
 
 def twin_of(name: str) -> str:
@@ -63,7 +66,9 @@ def twin_of(name: str) -> str:
 
 
 def plan(params, models: Iterable[str] | None = None) -> list[RunSpec]:
-    """Every configuration `profile.*` asks for, cheapest first within a model."""
+    """Every configuration `profile.*` asks for, cheapest first within a model. The study's own models
+    ("default") also decode with each of sample.strategies at sample.strategy_steps (their native
+    order at those steps too), so every strategy's cost sits beside its quality."""
     from arpg.config import token_grid
 
     prof, sample = params["profile"], params["sample"]
@@ -102,24 +107,30 @@ def plan(params, models: Iterable[str] | None = None) -> list[RunSpec]:
                       grid=grid, cfg=float(prof["cfg"]), schedule=sample["schedule"],
                       cfg_schedule=sample["cfg_schedule"], temperature=float(sample["temperature"]),
                       top_k=int(sample["top_k"]), top_p=float(sample["top_p"]),
+                      confidence_noise=float(sample["confidence_noise"]),
                       repeats=int(limits.get("repeats", prof["repeats"])),
                       warmup=int(limits.get("warmup", prof["warmup"])), threads=int(prof["threads"]),
                       omp_wait_policy=prof["omp_wait_policy"],
                       device=params["device"], precision=prof["precision"], compile=bool(prof["compile"]),
                       max_seconds=float(prof["max_seconds"]), seed=int(params["seed"]))
+        strategies = list(sample["strategies"]) if model == "default" else []
+        strategy_steps = sorted(set(sample["strategy_steps"])) if strategies else []
         for batch in batches:
             for d in DECODERS.values():
                 net, ckpt = nets[d.name]
-                for steps in steps_list if d.parallel else [grid * grid]:
-                    specs.append(RunSpec(kind=d.name, net=net, checkpoint=ckpt, steps=steps, batch=batch,
-                                         **common))
+                runs = ([(s, d.native_order) for s in sorted(set(steps_list) | set(strategy_steps))]
+                        + [(s, o) for o in strategies for s in strategy_steps]) if d.parallel \
+                    else [(grid * grid, d.native_order)]
+                for steps, order in runs:
+                    specs.append(RunSpec(kind=d.name, net=net, checkpoint=ckpt, steps=steps, order=order,
+                                         batch=batch, **common))
     return specs
 
 
 def dominated_by(spec: RunSpec, skipped: Iterable[RunSpec]) -> RunSpec | None:
-    """A skipped configuration at most as costly as `spec` (same model and kind, steps and batch <=)."""
+    """A skipped configuration at most as costly as `spec` (same model, kind and order, steps and batch <=)."""
     for other in skipped:
-        if (other.model, other.kind, other.device) == (spec.model, spec.kind, spec.device) \
+        if (other.model, other.kind, other.order, other.device) == (spec.model, spec.kind, spec.order, spec.device) \
                 and other.steps <= spec.steps and other.batch <= spec.batch:
             return other
     return None

@@ -19,7 +19,8 @@ from arpg.utils import write_csv, write_json
 GOAL_FRACTION_OF_STEP_RATIO = 0.875
 
 CSV_COLUMNS = [
-    "model", "net", "kind", "backbone", "params", "grid", "tokens", "steps", "batch", "cfg", "status", "skip_reason",
+    "model", "net", "kind", "backbone", "params", "grid", "tokens", "steps", "order", "batch", "cfg", "status",
+    "skip_reason",
     "gen_s_median", "gen_s_min", "gen_s_max", "gen_img_s_median", "gen_img_s_min", "gen_img_s_max",
     "e2e_s_median", "e2e_s_min", "e2e_s_max", "e2e_img_s_median", "e2e_img_s_min", "e2e_img_s_max",
     "first_call_s", "peak_mem_bytes", "loaded_mem_bytes", "gen_mem_bytes", "mem_kind", "kv_cache_bytes",
@@ -35,7 +36,7 @@ SPEEDUP_COLUMNS = [
 def speedups(rows: list[dict]) -> list[dict]:
     """Each parallel decoder at S steps over each sequential one at the same model and batch, with the
     step ratio n/S beside it."""
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r["status"] == "ok" and native(r)]  # strategies: in the rows, not the speed-ups
     parallel = {d.name for d in DECODERS.values() if d.parallel}
     sequential = [{(r["model"], r["batch"]): r for r in ok if r["kind"] == d.name}
                   for d in DECODERS.values() if not d.parallel]
@@ -50,7 +51,8 @@ def speedups(rows: list[dict]) -> list[dict]:
                             "arpg/sizes.py")
         ratio = r["tokens"] / r["steps"]
         item = {
-            "decoder": r["kind"], "baseline": base["kind"], "model": r["model"], "batch": r["batch"], "steps": r["steps"], "tokens": r["tokens"],
+            "decoder": r["kind"], "baseline": base["kind"], "model": r["model"], "batch": r["batch"],
+            "steps": r["steps"], "tokens": r["tokens"],
             "step_ratio": ratio, "goal": GOAL_FRACTION_OF_STEP_RATIO * ratio,
             "speedup_gen": r["gen_img_s_median"] / base["gen_img_s_median"],
             # worst and best pairing of the two spreads
@@ -63,6 +65,11 @@ def speedups(rows: list[dict]) -> list[dict]:
         }
         out.append(item)
     return out
+
+
+def native(row: dict) -> bool:
+    """The row decodes in its decoder's own order (rows written before orders were recorded do)."""
+    return row.get("order", DECODERS[row["kind"]].native_order) == DECODERS[row["kind"]].native_order
 
 
 def environment() -> dict:
@@ -120,7 +127,7 @@ def metrics(doc: dict) -> dict[str, float]:
     for r in doc["rows"]:
         if r["status"] != "ok":
             continue
-        key = f"{r['model']}.{r['kind']}.b{r['batch']}.s{r['steps']}"
+        key = f"{r['model']}.{r['kind']}.b{r['batch']}.s{r['steps']}" + ("" if native(r) else f".{r['order']}")
         out[f"img_s.{key}"] = r["gen_img_s_median"]
         if r.get("e2e_img_s_median"):
             out[f"img_s_e2e.{key}"] = r["e2e_img_s_median"]

@@ -296,13 +296,14 @@ def _speed(rep: Report, q: Quality) -> list[str]:
 
 def _quality_vs_speed(rep: Report, q: Quality, speed: list[dict]) -> list[str]:
     fid = q.fid_cols[0]
-    pairs = pareto_pairs(q.sweep, speed, fid)
+    shown = list({id(p): p for p in (*q.sweep, *q.strategies)}.values())  # steps sweep + decoding strategies
+    pairs = pareto_pairs(shown, speed, fid)
     if not pairs:
         return ["_No FID-vs-speed pairs: the profile has no rows of the study models (`default` in "
                 "profile.models) at the sampled step counts._\n"]
     rep.csv("pareto.csv", pairs)
     rep.figure(figures.fid_vs_throughput(rep.out / "fid_vs_throughput.png", pairs, pareto_front(pairs, fid), fid))
-    by_point = {(p.point.model, p.point.steps, format_cfg(p.point.cfg), p.point.order): p for p in q.sweep}
+    by_point = {(p.point.model, p.point.steps, format_cfg(p.point.cfg), p.point.order): p for p in shown}
     rows = [{**r, fid: with_interval(by_point[r["model"], r["steps"], r["cfg"], r["order"]], fid)} for r in pairs]
     return [f"### Quality vs speed ({fid} vs images/s of the study models)\n",
             markdown_table(rows, ["model", "steps", "cfg", "order", "img_s", "batch", fid]),

@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from arpg.decoders import DECODERS
 from arpg.engine.profile.results import SPEEDUP_COLUMNS
 from arpg.engine.report.points import Point
 from arpg.errors import ArpgError
 from arpg.paths import format_cfg
 
 # speed.csv: one row per measured configuration (memory in MiB)
-SPEED_COLUMNS = ["model", "kind", "net", "steps", "batch", "img_s", "img_s_e2e", "peak_mem_mib", "gen_mem_mib",
+SPEED_COLUMNS = ["model", "kind", "net", "steps", "order", "batch", "img_s", "img_s_e2e", "peak_mem_mib", "gen_mem_mib",
                  "kv_cache_mib", "mem_kind"]
 # speedups.csv: profile.json's speed-ups without the goal column
 GAIN_COLUMNS = [c for c in SPEEDUP_COLUMNS if c != "goal"]
@@ -24,6 +25,7 @@ def speed_rows(profile_doc: Mapping) -> list[dict[str, Any]]:
         if r.get("status") != "ok":
             continue
         rows.append({"model": r["model"], "kind": r["kind"], "net": r.get("net"), "steps": r["steps"],
+                     "order": r.get("order", DECODERS[r["kind"]].native_order),
                      "batch": r["batch"], "img_s": r["gen_img_s_median"], "img_s_e2e": r.get("e2e_img_s_median"),
                      "peak_mem_mib": _mib(r.get("peak_mem_bytes")), "gen_mem_mib": _mib(r.get("gen_mem_bytes")),
                      "kv_cache_mib": _mib(r.get("kv_cache_bytes")), "mem_kind": r.get("mem_kind")})
@@ -53,16 +55,16 @@ def hardware(profile_doc: Mapping) -> str:
 
 
 def pareto_pairs(points: list[Point], speed: list[dict], fid_col: str) -> list[dict[str, Any]]:
-    """Study points joined with the throughput of the study's own models at the same step count
-    (with the FID's interval, `<fid>_lo` / `_hi`, None where the point has none)."""
+    """Study points joined with the throughput of the study's own models at the same step count and
+    order (with the FID's interval, `<fid>_lo` / `_hi`, None where the point has none)."""
     study = [r for r in speed if r["model"] == "default"]
     if not study:
         return []
     batch = max(r["batch"] for r in study)
-    timing = {(r["kind"], r["steps"]): r for r in study if r["batch"] == batch}
+    timing = {(r["kind"], r["steps"], r["order"]): r for r in study if r["batch"] == batch}
     out = []
     for p in points:
-        t = timing.get((p.point.model, p.point.steps))
+        t = timing.get((p.point.model, p.point.steps, p.point.order))
         if t is not None and p.metrics.get(fid_col) is not None:
             band = p.band(fid_col)
             out.append({"model": p.point.model, "steps": p.point.steps, "cfg": format_cfg(p.point.cfg),
