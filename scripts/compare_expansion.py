@@ -49,6 +49,7 @@ def accuracy(classifier, images_BCHW: torch.Tensor, labels_B: torch.Tensor) -> t
     return int((logits.argmax(1) == labels_B).sum()), int(labels_B.numel())
 
 
+@torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
