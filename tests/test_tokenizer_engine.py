@@ -303,3 +303,23 @@ def test_an_unreadable_pretrained_tokenizer_is_not_called_deletable(tiny_params,
     assert "delete" not in err and "Traceback" not in err
     assert truncated.is_file()
 
+
+
+def test_tokenizer_training_runs_under_deterministic_algorithms(tiny_params, monkeypatch):
+    """Like generator training: the rule's 2 threads once gave two fresh runs that differed (4e-7
+    after 5 steps). That drift does not show on every CPU (none on this AMD EPYC, even with the
+    flag off), so what is checked is that every training step runs with the flag on."""
+    import arpg.engine.tokenizer as loop
+
+    seen = []
+    real_forward = VQModel.forward
+
+    def forward(self, x):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real_forward(self, x)
+
+    monkeypatch.setattr(loop.VQModel, "forward", forward)
+    before = torch.are_deterministic_algorithms_enabled()
+    train_from_params(tiny_params(), progress=False)
+    assert len(seen) == TINY["tokenizer.max_steps"] and all(seen)
+    assert torch.are_deterministic_algorithms_enabled() == before  # restored afterwards
