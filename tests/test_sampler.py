@@ -93,6 +93,20 @@ def test_schedules_follow_spec_formulas(n, steps):
     assert S.step_counts(n, steps, "cosine-original") == want
 
 
+def test_cosine_counts_as_the_release_over_a_sweep_of_token_and_step_counts():
+    """The release's expression, left to right, at every step count of 16, 64, 256 and 1024 tokens;
+    the t-first form (t = (s + 1) / N, then pi / 2 * t) differs from it at some of them."""
+    release = lambda steps: lambda s: math.cos(math.pi / 2 * (s + 1) / steps)  # noqa: E731
+    t_first = lambda steps: lambda s: math.cos(math.pi / 2 * ((s + 1) / steps))  # noqa: E731
+    differ = []
+    for n in (16, 64, 256, 1024):
+        for steps in range(1, min(n, 128) + 1):
+            assert S.step_counts(n, steps, "cosine") == _spec_counts(n, steps, release(steps)), (n, steps)
+            if _spec_counts(n, steps, t_first(steps)) != _spec_counts(n, steps, release(steps)):
+                differ.append((n, steps))
+    assert {(64, 39), (256, 39), (256, 51), (256, 63)} <= set(differ)  # the sweep can tell the two apart
+
+
 def test_schedule_hand_values():
     # arccos, n=64, N=8: mask lens floor(64 * acos(k/8) / (pi/2)) = 58, 53, 48, 42, 36, 29, 20 -> counts
     assert S.step_counts(64, 8, "arccos") == [6, 5, 5, 6, 6, 7, 9, 20]
