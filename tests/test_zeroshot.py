@@ -142,7 +142,8 @@ def test_gallery_command(params_file):
     from arpg.cli import main
     from test_sampler import make_tiny_study
 
-    params = make_tiny_study(params_file, **{"tracking.enabled": False})
+    params = make_tiny_study(params_file, **{"tracking.enabled": False, "gallery.expansion": "extend",
+                                             "gallery.expand_to": 6})
     assert main(["gallery", "--params", str(params.path)]) == 0
     layout = params.layout
     doc = json.loads(layout.gallery_json.read_text())
