@@ -17,7 +17,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from arpg.errors import ArpgError
 
@@ -87,6 +87,16 @@ def labels(*, parallel: bool, short: bool = False) -> str:
 def native_orders(*, parallel: bool) -> str:
     """Their native orders joined for prose: 'random'."""
     return " / ".join(dict.fromkeys(d.native_order for d in DECODERS.values() if d.parallel is parallel))
+
+
+def row_order(row: Mapping) -> str:
+    """The order a measured row (with `kind`, maybe `order`) decoded in: profile rows written before
+    orders were recorded decoded in their decoder's own."""
+    return row.get("order", DECODERS[row["kind"]].native_order)
+
+
+def in_native_order(row: Mapping) -> bool:
+    return row_order(row) == DECODERS[row["kind"]].native_order
 
 
 def zero_shot_decoder() -> Decoder | None:

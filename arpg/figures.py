@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from arpg.decoders import DECODERS
+from arpg.decoders import DECODERS, in_native_order
 from arpg.utils import save_figure
 
 # The profile's figures, in the order `profile_figures` writes them.
@@ -58,8 +58,7 @@ def _speedup_pair() -> str:
 
 def _ok_rows(doc: Mapping) -> list[dict]:
     """Measured rows in each decoder's own order (the strategies' rows go to the quality vs speed plot)."""
-    return [r for r in doc["rows"] if r["status"] == "ok"
-            and r.get("order", DECODERS[r["kind"]].native_order) == DECODERS[r["kind"]].native_order]
+    return [r for r in doc["rows"] if r["status"] == "ok" and in_native_order(r)]
 
 
 def _models(doc: Mapping) -> list[str]:

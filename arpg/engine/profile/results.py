@@ -11,7 +11,7 @@ from pathlib import Path
 
 from arpg.engine.profile.anchors import reference_record
 from arpg.engine.profile.child import cpu_name
-from arpg.decoders import DECODERS, labels
+from arpg.decoders import DECODERS, in_native_order, labels
 from arpg.errors import ArpgError
 from arpg.utils import write_csv, write_json
 
@@ -36,7 +36,7 @@ SPEEDUP_COLUMNS = [
 def speedups(rows: list[dict]) -> list[dict]:
     """Each parallel decoder at S steps over each sequential one at the same model and batch, with the
     step ratio n/S beside it."""
-    ok = [r for r in rows if r["status"] == "ok" and native(r)]  # strategies: in the rows, not the speed-ups
+    ok = [r for r in rows if r["status"] == "ok" and in_native_order(r)]  # strategies: in the rows, not the speed-ups
     parallel = {d.name for d in DECODERS.values() if d.parallel}
     sequential = [{(r["model"], r["batch"]): r for r in ok if r["kind"] == d.name}
                   for d in DECODERS.values() if not d.parallel]
@@ -65,11 +65,6 @@ def speedups(rows: list[dict]) -> list[dict]:
         }
         out.append(item)
     return out
-
-
-def native(row: dict) -> bool:
-    """The row decodes in its decoder's own order (rows written before orders were recorded do)."""
-    return row.get("order", DECODERS[row["kind"]].native_order) == DECODERS[row["kind"]].native_order
 
 
 def environment() -> dict:
@@ -127,7 +122,7 @@ def metrics(doc: dict) -> dict[str, float]:
     for r in doc["rows"]:
         if r["status"] != "ok":
             continue
-        key = f"{r['model']}.{r['kind']}.b{r['batch']}.s{r['steps']}" + ("" if native(r) else f".{r['order']}")
+        key = f"{r['model']}.{r['kind']}.b{r['batch']}.s{r['steps']}" + ("" if in_native_order(r) else f".{r['order']}")
         out[f"img_s.{key}"] = r["gen_img_s_median"]
         if r.get("e2e_img_s_median"):
             out[f"img_s_e2e.{key}"] = r["e2e_img_s_median"]

@@ -113,6 +113,14 @@ def point_label(group: str, p: SweepPoint) -> str:
     return f"{p.order} order"
 
 
+def difference(a: Point, b: Point, metric: str, boot: Bootstrap) -> tuple[float, float | None]:
+    """b - a of `metric` and the se of that difference (independent sets: sqrt(se_a^2 + se_b^2));
+    None where intervals are off or a point has none."""
+    band_a, band_b = a.band(metric), b.band(metric)
+    se = math.hypot(band_a[0], band_b[0]) if boot.on and band_a is not None and band_b is not None else None
+    return b.metrics[metric] - a.metrics[metric], se
+
+
 def difference_rows(params, points: list[Point], metrics: list[str], boot: Bootstrap) -> list[dict[str, Any]]:
     """Per comparison and metric: both values, b - a, its interval (independent sets: se = sqrt(se_a^2 +
     se_b^2)) and whether it excludes 0 (None: a point has no interval)."""
@@ -122,13 +130,11 @@ def difference_rows(params, points: list[Point], metrics: list[str], boot: Boots
             va, vb = a.metrics.get(metric), b.metrics.get(metric)
             if va is None or vb is None:
                 continue
-            diff = vb - va
-            band_a, band_b = a.band(metric), b.band(metric)
+            diff, se = difference(a, b, metric, boot)
             row = {"group": group, "comparison": f"{point_label(group, b.point)} vs {point_label(group, a.point)}",
                    "metric": metric, "a": va, "b": vb, "diff": diff, "diff_se": None, "diff_lo": None,
                    "diff_hi": None, "significant": None, "_a": a, "_b": b}
-            if boot.on and band_a is not None and band_b is not None:
-                se = math.hypot(band_a[0], band_b[0])
+            if se is not None:
                 row.update(diff_se=se, diff_lo=diff - boot.z * se, diff_hi=diff + boot.z * se,
                            significant=abs(diff) > boot.z * se)
             rows.append(row)

@@ -6,7 +6,6 @@ through `Report`, which records every written path.
 
 from __future__ import annotations
 
-import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,8 @@ from typing import Any, Mapping
 from arpg import figures, pipeline
 from arpg.config import token_count
 from arpg.decoders import DECODERS, labels, native_orders, zero_shot_decoder
-from arpg.engine.report.noise import DIFFERENCE_COLUMNS, Bootstrap, bootstrap_of, interval_text, noise_section
+from arpg.engine.report.noise import (DIFFERENCE_COLUMNS, Bootstrap, bootstrap_of, difference, interval_text,
+                                     noise_section)
 from arpg.engine.report.points import (POINT_COLUMNS, Point, csv_row, extractor_of, guidance_sweep,
                                        headline_columns, half_width, interval_columns, md_row, metric_columns,
                                        numeric_leaves, order_sweep, point_of, read_output, read_points,
@@ -212,14 +212,13 @@ def _strategies(rep: Report, q: Quality, table) -> list[str]:
             "kept; MaskGIT noise) and region-parallel orders (PAR). Table: "
             f"`{STRATEGIES_CSV}`; which differences exceed the noise: below.\n",
             table(q.strategies), f"![quality vs steps per strategy]({STRATEGIES_PNG})\n",
-            *_strategy_findings(q, cols, float(s["cfg_default"]))]
+            *_strategy_findings(q, cols)]
 
 
-def _strategy_findings(q: Quality, cols: list[str], cfg: float) -> list[str]:
+def _strategy_findings(q: Quality, cols: list[str]) -> list[str]:
     """Per metric and step count S: the best strategy at S against the native order at 2S (the
-    step sweep's point, same cfg), with the difference's interval: does a strategy halve the steps?"""
-    native = {(p.point.model, p.point.steps): p for p in q.points
-              if p.point.cfg == cfg and p.point.order == DECODERS[p.point.model].native_order}
+    step sweep's point), with the difference's interval: does a strategy halve the steps?"""
+    native = {(p.point.model, p.point.steps): p for p in q.sweep}
     lines = []
     for col in cols:
         lower_is_better = col.startswith("fid_")
@@ -232,10 +231,9 @@ def _strategy_findings(q: Quality, cols: list[str], cfg: float) -> list[str]:
             ref = native.get((best.point.model, 2 * steps))
             if ref is None or col not in ref.metrics:
                 continue
-            diff = best.metrics[col] - ref.metrics[col]
-            bands = best.band(col), ref.band(col)
-            if q.boot.on and None not in bands:
-                half = q.boot.z * math.hypot(bands[0][0], bands[1][0])
+            diff, se = difference(ref, best, col, q.boot)
+            if se is not None:
+                half = q.boot.z * se
                 better = diff < -half if lower_is_better else diff > half
                 worse = diff > half if lower_is_better else diff < -half
                 verdict = ("better, beyond the noise" if better else "worse, beyond the noise" if worse
