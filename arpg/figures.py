@@ -72,26 +72,28 @@ def throughput_vs_steps(doc: Mapping, path: Path) -> Path:
     ok = _ok_rows(doc)
     fig, panels = _per_model_axes(plt, _models(doc))
     for ax, model in panels:
-        for i, batch in enumerate(sorted({r["batch"] for r in ok if r["model"] == model})):
-            color = f"C{i}"
+        series = sorted({(r["batch"], r["precision"]) for r in ok if r["model"] == model})
+        several = len({p for _, p in series}) > 1
+        for i, (batch, precision) in enumerate(series):
+            color, tag = f"C{i}", f"b={batch}" + (f" {precision}" if several else "")
+            mine = [r for r in ok if (r["model"], r["batch"], r["precision"]) == (model, batch, precision)]
             for d in (d for d in DECODERS.values() if d.parallel):
-                rows = sorted((r for r in ok if (r["model"], r["kind"], r["batch"]) == (model, d.name, batch)),
-                              key=lambda r: r["steps"])
+                rows = sorted((r for r in mine if r["kind"] == d.name), key=lambda r: r["steps"])
                 if not rows:
                     continue
                 steps = [r["steps"] for r in rows]
                 ax.errorbar(steps, [r["gen_img_s_median"] for r in rows],
                             yerr=[[r["gen_img_s_median"] - r["gen_img_s_min"] for r in rows],
                                   [r["gen_img_s_max"] - r["gen_img_s_median"] for r in rows]],
-                            color=color, marker="o", label=f"{d.short_label} b={batch}")
+                            color=color, marker="o", label=f"{d.short_label} {tag}")
                 if rows[0].get("e2e_img_s_median"):
                     ax.plot(steps, [r["e2e_img_s_median"] for r in rows], color=color, ls="--", marker=".",
-                            label=f"{d.short_label} b={batch} (+VQ decode)")
-            for r in ok:
+                            label=f"{d.short_label} {tag} (+VQ decode)")
+            for r in mine:
                 d = DECODERS.get(r["kind"])
-                if d is not None and not d.parallel and (r["model"], r["batch"]) == (model, batch):
+                if d is not None and not d.parallel:
                     ax.axhline(r["gen_img_s_median"], color=color, ls=":",
-                               label=f"{d.short_label} b={batch} ({r['steps']} steps)")
+                               label=f"{d.short_label} {tag} ({r['steps']} steps)")
         _log_steps_axis(ax, "images / s", model)
     return save_figure(fig, path)
 
@@ -128,10 +130,13 @@ def speedup_vs_steps(doc: Mapping, path: Path) -> Path:
     fig, panels = _per_model_axes(plt, _models(doc))
     for ax, model in panels:
         mine = [g for g in gains if g["model"] == model]
-        for i, batch in enumerate(sorted({g["batch"] for g in mine})):
-            pts = sorted((g for g in mine if g["batch"] == batch), key=lambda g: g["steps"])
+        series = sorted({(g["batch"], g["precision"]) for g in mine})
+        several = len({p for _, p in series}) > 1
+        for i, (batch, precision) in enumerate(series):
+            pts = sorted((g for g in mine if (g["batch"], g["precision"]) == (batch, precision)),
+                         key=lambda g: g["steps"])
             ax.plot([g["steps"] for g in pts], [g["speedup_gen"] for g in pts], marker="o", color=f"C{i}",
-                    label=f"speed-up b={batch}")
+                    label=f"speed-up b={batch}" + (f" {precision}" if several else ""))
         if mine:
             pts = sorted({(g["steps"], g["step_ratio"]) for g in mine})
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "k--", label="step ratio n/S")

@@ -128,6 +128,7 @@ class Layout:
     profile_dir = _OUT / "profile"
     profile_csv = profile_dir / "profile.csv"
     profile_json = profile_dir / "profile.json"
+    kernel_choices = profile_dir / "kernel_choices.json"  # the profile's cache of measured CPU kernel choices
     gallery_dir = _OUT / "gallery"
     gallery_json = gallery_dir / "gallery.json"
     report_index = (_OUT / "report_index.json").doc(

@@ -314,8 +314,8 @@ def _gallery(ctx: _Ctx, w) -> Job:
               _s(lay.images("test")), _s(lay.labels("test")))
     outputs = tuple(_s(lay.gallery_image(t)) for t in params["gallery"]["tasks"]) + (_s(lay.gallery_json),)
     return Job("gallery", {}, ("gallery",), inputs, outputs,
-               _keys(COMPUTE_KEYS, "gallery", DECODING_KEYS, "sample.confidence_noise", "seed", VQ_KEYS,
-                     TOKEN_SPACE_KEYS),
+               _keys(COMPUTE_KEYS, "gallery", DECODING_KEYS, "sample.confidence_noise", "sample.precision", "seed",
+                     VQ_KEYS, TOKEN_SPACE_KEYS),
                threads=params["threads"], gpus=_gpus(params), log=_log(ctx, "gallery", w, ()))
 
 

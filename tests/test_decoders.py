@@ -213,12 +213,13 @@ def test_the_profile_gives_each_parallel_decoder_a_speed_up_over_each_sequential
 
     def row(kind, steps, img_s):
         return {"status": "ok", "kind": kind, "model": "default", "batch": 1, "backbone": "64x4x4", "net": kind,
-                "tokens": 16, "steps": steps, "threads": 1, "device": "cpu", "gen_img_s_median": img_s,
+                "tokens": 16, "steps": steps, "threads": 1, "device": "cpu", "precision": "fp32",
+                "gen_img_s_median": img_s,
                 "gen_img_s_min": img_s, "gen_img_s_max": img_s, "kv_cache_bytes": 1.0, "gen_mem_bytes": 0}
 
     rows = [row("arpg", 4, 12.0), row("raster", 16, 3.0), row("toy", 16, 2.0)]
     gains = speedups(rows)
     assert [(g["decoder"], g["baseline"], g["speedup_gen"]) for g in gains] == [
         ("arpg", "raster", 4.0), ("arpg", "toy", 6.0)]
-    text = summary({"speedups": gains, "rows": rows, "reference": {"comparison": []}})
+    text = summary({"speedups": gains, "precision_speedups": [], "rows": rows, "reference": {"comparison": []}})
     assert "arpg over raster:" in text and "arpg over toy:" in text

@@ -176,30 +176,3 @@ def test_cache_write_attend_writes_in_place_and_attends_prefix():
     att = torch.softmax(q2 @ K.transpose(-1, -2) / 2.0, -1)
     assert torch.allclose(y, att @ V, atol=1e-6)
     assert torch.count_nonzero(kc[:, :, 5]) == 0  # nothing written past the filled prefix
-
-
-@pytest.mark.parametrize("name", ["ARPG-T", "LlamaGen-T"])
-def test_prepacked_linears_give_the_same_logits(name):
-    from arpg.models.layers import prepack_linears_for_cpu
-
-    model = tiny_model(name, codebook_size=32, num_classes=3, grid_size=4, head_std=0.5)
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 32, (3, 16), generator=gen)
-    labels = torch.tensor([0, 2, 1])
-    args = (tokens, labels, torch.stack([torch.randperm(16, generator=gen) for _ in range(3)])) \
-        if name.startswith("ARPG") else (tokens, labels)
-    with torch.inference_mode():
-        want = model(*args)
-        n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
-        assert prepack_linears_for_cpu(model) == n_linear > 0
-        got = model(*args)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_prepack_leaves_bf16_models_alone():
-    from arpg.models.layers import prepack_linears_for_cpu
-    from arpg.models.registry import build_model
-
-    model = build_model("ARPG-T", codebook_size=32, num_classes=3, grid_size=4).eval().to(torch.bfloat16)
-    assert prepack_linears_for_cpu(model) == 0
-    assert all("forward" not in vars(m) for m in model.modules())

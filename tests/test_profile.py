@@ -16,6 +16,7 @@ from arpg.engine import profile as P
 from arpg.engine.profile import child
 from arpg.errors import ArpgError
 from arpg.figures import profile_figures
+from arpg.models import cpu_kernels
 from arpg.models.registry import SIZES, build_model
 from arpg.utils import make_generator
 
@@ -104,6 +105,7 @@ def _default_study(tmp_path, params_file):
         "train.arpg_model": "ARPG-T", "train.raster_model": "LlamaGen-T",
         "profile.models": ["default"], "profile.steps": [2, 4], "profile.batch_sizes": [1],
         "profile.overrides": [], "profile.repeats": 2, "profile.warmup": 1, "profile.threads": 1,
+        "profile.precisions": ["fp32", "bf16"],
         "sample.strategies": ["locality", "confidence"], "sample.strategy_steps": [2]})
     params = load_params(path)
     layout = params.layout
@@ -119,23 +121,33 @@ def _default_study(tmp_path, params_file):
 def test_default_models_end_to_end_outputs(tmp_path, params_file):
     params = _default_study(tmp_path, params_file)
     specs = P.plan(params)
-    assert [(s.kind, s.steps, s.order, s.grid, s.net) for s in specs] == [
-        ("arpg", 2, "random", 4, "ARPG-T"), ("arpg", 4, "random", 4, "ARPG-T"), ("arpg", 2, "locality", 4, "ARPG-T"),
-        ("arpg", 2, "confidence", 4, "ARPG-T"), ("raster", 16, "raster", 4, "LlamaGen-T")]
+    each = [("arpg", 2, "random", 4, "ARPG-T"), ("arpg", 4, "random", 4, "ARPG-T"),
+            ("arpg", 2, "locality", 4, "ARPG-T"), ("arpg", 2, "confidence", 4, "ARPG-T"), ("raster", 16, "raster", 4, "LlamaGen-T")]
+    assert [(s.kind, s.steps, s.order, s.grid, s.net) for s in specs] == each * 2
+    assert [s.precision for s in specs] == ["fp32"] * 5 + ["bf16"] * 5
     rows = P.run_profile(specs, isolate=False, log=lambda _: None)
+    bf16 = cpu_kernels.bf16_hardware() is not None
     for row in rows:  # decoding with the tokenizer makes end to end slower than generation alone
+        if row["precision"] == "bf16" and not bf16:
+            assert row["status"] == "skipped" and row["skip_reason"].startswith("bf16: this CPU has no")
+            continue
         assert row["status"] == "ok" and row["e2e_s_median"] > row["gen_s_median"] > 0
+        assert row["kernel"] in cpu_kernels.kernels_for(row["precision"]) and row["kernel"] in row["kernel_seconds"]
     layout = params.layout
     doc = P.write_outputs(rows, layout.profile_csv, layout.profile_json, P.environment())
     with open(layout.profile_csv) as fh:
         table = list(csv.DictReader(fh))
-    assert list(table[0]) == P.CSV_COLUMNS and len(table) == 5
-    assert [r["order"] for r in table] == ["random", "random", "locality", "confidence", "raster"]
-    assert [(g["steps"], g["decoder"]) for g in doc["speedups"]] == [(2, "arpg"), (4, "arpg")]  # own order only
+    assert list(table[0]) == P.CSV_COLUMNS and len(table) == 10
+    assert [r["order"] for r in table] == ["random", "random", "locality", "confidence", "raster"] * 2
+    # own order only, per precision measured
+    assert [(g["steps"], g["decoder"], g["precision"]) for g in doc["speedups"]] == \
+        [(2, "arpg", "fp32"), (4, "arpg", "fp32")] + ([(2, "arpg", "bf16"), (4, "arpg", "bf16")] if bf16 else [])
+    assert len(doc["precision_speedups"]) == (5 if bf16 else 0)
+    assert json.loads(layout.kernel_choices.read_text())  # the measured choices, cached for the next run
     assert "img_s.default.arpg.b1.s2.confidence" in P.metrics(doc) and "img_s.default.arpg.b1.s2" in P.metrics(doc)
     assert float(table[0]["e2e_img_s_median"]) == pytest.approx(rows[0]["e2e_img_s_median"])
     stored = json.loads(layout.profile_json.read_text())
-    assert set(stored) == {"meta", "rows", "speedups", "reference"}
+    assert set(stored) == {"meta", "rows", "speedups", "precision_speedups", "reference"}
     assert set(stored["speedups"][0]) == set(P.SPEEDUP_COLUMNS)
     assert stored["speedups"][0]["speedup_e2e"] > 0
     assert stored["reference"]["anchors"] == P.REFERENCE_ANCHORS
@@ -189,14 +201,21 @@ def test_isolated_child_is_stopped_when_its_first_call_overruns():
 
 
 def test_child_failure_is_an_arpg_error_with_the_cause():
-    with pytest.raises(ArpgError, match="bf16 and profile.compile run on CUDA only"):
-        P.run_isolated(tiny(precision="bf16", device="cpu"))
+    with pytest.raises(ArpgError, match="profile.compile runs on CUDA only"):
+        P.run_isolated(tiny(compile=True, device="cpu"))
+
+
+def test_bf16_is_skipped_with_the_reason_where_the_cpu_lacks_it(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "bf16_hardware", lambda flags=None: None)
+    rows = P.run_profile([tiny(precision="bf16"), tiny(precision="fp32")], isolate=False, log=lambda _: None)
+    assert rows[0]["status"] == "skipped" and "no AVX512-BF16 or AMX-BF16" in rows[0]["skip_reason"]
+    assert rows[1]["status"] == "ok" and rows[1]["kernel"].startswith("fp32-")
 
 
 def test_plan_applies_overrides_and_pairs_twins(params_file):
     params = load_params(params_file(**{"profile.models": ["ARPG-L", "ARPG-S"], "profile.steps": [8, 32],
                                         "profile.batch_sizes": [1, 8],
-                                        "profile.repeats": 3, "profile.warmup": 1,
+                                        "profile.repeats": 3, "profile.warmup": 1, "profile.precisions": ["fp32"],
                                         "profile.overrides": [{"model": "ARPG-L", "steps": [32],
                                                                "batch_sizes": [1], "warmup": 0}]}))
     specs = P.plan(params)

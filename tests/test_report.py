@@ -70,7 +70,8 @@ def study(params_file):
              "device_name": "cpu", "threads": 1, "precision": "fp32", "cpu": "Test CPU 9000", "torch": "2.x"}
             for r in PROFILE_ROWS]
     _json(lay.profile_json, {"meta": {"cpu": "Test CPU 9000", "cpu_count": 2, "torch": "2.x", "load_avg_1m": 1.5},
-                             "rows": rows, "speedups": [{"model": "default", "batch": 4, "steps": 4, "tokens": 64,
+                             "rows": rows, "speedups": [{"model": "default", "precision": "fp32", "batch": 4,
+                                                         "steps": 4, "tokens": 64,
                                                          "step_ratio": 16.0, "speedup_gen": 10.0}]})
     lay.profile_csv.write_text("model\n")
     for task in params["gallery"]["tasks"]:

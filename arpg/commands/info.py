@@ -27,6 +27,8 @@ def run(args, params) -> None:
 
     from arpg import __version__
     from arpg.config import sweep_points, token_grid
+    from arpg.machine import cpu_name
+    from arpg.models.cpu_kernels import bf16_hardware, kernels_for
     from arpg.tracking import experiment_name, tracking_uri
     from arpg.utils import resolve_device
 
@@ -36,6 +38,11 @@ def run(args, params) -> None:
     device = resolve_device(params["device"])
     detail = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"device: {device} ({detail}); torch threads {torch.get_num_threads()}")
+    bf16 = bf16_hardware()
+    kernels = kernels_for("fp32") + (kernels_for("bf16") if bf16 else [])
+    print(f"CPU: {cpu_name()}; bf16 hardware: "
+          f"{bf16 or 'none (bf16 decoding on the CPU is refused: it would be emulated)'}; "
+          f"linear kernels: {', '.join(kernels)}")
     print(f"params: {params.path} (hash {params.digest})")
     print(f"data source: {params['data']['source']} at {params['data']['path']}")
     print(f"prepared data: {layout.data_dir} ({'present' if layout.data_manifest.is_file() else 'not prepared yet'})")

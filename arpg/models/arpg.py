@@ -116,6 +116,20 @@ class ARPG(nn.Module):
         self.layers = TwoPass(cfg)
         add_output_head(self, cfg, "head", generator)  # norm, head
 
+    def linear_groups(self) -> dict[str, list[nn.Linear]]:
+        """The linear layers a decoding step runs, by whose rows they see: the tokens fed in (pass 1
+        and the shared K/V) and the queries decoded (pass 2 and the head)."""
+        def linears(*modules):
+            return [m for module in modules for m in module.modules() if isinstance(m, nn.Linear)]
+        return {"feed": linears(self.layers.self_dec, self.layers.to_k, self.layers.to_v),
+                "query": linears(self.layers.cross_dec, getattr(self, self.output_head_name))}
+
+    @staticmethod
+    def step_tokens(counts: list[int]) -> list[dict[str, int]]:
+        """Tokens per linear group at each step that decodes counts[s]: step 0 feeds the class, step s
+        the tokens of step s - 1 (the last step's are never fed)."""
+        return [{"feed": fed, "query": k} for fed, k in zip([1] + counts[:-1], counts)]
+
     @staticmethod
     def token_space(sd: dict) -> tuple[int | None, int | None]:
         """codebook_size, num_classes from a state dict's shapes (None where the keys are absent)."""

@@ -126,10 +126,11 @@ def load_generator(
 
 
 def load_study_models(params, model: str, device: torch.device):
-    """The trained generator and the tokenizer, strictly loaded, eval mode, on `device`."""
+    """The trained generator and the tokenizer, strictly loaded, eval mode, on `device`; the generator
+    decodes at sample.precision (cpu_kernels.STUDY_KERNEL on a CPU)."""
     from arpg.config import token_grid
     from arpg.decoders import decoder
-    from arpg.models.layers import prepack_linears_for_cpu
+    from arpg.models.cpu_kernels import prepare_for_decoding
     from arpg.models.vq import TRAIN_COMMAND, VQConfig, load_tokenizer
 
     layout = params.layout
@@ -142,5 +143,5 @@ def load_study_models(params, model: str, device: torch.device):
         raise CheckpointError(f"{layout.model_checkpoint(model)} holds a {type(generator).__name__}, not a model "
                               f"of the {decoder(model).label}; rerun `arpg train --model {model}` (or snakemake) "
                               "to write it")
-    prepack_linears_for_cpu(generator)  # fp32 CPU decoding: oneDNN with prepacked weights (no-op elsewhere)
+    prepare_for_decoding(generator, params["sample"]["precision"], "sample.precision")
     return generator, tokenizer

@@ -269,6 +269,7 @@ def add_output_head(model: nn.Module, cfg: BackboneConfig, head_name: str, gener
     its release's name, the RoPE tables; then every weight drawn N(0, 0.02) and the head zeroed."""
     model.norm = RMSNorm(cfg.dim, cfg.norm_eps)
     model.add_module(head_name, nn.Linear(cfg.dim, cfg.codebook_size, bias=False))
+    model.output_head_name = head_name  # the layer whose output is the logits (cpu_kernels keeps it fp32)
     model.rope_tables = RopeTables(cfg)  # (grid, device) -> fp32 (cos, sin); may exceed the training grid
     init_weights(model, 0.02, generator)
     nn.init.zeros_(getattr(model, head_name).weight)
@@ -284,34 +285,3 @@ def init_weights(module: nn.Module, std: float = 0.02, generator: torch.Generato
             nn.init.normal_(m.weight, mean=0.0, std=std, generator=generator)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
-
-
-def prepack_linears_for_cpu(model: nn.Module) -> int:
-    """Inference on CPU in fp32: run every nn.Linear through oneDNN with its weight prepacked once.
-
-    F.linear re-lays out the weight on every call; for the few-row inputs of decoding (one token per
-    step in raster order, a few tokens per step in ARPG) that costs more than the matmul. Measured
-    on a 2-core AMD EPYC with 1024x2816 weights streamed from memory: 2 rows 1.43 -> 0.52 ms,
-    16 rows 1.73 -> 1.01 ms. Apply it to every model being compared, so no side gains alone.
-
-    The original weights stay (state dict, dtype and device queries work as before); the packed
-    copies add their size in memory. Returns how many layers were packed; 0 (nothing changed)
-    unless the model is fp32 on CPU and this torch build has oneDNN. Not for training: the packed
-    path has no backward.
-    """
-    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        return 0
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears or any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32 for m in linears):
-        return 0
-    with torch.no_grad():
-        for linear in linears:
-            packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().contiguous())
-            linear.forward = _packed_forward(packed, linear.bias)
-    return len(linears)
-
-
-def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    return forward

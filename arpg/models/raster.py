@@ -75,6 +75,17 @@ class RasterGPT(nn.Module):
         self.layers = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         add_output_head(self, cfg, "output", generator)  # norm, output (LlamaGen's names)
 
+    def linear_groups(self) -> dict[str, list[nn.Linear]]:
+        """The linear layers a decoding step runs: all of them, on the one token fed per sample."""
+        return {"feed": [m for m in self.modules() if isinstance(m, nn.Linear)]}
+
+    @staticmethod
+    def step_tokens(counts: list[int]) -> list[dict[str, int]]:
+        """One token per step (the class, then each decoded token): counts are all 1."""
+        if any(k != 1 for k in counts):
+            raise ValueError(f"raster decoding takes one token per step, not {sorted(set(counts))}")
+        return [{"feed": 1} for _ in counts]
+
     @staticmethod
     def token_space(sd: dict) -> tuple[int | None, int | None]:
         """codebook_size, num_classes from a state dict's shapes (None where the keys are absent)."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ from typing import Callable
 from arpg.engine.profile.planning import RANDOM_VQ16, RunSpec
 from arpg.decoders import DECODERS
 from arpg.errors import ArpgError, CheckpointError
+from arpg.machine import cpu_name
 from arpg.utils import atomic_write_text
 
 
@@ -114,7 +114,6 @@ def _build_generator(spec: RunSpec, device):
     import torch
 
     from arpg.models.checkpoint import load_generator
-    from arpg.models.layers import prepack_linears_for_cpu
     from arpg.models.registry import build_model
     from arpg.utils import make_generator
 
@@ -128,11 +127,8 @@ def _build_generator(spec: RunSpec, device):
         model = build_model(spec.net, codebook_size=spec.codebook_size, num_classes=spec.num_classes,
                             grid_size=spec.grid, generator=make_generator(spec.seed)).to(device)
     model.eval().requires_grad_(False)
-    if spec.precision == "bf16":
+    if device.type != "cpu" and spec.precision == "bf16":
         model = model.to(torch.bfloat16)
-    # fp32 on CPU: both decoders run their linears through oneDNN with prepacked weights, as
-    # `arpg sample` does (a no-op on CUDA and in bf16)
-    prepack_linears_for_cpu(model)
     if spec.compile:
         # Compile the transformer blocks; the decoding loops have data-dependent step sizes and stay eager.
         for module in model.modules():
@@ -169,6 +165,19 @@ def random_vq(cfg, seed: int, device="cpu"):
     return vq.to(device)
 
 
+def choose_cpu_kernel(model, spec: RunSpec) -> dict:
+    """Time every linear kernel of spec.precision at the row counts this configuration decodes with
+    and switch the model to the fastest (cpu_kernels.choose_kernel, cached in spec.kernel_cache);
+    both decoders get the same rule."""
+    from arpg.engine.sampler import step_counts
+    from arpg.models.cpu_kernels import choose_kernel, kernels_for, row_plan
+
+    rows_per_token = spec.batch * (2 if spec.cfg != 1.0 else 1)  # CFG doubles the batch
+    plan = row_plan(model, step_counts(spec.tokens, spec.steps, spec.schedule), rows_per_token)
+    return choose_kernel(model, plan, kernels_for(spec.precision),
+                         Path(spec.kernel_cache) if spec.kernel_cache else None)
+
+
 def _build_decoder(spec: RunSpec, device):
     """tokens_BN -> images [B, C, H, W] with the study tokenizer or a random VQ-16; None: no decoding."""
     if spec.tokenizer is None:
@@ -188,7 +197,7 @@ def _build_decoder(spec: RunSpec, device):
                                   "`arpg train-tokenizer` first (or drop 'default' from profile.models)")
         vq = load_tokenizer(spec.tokenizer).to(device)
     vq.eval().requires_grad_(False)
-    if spec.precision == "bf16":
+    if device.type != "cpu" and spec.precision == "bf16":
         vq = vq.to(torch.bfloat16)
 
     def decode(tokens_BN):
@@ -208,17 +217,6 @@ def _sampler(spec: RunSpec) -> Callable:
                                                           confidence_noise=spec.confidence_noise,
                                                           generator=gen, **common)
     return lambda model, labels_B, gen: generate_raster(model, labels_B, generator=gen, **common)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _spread(values: list[float]) -> tuple[float, float, float]:
@@ -244,15 +242,20 @@ def measure(spec: RunSpec, marker_dir: Path | None = None) -> dict:
 
     torch.set_num_threads(spec.threads)
     device = resolve_device(spec.device)
-    if device.type != "cuda" and (spec.precision != "fp32" or spec.compile):
-        raise ArpgError("profile.precision bf16 and profile.compile run on CUDA only; set "
-                        "profile.precision: fp32 and profile.compile: false for CPU profiling")
+    if device.type != "cuda" and spec.compile:
+        raise ArpgError("profile.compile runs on CUDA only; set profile.compile: false for CPU profiling")
     row = base_row(spec)
     row["device"] = str(device)
     row["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
     with torch.inference_mode():
         model = _build_generator(spec, device)
+        if device.type == "cpu":
+            choice = choose_cpu_kernel(model, spec)
+            row["kernel"], row["kernel_cached"] = choice["kernel"], choice["cached"]
+            row["kernel_seconds"] = " ".join(f"{k}:{v:.4g}" for k, v in choice["seconds"].items())
+        else:
+            row["kernel"] = f"{spec.precision} ({device.type})"
         decode = _build_decoder(spec, device)
         dtype = next(model.parameters()).dtype
         cfg_batch = spec.batch * (2 if spec.cfg != 1.0 else 1)  # CFG doubles the batch: [cond; uncond]

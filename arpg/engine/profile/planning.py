@@ -47,6 +47,7 @@ class RunSpec:
     compile: bool
     max_seconds: float
     seed: int
+    kernel_cache: str | None = None  # CPU: the measured kernel choices (per machine, model size, row plan)
 
     @property
     def tokens(self) -> int:
@@ -54,7 +55,7 @@ class RunSpec:
 
     def label(self) -> str:
         order = "" if self.order == DECODERS[self.kind].native_order else f" order={self.order}"
-        return f"{self.model}/{self.kind} steps={self.steps}{order} batch={self.batch}"
+        return f"{self.model}/{self.kind} steps={self.steps}{order} batch={self.batch} {self.precision}"
 
 
 def twin_of(name: str) -> str:
@@ -111,26 +112,30 @@ def plan(params, models: Iterable[str] | None = None) -> list[RunSpec]:
                       repeats=int(limits.get("repeats", prof["repeats"])),
                       warmup=int(limits.get("warmup", prof["warmup"])), threads=int(prof["threads"]),
                       omp_wait_policy=prof["omp_wait_policy"],
-                      device=params["device"], precision=prof["precision"], compile=bool(prof["compile"]),
-                      max_seconds=float(prof["max_seconds"]), seed=int(params["seed"]))
+                      device=params["device"], compile=bool(prof["compile"]),
+                      max_seconds=float(prof["max_seconds"]), seed=int(params["seed"]),
+                      kernel_cache=str(layout.kernel_choices))
         strategies = list(sample["strategies"]) if model == "default" else []
         strategy_steps = sorted(set(sample["strategy_steps"])) if strategies else []
-        for batch in batches:
-            for d in DECODERS.values():
-                net, ckpt = nets[d.name]
-                runs = ([(s, d.native_order) for s in sorted(set(steps_list) | set(strategy_steps))]
-                        + [(s, o) for o in strategies for s in strategy_steps]) if d.parallel \
-                    else [(grid * grid, d.native_order)]
-                for steps, order in runs:
-                    specs.append(RunSpec(kind=d.name, net=net, checkpoint=ckpt, steps=steps, order=order,
-                                         batch=batch, **common))
+        for precision in prof["precisions"]:
+            for batch in batches:
+                for d in DECODERS.values():
+                    net, ckpt = nets[d.name]
+                    runs = ([(s, d.native_order) for s in sorted(set(steps_list) | set(strategy_steps))]
+                            + [(s, o) for o in strategies for s in strategy_steps]) if d.parallel \
+                        else [(grid * grid, d.native_order)]
+                    for steps, order in runs:
+                        specs.append(RunSpec(kind=d.name, net=net, checkpoint=ckpt, steps=steps, order=order,
+                                             batch=batch, precision=precision, **common))
     return specs
 
 
 def dominated_by(spec: RunSpec, skipped: Iterable[RunSpec]) -> RunSpec | None:
-    """A skipped configuration at most as costly as `spec` (same model, kind and order, steps and batch <=)."""
+    """A skipped configuration at most as costly as `spec` (same model, kind, order and precision, steps
+    and batch <=)."""
     for other in skipped:
-        if (other.model, other.kind, other.order, other.device) == (spec.model, spec.kind, spec.order, spec.device) \
+        if (other.model, other.kind, other.order, other.device, other.precision) \
+                == (spec.model, spec.kind, spec.order, spec.device, spec.precision) \
                 and other.steps <= spec.steps and other.batch <= spec.batch:
             return other
     return None

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from arpg.engine.profile.anchors import reference_record
-from arpg.engine.profile.child import cpu_name
 from arpg.decoders import DECODERS, in_native_order, labels
 from arpg.errors import ArpgError
+from arpg.machine import cpu_name
 from arpg.utils import write_csv, write_json
 
 # Issue 7's goal: speed-up >= 7x at 32 and >= 3.5x at 64 of 256 tokens, i.e. 7/8 of the step ratio.
@@ -24,24 +24,28 @@ CSV_COLUMNS = [
     "gen_s_median", "gen_s_min", "gen_s_max", "gen_img_s_median", "gen_img_s_min", "gen_img_s_max",
     "e2e_s_median", "e2e_s_min", "e2e_s_max", "e2e_img_s_median", "e2e_img_s_min", "e2e_img_s_max",
     "first_call_s", "peak_mem_bytes", "loaded_mem_bytes", "gen_mem_bytes", "mem_kind", "kv_cache_bytes",
-    "repeats", "warmup", "device", "device_name", "threads", "precision", "compile", "torch", "cpu",
+    "repeats", "warmup", "device", "device_name", "threads", "precision", "kernel", "kernel_cached", "kernel_seconds",
+    "compile", "torch", "cpu",
     "load_avg_1m", "load_avg_1m_after", "omp_wait_policy",
 ]
 SPEEDUP_COLUMNS = [
-    "decoder", "baseline", "model", "batch", "steps", "tokens", "step_ratio", "goal", "speedup_gen", "speedup_gen_low",
-    "speedup_gen_high", "speedup_e2e", "kv_ratio", "gen_mem_ratio",
+    "decoder", "baseline", "model", "precision", "batch", "steps", "tokens", "step_ratio", "goal", "speedup_gen",
+    "speedup_gen_low", "speedup_gen_high", "speedup_e2e", "kv_ratio", "gen_mem_ratio",
 ]
+PRECISION_SPEEDUP_COLUMNS = ["model", "kind", "net", "steps", "batch", "fp32_kernel", "bf16_kernel", "fp32_img_s",
+                             "bf16_img_s", "speedup"]
 
 
 def speedups(rows: list[dict]) -> list[dict]:
-    """Each parallel decoder at S steps over each sequential one at the same model and batch, with the
-    step ratio n/S beside it."""
+    """Each parallel decoder at S steps over each sequential one at the same model, batch and precision
+    (each at the kernel measured fastest for it), with the step ratio n/S beside it."""
     ok = [r for r in rows if r["status"] == "ok" and in_native_order(r)]  # strategies: in the rows, not the speed-ups
     parallel = {d.name for d in DECODERS.values() if d.parallel}
-    sequential = [{(r["model"], r["batch"]): r for r in ok if r["kind"] == d.name}
+    sequential = [{(r["model"], r["batch"], r["precision"]): r for r in ok if r["kind"] == d.name}
                   for d in DECODERS.values() if not d.parallel]
     out = []
-    for r, base in ((r, by_size.get((r["model"], r["batch"]))) for by_size in sequential for r in ok):
+    for r, base in ((r, by_size.get((r["model"], r["batch"], r["precision"]))) for by_size in sequential
+                    for r in ok):
         if r["kind"] not in parallel or base is None:
             continue
         if r["backbone"] != base["backbone"]:
@@ -51,7 +55,8 @@ def speedups(rows: list[dict]) -> list[dict]:
                             "arpg/sizes.py")
         ratio = r["tokens"] / r["steps"]
         item = {
-            "decoder": r["kind"], "baseline": base["kind"], "model": r["model"], "batch": r["batch"],
+            "decoder": r["kind"], "baseline": base["kind"], "model": r["model"], "precision": r["precision"],
+            "batch": r["batch"],
             "steps": r["steps"], "tokens": r["tokens"],
             "step_ratio": ratio, "goal": GOAL_FRACTION_OF_STEP_RATIO * ratio,
             "speedup_gen": r["gen_img_s_median"] / base["gen_img_s_median"],
@@ -67,17 +72,41 @@ def speedups(rows: list[dict]) -> list[dict]:
     return out
 
 
+def precision_speedups(rows: list[dict]) -> list[dict]:
+    """bf16 over fp32 for every configuration measured at both (each at its fastest kernel)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    fp32 = {_config(r): r for r in ok if r["precision"] == "fp32"}
+    out = []
+    for r in ok:
+        base = fp32.get(_config(r))
+        if r["precision"] != "bf16" or base is None:
+            continue
+        out.append({"model": r["model"], "kind": r["kind"], "net": r["net"], "steps": r["steps"], "batch": r["batch"],
+                    "fp32_kernel": base.get("kernel"), "bf16_kernel": r.get("kernel"),
+                    "fp32_img_s": base["gen_img_s_median"], "bf16_img_s": r["gen_img_s_median"],
+                    "speedup": r["gen_img_s_median"] / base["gen_img_s_median"]})
+    return out
+
+
+def _config(r: dict) -> tuple:
+    return r["model"], r["kind"], r["steps"], r["order"], r["batch"], r["device"]
+
+
 def environment() -> dict:
     import torch
 
+    from arpg.models.cpu_kernels import bf16_hardware
+
     return {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),
+            "bf16_hardware": bf16_hardware(),
             "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 def write_outputs(rows: list[dict], csv_path: Path, json_path: Path, meta: dict) -> dict:
     """profile.csv (one row per configuration) and profile.json (rows, speed-ups, anchors); the document."""
     write_csv(csv_path, rows, CSV_COLUMNS)
-    doc = {"meta": meta, "rows": rows, "speedups": speedups(rows), "reference": reference_record(rows)}
+    doc = {"meta": meta, "rows": rows, "speedups": speedups(rows), "precision_speedups": precision_speedups(rows),
+           "reference": reference_record(rows)}
     write_json(json_path, doc)
     return doc
 
@@ -86,19 +115,25 @@ def summary(doc: dict) -> str:
     """The speed-up table (issue 7's 'done when' figures) and the reference comparison as text."""
     par, seq = labels(parallel=True, short=True), labels(parallel=False, short=True)
     lines = [f"{par} speed-up over {seq} decoding (generation only, median; [worst, best] from the spreads)",
-             f"{'model':<10}{'batch':>6}{'steps':>7}{'speed-up':>10}{'[low, high]':>16}{'n/S':>7}{'goal':>7}"
-             f"{'e2e':>8}{'kv':>7}{'mem':>7}"]
+             f"{'model':<10}{'prec':>5}{'batch':>6}{'steps':>7}{'speed-up':>10}{'[low, high]':>16}{'n/S':>7}"
+             f"{'goal':>7}{'e2e':>8}{'kv':>7}{'mem':>7}"]
     several_pairs = len({(g["decoder"], g["baseline"]) for g in doc["speedups"]}) > 1
     for g in doc["speedups"]:
         e2e = f"{g['speedup_e2e']:.2f}x" if g["speedup_e2e"] else "-"
         mem = f"{g['gen_mem_ratio']:.2f}" if g["gen_mem_ratio"] else "-"
         pair = f"{g['decoder']} over {g['baseline']}: " if several_pairs else ""
-        lines.append(f"{pair}{g['model']:<10}{g['batch']:>6}{g['steps']:>7}{g['speedup_gen']:>9.2f}x"
+        lines.append(f"{pair}{g['model']:<10}{g['precision']:>5}{g['batch']:>6}{g['steps']:>7}{g['speedup_gen']:>9.2f}x"
                      f"{'[%.2f, %.2f]' % (g['speedup_gen_low'], g['speedup_gen_high']):>16}"
                      f"{g['step_ratio']:>6.0f}x{g['goal']:>6.1f}x{e2e:>8}{g['kv_ratio']:>7.2f}{mem:>7}")
+    if doc["precision_speedups"]:
+        lines.append("bf16 over fp32 (generation img/s, each at its fastest measured kernel)")
+        for p in doc["precision_speedups"]:
+            lines.append(f"  {p['model']}/{p['kind']} steps={p['steps']} batch={p['batch']}: {p['fp32_img_s']:.4g} "
+                         f"({p['fp32_kernel']}) -> {p['bf16_img_s']:.4g} ({p['bf16_kernel']}) = {p['speedup']:.2f}x")
     skipped = [r for r in doc["rows"] if r["status"] == "skipped"]
     for r in skipped:
-        lines.append(f"skipped: {r['model']}/{r['kind']} steps={r['steps']} batch={r['batch']}: {r['skip_reason']}")
+        lines.append(f"skipped: {r['model']}/{r['kind']} steps={r['steps']} batch={r['batch']} {r['precision']}: "
+                     f"{r['skip_reason']}")
     comparison = doc["reference"]["comparison"]
     if comparison:
         lines.append("vs the public releases (issue 7 anchors, same machine class; ours / theirs in img/s)")
@@ -122,12 +157,15 @@ def metrics(doc: dict) -> dict[str, float]:
     for r in doc["rows"]:
         if r["status"] != "ok":
             continue
-        key = f"{r['model']}.{r['kind']}.b{r['batch']}.s{r['steps']}" + ("" if in_native_order(r) else f".{r['order']}")
+        key = (f"{r['model']}.{r['kind']}.b{r['batch']}.s{r['steps']}"
+               + ("" if in_native_order(r) else f".{r['order']}")
+               + ("" if r["precision"] == "fp32" else f".{r['precision']}"))
         out[f"img_s.{key}"] = r["gen_img_s_median"]
         if r.get("e2e_img_s_median"):
             out[f"img_s_e2e.{key}"] = r["e2e_img_s_median"]
         out[f"gen_mem_mib.{key}"] = r["gen_mem_bytes"] / 2**20
         out[f"kv_mib.{key}"] = r["kv_cache_bytes"] / 2**20
     for g in doc["speedups"]:
-        out[f"speedup.{g['model']}.b{g['batch']}.s{g['steps']}"] = g["speedup_gen"]
+        out[f"speedup.{g['model']}.b{g['batch']}.s{g['steps']}"
+            + ("" if g["precision"] == "fp32" else f".{g['precision']}")] = g["speedup_gen"]
     return out

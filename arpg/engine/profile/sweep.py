@@ -78,10 +78,12 @@ def run_profile(specs: list[RunSpec], *, isolate: bool = True,
     skipped: list[RunSpec] = []
     for spec in specs:
         cheaper = dominated_by(spec, skipped)
-        if cheaper is not None:
+        lacking = _precision_unavailable(spec)
+        if lacking or cheaper is not None:
             row = base_row(spec)
             row.update(status="skipped", device=spec.device,
-                       skip_reason=f"cheaper configuration ({cheaper.label()}) exceeded profile.max_seconds")
+                       skip_reason=lacking or f"cheaper configuration ({cheaper.label()}) exceeded "
+                                              "profile.max_seconds")
         else:
             row = run_isolated(spec) if isolate else measure(spec)
         if row["status"] == "skipped":
@@ -94,3 +96,13 @@ def run_profile(specs: list[RunSpec], *, isolate: bool = True,
         rows.append(row)
     return rows
 
+
+def _precision_unavailable(spec: RunSpec) -> str:
+    """Why spec.precision cannot be measured on this machine ('' if it can): bf16 on a CPU that
+    would only emulate it."""
+    from arpg.models.cpu_kernels import bf16_hardware
+    from arpg.utils import resolve_device
+
+    if spec.precision != "bf16" or resolve_device(spec.device).type != "cpu" or bf16_hardware():
+        return ""
+    return "bf16: this CPU has no AVX512-BF16 or AMX-BF16 (oneDNN would emulate it, slower than fp32)"

@@ -20,6 +20,7 @@ from arpg.engine.report.points import (POINT_COLUMNS, Point, csv_row, extractor_
                                        headline_columns, half_width, interval_columns, md_row, metric_columns,
                                        numeric_leaves, order_sweep, point_of, read_output, read_points,
                                        step_sweep, strategy_sweep, suffix, with_interval)
+from arpg.engine.profile.results import PRECISION_SPEEDUP_COLUMNS
 from arpg.engine.report.speed import GAIN_COLUMNS, SPEED_COLUMNS, hardware, pareto_front, pareto_pairs, speed_rows
 from arpg.engine.report.text import fmt, markdown_kv, markdown_table, signed
 from arpg.errors import ArpgError
@@ -280,7 +281,16 @@ def _speed(rep: Report, q: Quality) -> list[str]:
           "`img_s`: generated token grids per second (median over repeats); `peak_mem_mib`: peak memory "
           f"of the run; speed-ups are {par} over the {seq} twin of the same backbone and batch.\n",
           markdown_table(speed, SPEED_COLUMNS), f"### Speed-up of {par} over {seq} decoding\n",
+          "Each decoder at each precision runs the linear kernel measured fastest for its own row counts "
+          "on this machine (`kernel` above; arpg/models/cpu_kernels.py).\n",
           markdown_table(gains, GAIN_COLUMNS)]
+    by_precision = profile_doc.get("precision_speedups", [])
+    if by_precision:
+        rep.csv("precision_speedups.csv", by_precision, PRECISION_SPEEDUP_COLUMNS)
+        md += ["### bf16 over fp32\n", markdown_table(by_precision, PRECISION_SPEEDUP_COLUMNS)]
+    lacking = sorted({r["skip_reason"] for r in profile_doc["rows"] if r.get("status") == "skipped"
+                      and r["skip_reason"].startswith("bf16:")})
+    md += [f"_Not measured: {reason}._\n" for reason in lacking]
     if speed:
         rep.figure(figures.throughput_vs_steps(profile_doc, rep.out / figures.THROUGHPUT))
         rep.figure(figures.memory(profile_doc, rep.out / figures.MEMORY))
@@ -288,14 +298,15 @@ def _speed(rep: Report, q: Quality) -> list[str]:
     if q.fid_cols:
         md += _quality_vs_speed(rep, q, speed)
     for g in gains:
-        rep.headline[f"speedup_gen.{g['model']}.b{g['batch']}.s{g['steps']}"] = g["speedup_gen"]
+        rep.headline[f"speedup_gen.{g['model']}.b{g['batch']}.s{g['steps']}"
+                     + ("" if g["precision"] == "fp32" else f".{g['precision']}")] = g["speedup_gen"]
     return md
 
 
 def _quality_vs_speed(rep: Report, q: Quality, speed: list[dict]) -> list[str]:
     fid = q.fid_cols[0]
     shown = list({id(p): p for p in (*q.sweep, *q.strategies)}.values())  # steps sweep + decoding strategies
-    pairs = pareto_pairs(shown, speed, fid)
+    pairs = pareto_pairs(shown, speed, fid, rep.params["sample"]["precision"])
     if not pairs:
         return ["_No FID-vs-speed pairs: the profile has no rows of the study models (`default` in "
                 "profile.models) at the sampled step counts._\n"]

@@ -12,8 +12,8 @@ from arpg.errors import ArpgError
 from arpg.paths import format_cfg
 
 # speed.csv: one row per measured configuration (memory in MiB)
-SPEED_COLUMNS = ["model", "kind", "net", "steps", "order", "batch", "img_s", "img_s_e2e", "peak_mem_mib", "gen_mem_mib",
-                 "kv_cache_mib", "mem_kind"]
+SPEED_COLUMNS = ["model", "kind", "net", "precision", "kernel", "steps", "order", "batch", "img_s", "img_s_e2e",
+                 "peak_mem_mib", "gen_mem_mib", "kv_cache_mib", "mem_kind"]
 # speedups.csv: profile.json's speed-ups without the goal column
 GAIN_COLUMNS = [c for c in SPEEDUP_COLUMNS if c != "goal"]
 
@@ -24,7 +24,8 @@ def speed_rows(profile_doc: Mapping) -> list[dict[str, Any]]:
     for r in profile_doc["rows"]:
         if r.get("status") != "ok":
             continue
-        rows.append({"model": r["model"], "kind": r["kind"], "net": r.get("net"), "steps": r["steps"],
+        rows.append({"model": r["model"], "kind": r["kind"], "net": r.get("net"), "precision": r["precision"],
+                     "kernel": r.get("kernel"), "steps": r["steps"],
                      "order": row_order(r),
                      "batch": r["batch"], "img_s": r["gen_img_s_median"], "img_s_e2e": r.get("e2e_img_s_median"),
                      "peak_mem_mib": _mib(r.get("peak_mem_bytes")), "gen_mem_mib": _mib(r.get("gen_mem_bytes")),
@@ -37,7 +38,8 @@ def _mib(value) -> float | None:
 
 
 def hardware(profile_doc: Mapping) -> str:
-    """Where the timings were taken: device, CPU, threads, cores, precision, torch, load, time."""
+    """Where the timings were taken: device, CPU (and its bf16 hardware), threads, cores, precisions,
+    torch, load, time."""
     meta = profile_doc.get("meta", {})
     rows = [r for r in profile_doc["rows"] if r.get("status") == "ok"] or profile_doc["rows"]
     if not rows:
@@ -46,7 +48,10 @@ def hardware(profile_doc: Mapping) -> str:
     device = r.get("device_name") or r.get("device")
     parts = [f"device {device} ({r.get('device')})", f"CPU {meta.get('cpu') or r.get('cpu')}",
              f"{r.get('threads')} threads", f"{meta.get('cpu_count')} logical cores",
-             f"precision {r.get('precision')}", f"torch {meta.get('torch') or r.get('torch')}"]
+             "precisions " + ", ".join(dict.fromkeys(str(x.get("precision")) for x in rows)),
+             f"torch {meta.get('torch') or r.get('torch')}"]
+    if "bf16_hardware" in meta:
+        parts.insert(2, f"bf16 hardware: {meta['bf16_hardware'] or 'none'}")
     if "load_avg_1m" in meta:
         parts.append(f"1-min load average {meta['load_avg_1m']:.2f} when profiling started")
     if meta.get("time"):
@@ -54,10 +59,11 @@ def hardware(profile_doc: Mapping) -> str:
     return ", ".join(str(p) for p in parts)
 
 
-def pareto_pairs(points: list[Point], speed: list[dict], fid_col: str) -> list[dict[str, Any]]:
+def pareto_pairs(points: list[Point], speed: list[dict], fid_col: str, precision: str) -> list[dict[str, Any]]:
     """Study points joined with the throughput of the study's own models at the same step count and
-    order (with the FID's interval, `<fid>_lo` / `_hi`, None where the point has none)."""
-    study = [r for r in speed if r["model"] == "default"]
+    order, timed at the precision the points were sampled at (with the FID's interval, `<fid>_lo` /
+    `_hi`, None where the point has none)."""
+    study = [r for r in speed if r["model"] == "default" and r["precision"] == precision]
     if not study:
         return []
     batch = max(r["batch"] for r in study)
