@@ -311,7 +311,7 @@ def _profile(ctx: _Ctx, w) -> Job:
 def _gallery(ctx: _Ctx, w) -> Job:
     params, lay = ctx.params, ctx.layout
     inputs = (_s(lay.model_checkpoint(zero_shot_decoder().name)), _s(lay.tokenizer_checkpoint),
-              _s(lay.images("test")), _s(lay.labels("test")))
+              _s(lay.images("test")), _s(lay.labels("test")), _s(lay.data_manifest))  # + class names
     outputs = tuple(_s(lay.gallery_image(t)) for t in params["gallery"]["tasks"]) + (_s(lay.gallery_json),)
     return Job("gallery", {}, ("gallery",), inputs, outputs,
                _keys(COMPUTE_KEYS, "gallery", DECODING_KEYS, "sample.confidence_noise", "seed", VQ_KEYS,

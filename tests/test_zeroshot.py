@@ -140,6 +140,7 @@ def test_gallery_command(params_file):
     from PIL import Image
 
     from arpg.cli import main
+    from arpg.commands.gallery import MIN_TILE_PX
     from test_sampler import make_tiny_study
 
     params = make_tiny_study(params_file, **{"tracking.enabled": False, "gallery.expansion": "extend",
@@ -148,13 +149,16 @@ def test_gallery_command(params_file):
     layout = params.layout
     doc = json.loads(layout.gallery_json.read_text())
     assert doc["test_indices"] == [0, 1] and doc["labels"] == [0, 1]
+    assert doc["class_names"] == ["class 0", "class 1"]  # the manifest's names, one per row
     sizes = {"inpainting": (4, 12), "outpainting": (4, 4), "resolution-expansion": (6, 16)}
     for task, (grid, known) in sizes.items():
         entry = doc["tasks"][task]
         assert entry["token_grid"] == grid and entry["known_tokens"] == known and entry["known_tokens_kept"]
-        side = grid * 2  # tokenizer downsampling 2
-        # rows: 2 images; columns: input, mask, 2 outputs
-        assert Image.open(layout.gallery_image(task)).size == ((2 + 2) * side, 2 * side)
+        tile = grid * 2 * -(-MIN_TILE_PX // (grid * 2))  # tokenizer downsampling 2, nearest up-scale to >= 96 px
+        # rows: 2 images; columns: input, mask, 2 outputs; plus a label column and a header row
+        width, height = Image.open(layout.gallery_image(task)).size
+        assert tile >= MIN_TILE_PX and width > (2 + 2) * tile and height > 2 * tile
+        assert width - (2 + 2) * tile < 2 * tile and height - 2 * tile < tile  # the labels take a margin only
     assert "up-scaled" in doc["tasks"]["resolution-expansion"]["context"]
 
     interpolated = make_tiny_study(params_file, **{"tracking.enabled": False, "gallery.expansion": "interpolate",
