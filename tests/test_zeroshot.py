@@ -152,7 +152,7 @@ def test_gallery_command(params_file):
     doc = json.loads(layout.gallery_json.read_text())
     assert doc["test_indices"] == [0, 1] and doc["labels"] == [0, 1]
     assert doc["class_names"] == ["class 0", "class 1"]  # the manifest's names, one per row
-    sizes = {"inpainting": (4, 12), "outpainting": (4, 4), "resolution-expansion": (6, 16)}
+    sizes = {"inpainting": (4, 12), "outpainting": (4, 4), "continuation": (4, 8), "resolution-expansion": (6, 16)}
     for task, (grid, known) in sizes.items():
         entry = doc["tasks"][task]
         assert entry["token_grid"] == grid and entry["known_tokens"] == known and entry["known_tokens_kept"]
@@ -162,6 +162,7 @@ def test_gallery_command(params_file):
         assert tile >= MIN_TILE_PX and width > (2 + 2) * tile and height > 2 * tile
         assert width - (2 + 2) * tile < 2 * tile and height - 2 * tile < tile  # the labels take a margin only
     assert "up-scaled" in doc["tasks"]["resolution-expansion"]["context"]
+    assert "top half" in doc["tasks"]["continuation"]["context"]
 
     interpolated = make_tiny_study(params_file, **{"tracking.enabled": False, "gallery.expansion": "interpolate",
                                                    "gallery.expand_to": 8, "gallery.tasks": ["resolution-expansion"]})

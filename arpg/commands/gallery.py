@@ -128,6 +128,7 @@ def _gallery(params, device) -> None:
                 "generated_tokens": grid * grid - result["known"], "known_tokens_kept": result["known_kept"],
                 "context": {"inpainting": "every token outside the centre square (half the side)",
                             "outpainting": "the centre square (half the side); everything around it generated",
+                            "continuation": "the top half of the rows; the lower half generated",
                             "resolution-expansion": EXPANSION_CONTEXT[gal["expansion"]]}[task],
             }
             run.log_metrics({f"{task}_known_tokens_kept": float(result["known_kept"])})

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from arpg.engine.sampler import Context, SamplerConfig, generate_arpg
 from arpg.errors import ArpgError
 
-TASKS = ("inpainting", "outpainting", "resolution-expansion")
+TASKS = ("inpainting", "outpainting", "continuation", "resolution-expansion")
 EXPANSIONS = ("extend", "interpolate")
 # Masks of the measured edits (`arpg zero-shot`): a region grown cell by cell from a centre point, so it
 # holds exactly the requested number of tokens; top-rows is the raster order's prefix.
@@ -235,11 +235,15 @@ def run_task(task: str, model, tokenizer, images_BCHW: torch.Tensor, labels_B: t
         completion, big_XCHW = expand_resolution(model, tokenizer, images_XCHW, labels_X, expand_to=expand_to,
                                                  sampler=sampler, generator=generator, method=expansion)
         inputs_BCHW = big_XCHW[::samples]  # the up-scaled input, once per image
-    elif task in ("inpainting", "outpainting"):
+    elif task in ("inpainting", "outpainting", "continuation"):
         inputs_BCHW = images_BCHW
-        fn = inpaint if task == "inpainting" else outpaint
         context_Xhw = tokenizer.encode(images_BCHW).repeat_interleave(samples, 0)  # [B*S, h, w]
-        completion = fn(model, context_Xhw, labels_X, sampler=sampler, generator=generator)
+        if task == "continuation":  # the top half of the rows known, the lower half generated
+            top_hw = known_mask("inpainting", "top-rows", context_Xhw.shape[-1], 0.5, 1, generator)[0]
+            completion = complete(model, context_Xhw, top_hw, labels_X, sampler=sampler, generator=generator)
+        else:
+            fn = inpaint if task == "inpainting" else outpaint
+            completion = fn(model, context_Xhw, labels_X, sampler=sampler, generator=generator)
     else:
         raise ArpgError(f"unknown zero-shot task {task!r}; use one of {', '.join(TASKS)}")
     outputs_XCHW = tokenizer.decode(completion.tokens_Bhw).clamp(-1, 1)  # [B*S, C, H, W]
