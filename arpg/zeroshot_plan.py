@@ -16,7 +16,7 @@ from arpg.errors import ArpgError
 
 CONTINUATION = "continuation"  # the lower part completed from the top rows (the raster order's prefix)
 EXPANSION = "resolution-expansion"
-TASKS = ("inpainting", "outpainting", CONTINUATION, EXPANSION)
+TASKS = ("inpainting", "outpainting", CONTINUATION, EXPANSION)  # of the gallery and the measured stage
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from arpg.engine.sampler import Context, SamplerConfig, generate_arpg
 from arpg.errors import ArpgError
+from arpg.zeroshot_plan import CONTINUATION, EXPANSION, TASKS
 
-TASKS = ("inpainting", "outpainting", "continuation", "resolution-expansion")
 EXPANSIONS = ("extend", "interpolate")
 # Masks of the measured edits (`arpg zero-shot`): a region grown cell by cell from a centre point, so it
 # holds exactly the requested number of tokens; top-rows is the raster order's prefix.
@@ -231,14 +231,14 @@ def run_task(task: str, model, tokenizer, images_BCHW: torch.Tensor, labels_B: t
     B = images_BCHW.shape[0]
     labels_X = labels_B.repeat_interleave(samples)  # [B*S]: draws of one image are adjacent
     images_XCHW = images_BCHW.repeat_interleave(samples, 0)  # [B*S, C, H, W]
-    if task == "resolution-expansion":
+    if task == EXPANSION:
         completion, big_XCHW = expand_resolution(model, tokenizer, images_XCHW, labels_X, expand_to=expand_to,
                                                  sampler=sampler, generator=generator, method=expansion)
         inputs_BCHW = big_XCHW[::samples]  # the up-scaled input, once per image
-    elif task in ("inpainting", "outpainting", "continuation"):
+    elif task in ("inpainting", "outpainting", CONTINUATION):
         inputs_BCHW = images_BCHW
         context_Xhw = tokenizer.encode(images_BCHW).repeat_interleave(samples, 0)  # [B*S, h, w]
-        if task == "continuation":  # the top half of the rows known, the lower half generated
+        if task == CONTINUATION:  # the top half of the rows known, the lower half generated
             top_hw = known_mask("inpainting", "top-rows", context_Xhw.shape[-1], 0.5, 1, generator)[0]
             completion = complete(model, context_Xhw, top_hw, labels_X, sampler=sampler, generator=generator)
         else:

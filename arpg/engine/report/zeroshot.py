@@ -11,6 +11,7 @@ from arpg.engine.report.points import Point, with_interval
 from arpg.engine.report.text import fmt, markdown_table, signed
 from arpg.paths import SweepPoint, format_cfg
 from arpg.tracking import experiment_name
+from arpg.zeroshot_plan import CONTINUATION, EXPANSION
 
 EXPANSION_SHARE = 0.8  # expansion must keep this share of unconditional sampling's accuracy (issue #17)
 TABLE_HEAD = ["task", "mask", "known", "model", "steps", "known kept"]
@@ -98,11 +99,11 @@ def _findings(params, cells, points, sweep, boot) -> list[str]:
                      f"centre to zeroshot.masks and {steps} to zeroshot.steps.")
     if uncond is not None and acc:
         lines += [_expansion_line(c, p, uncond, acc, boot) for c, p in zip(cells, points)
-                  if c["task"] == "resolution-expansion" and acc in c["metrics"]]
+                  if c["task"] == EXPANSION and acc in c["metrics"]]
     for c, p in zip(cells, points):
-        if c["task"] != "continuation" or c["parallel"]:
+        if c["task"] != CONTINUATION or c["parallel"]:
             continue
-        rivals = [by_key[o["key"]] for o in cells if o["task"] == "continuation" and o["parallel"]
+        rivals = [by_key[o["key"]] for o in cells if o["task"] == CONTINUATION and o["parallel"]
                   and o["fraction"] == c["fraction"]]
         for metric in (m for m in (fid, acc, "psnr") if m):
             lines += [_versus(f"Random order vs {DECODERS[c['model']].short_label} from the top rows",
