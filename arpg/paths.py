@@ -131,6 +131,9 @@ class Layout:
     kernel_choices = profile_dir / "kernel_choices.json"  # the profile's cache of measured CPU kernel choices
     gallery_dir = _OUT / "gallery"
     gallery_json = gallery_dir / "gallery.json"
+    zeroshot_dir = _OUT / "zeroshot"
+    zeroshot_json = zeroshot_dir / "metrics.json"  # one record per measured edit (arpg zero-shot)
+    zeroshot_csv = zeroshot_dir / "metrics.csv"
     report_index = (_OUT / "report_index.json").doc(
         "What `arpg report` wrote into report.dir. The pipeline's report target: report.dir itself is "
         "committed for the default study, so its existence proves nothing.")

@@ -311,12 +311,27 @@ def _profile(ctx: _Ctx, w) -> Job:
 def _gallery(ctx: _Ctx, w) -> Job:
     params, lay = ctx.params, ctx.layout
     inputs = (_s(lay.model_checkpoint(zero_shot_decoder().name)), _s(lay.tokenizer_checkpoint),
-              _s(lay.images("test")), _s(lay.labels("test")))
+              _s(lay.images("test")), _s(lay.labels("test")), _s(lay.data_manifest))  # + class names
     outputs = tuple(_s(lay.gallery_image(t)) for t in params["gallery"]["tasks"]) + (_s(lay.gallery_json),)
     return Job("gallery", {}, ("gallery",), inputs, outputs,
                _keys(COMPUTE_KEYS, "gallery", DECODING_KEYS, "sample.confidence_noise", "sample.precision", "seed",
                      VQ_KEYS, TOKEN_SPACE_KEYS),
                threads=params["threads"], gpus=_gpus(params), log=_log(ctx, "gallery", w, ()))
+
+
+def _zero_shot(ctx: _Ctx, w) -> Job:
+    from arpg.zeroshot_plan import EXPANSION, cell_models
+
+    params, lay = ctx.params, ctx.layout
+    inputs = (*(_s(lay.model_checkpoint(m)) for m in cell_models(params)), _s(lay.tokenizer_checkpoint),
+              _s(lay.images("test")), _s(lay.labels("test")), *_point_inputs_eval(ctx, w))
+    keys = _keys(COMPUTE_KEYS, "zeroshot", "sample.cfg_default", DECODING_KEYS, "sample.confidence_noise", VQ_KEYS,
+                 TOKEN_SPACE_KEYS, [k for k in _evaluate_keys(params) if k != "sample.seed"])
+    if EXPANSION in params["zeroshot"]["tasks"]:
+        keys += ("gallery.expand_to", "gallery.expansion")
+    return Job("zero_shot", {}, ("zero-shot",), inputs, (_s(lay.zeroshot_json), _s(lay.zeroshot_csv)), keys,
+               external=_inception_external(params, _extractors(params)), threads=params["threads"],
+               gpus=_gpus(params), log=_log(ctx, "zero_shot", w, ()))
 
 
 def _report(ctx: _Ctx, w) -> Job:
@@ -365,5 +380,6 @@ RULES: dict[str, Rule] = {r.name: r for r in (
     Rule("evaluate", POINT_WILDCARDS, _evaluate, _point_instances),
     Rule("profile", (), _profile, lambda p: [{}]),
     Rule("gallery", (), _gallery, lambda p: [{}] if zero_shot_decoder() else []),
+    Rule("zero_shot", (), _zero_shot, lambda p: [{}] if zero_shot_decoder() else []),
     Rule("report", (), _report, lambda p: [{}]),
 )}

@@ -16,6 +16,9 @@ from arpg.engine import report
 from arpg.errors import ArpgError
 
 
+BOOTSTRAP = {"replicates": 20, "level": 0.95, "method": "normal interval (test record)", "kid_subsets": 10}
+
+
 def _png(path, seed):
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -77,15 +80,44 @@ def study(params_file):
     for task in params["gallery"]["tasks"]:
         _png(lay.gallery_image(task), 3)
     _json(lay.gallery_json, {"tasks": {"inpainting": {"unknown_cells": 12}}})
+    _json(lay.zeroshot_json, zero_shot_doc(params))
+    lay.zeroshot_csv.write_text("key\n")  # the stage's own table (the report writes its zeroshot.csv anew)
     return params
+
+
+def _zs_value(cell) -> dict[str, float]:
+    """Known metrics per zero-shot cell: FID 5 for ARPG (30 for the raster baseline), accuracy 0.5."""
+    fid = 30.0 if cell.model == "raster" else 5.0 + cell.fraction
+    values = {"fid_classifier": fid, "accuracy_classifier": 0.5, "psnr": 20.0 + cell.fraction}
+    if cell.task != "resolution-expansion":
+        values["psnr_tokenizer"] = 25.0
+    return values
+
+
+def zero_shot_doc(params, se: float = 0.5, bootstrap=BOOTSTRAP):
+    """What `arpg zero-shot` writes, for the smoke params' cells, with known values and intervals (PSNR's:
+    a mean's, always there; the others bootstrap ones, there when it has replicates)."""
+    from arpg.zeroshot_plan import cells
+
+    z = 1.959963984540054
+    out = []
+    for cell in cells(params):
+        metrics = _zs_value(cell)
+        spread = {k: se if k.startswith("fid") else 0.01 for k in metrics
+                  if bootstrap["replicates"] or k.startswith("psnr")}
+        out.append({"key": cell.key, "task": cell.task, "mask": cell.mask, "fraction": cell.fraction,
+                    "model": cell.model, "steps": cell.steps or 32, "parallel": cell.steps is not None,
+                    "known_tokens": 32, "generated_tokens": 32, "known_tokens_kept": True, "psnr_against": "hidden",
+                    "metrics": metrics, "intervals": {k: {"se": v, "lo": metrics[k] - z * v, "hi": metrics[k] + z * v}
+                                                      for k, v in spread.items()}})
+    return {"num_images": 20, "cfg": 2.0, "bootstrap": bootstrap, "cells": out,
+            "psnr": {"hidden": "PSNR of the generated region", "bicubic": "PSNR against bicubic"}}
 
 
 def _csv(path):
     with open(path) as fh:
         return list(csv.DictReader(fh))
 
-
-BOOTSTRAP = {"replicates": 20, "level": 0.95, "method": "normal interval (test record)", "kid_subsets": 10}
 
 
 def _fid_se(model, order):
@@ -108,6 +140,7 @@ def _with_intervals(params, bootstrap=BOOTSTRAP):
             if doc["order"] == "raster" and doc["model"] == "arpg":  # a non-finite se is written as null
                 intervals["accuracy_classifier"] = {"se": None, "lo": None, "hi": None, "replicates": 0}
         path.write_text(json.dumps({**doc, "bootstrap": bootstrap, "intervals": intervals}))
+    _json(params.layout.zeroshot_json, zero_shot_doc(params, bootstrap=bootstrap))
     return params
 
 
@@ -267,9 +300,41 @@ def test_bootstrap_off_shows_bare_numbers(study):
     params = _with_intervals(study, {**BOOTSTRAP, "replicates": 0})
     out = report.build(params)["dir"]
     text = (out / "README.md").read_text()
-    assert "±" not in text
+    start, end = text.index("## Zero-shot editing, measured"), text.index("## Zero-shot galleries")
+    zero_shot = text[start:end]
+    assert "±" not in text[:start] + text[end:]
+    assert "| inpainting | centre | 50% | ARPG | 4 | yes | 5.5 | 0.5 | 20.5 ± 0.02 | 25 ± 0.02 |" in zero_shot
+    assert "compared without an interval" in zero_shot  # only PSNR has an interval without the bootstrap
     assert text.count("Intervals are off (`evaluate.bootstrap: 0`") == 2  # quality tables, noise section
     assert "no difference between sweep points can be told from sampling noise" in text
     assert not (out / "differences.csv").exists()
     assert not any(c.endswith(("_se", "_lo", "_hi")) for c in _csv(out / "quality.csv")[0])
     assert "| arpg | 2 | 2.0 | random | 52 | 4 | 0.25 |" in text
+
+
+def test_zero_shot_section_holds_the_cells_and_judges_them(study):
+    """Every cell in zeroshot.csv with its numbers; the findings: the context against the unconditional
+    step-sweep point (FID 27 -> 5.5, beyond the noise), expansion accuracy against 0.8 x unconditional,
+    ARPG against the raster baseline from the top rows."""
+    from arpg.zeroshot_plan import cells
+
+    _with_intervals(study)
+    out = report.build(study)["dir"]
+    rows = _csv(out / "zeroshot.csv")
+    assert [r["key"] for r in rows] == [c.key for c in cells(study)]
+    for row, cell in zip(rows, cells(study)):
+        assert float(row["fid_classifier"]) == _zs_value(cell)["fid_classifier"]
+        assert float(row["fid_classifier_hi"]) - float(row["fid_classifier"]) == pytest.approx(1.959964 * 0.5)
+    text = (out / "README.md").read_text()
+    section = text[text.index("## Zero-shot editing, measured"):text.index("## Zero-shot galleries")]
+    uncond = _fid("arpg", 4, 2.0, "random")  # the step sweep's point at steps_default 4
+    assert f"5.5 ± 0.98 against unconditional ARPG sampling at 4 steps (the step sweep) {uncond:g} ± 0.98" in section
+    line = next(ln for ln in section.splitlines() if ln.startswith("- The context must help"))
+    assert f"{5.5 - uncond:+.4g}" in line and "better, beyond the noise" in line
+    line = next(ln for ln in section.splitlines() if ln.startswith("- Expansion keeps the class"))
+    assert "0.8 x the unconditional 4-step accuracy 0.25 ± 0.02 = 0.2: +0.3" in line and "above the target" in line
+    raster = [ln for ln in section.splitlines() if ln.startswith("- Random order vs raster")]
+    assert len(raster) == 3 and "`fid_classifier`" in raster[0] and "+-24.5" not in raster[0]
+    assert "-24.5" in raster[0] and "better, beyond the noise" in raster[0]  # 5.5 vs 30 (se 0.5 each)
+    assert "every cell returned every known token unchanged" in section and "`zero-shot` child run" in section
+    assert "| inpainting | centre | 50% | ARPG | 4 | yes | 5.5 ± 0.98 |" in section

@@ -409,7 +409,7 @@ def make_tiny_study(params_file, **extra):
     from arpg.config import load_params
     from arpg.models.checkpoint import save_generator
     from arpg.models.vq import VQConfig, VQModel, tokenizer_payload
-    from arpg.utils import atomic_torch_save
+    from arpg.utils import atomic_torch_save, write_json
 
     params = load_params(params_file(**{**TINY_OVERRIDES, **extra}))
     layout = params.layout
@@ -420,6 +420,7 @@ def make_tiny_study(params_file, **extra):
     layout.data_dir.mkdir(parents=True, exist_ok=True)
     np.save(layout.images("test"), rng.integers(0, 256, (9, 8, 8, 1), dtype=np.uint8))
     np.save(layout.labels("test"), np.arange(9, dtype=np.int64) % CLASSES)
+    write_json(layout.data_manifest, {"class_names": [f"class {c}" for c in range(CLASSES)]})  # row labels
     return params
 
 

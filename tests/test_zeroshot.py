@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -140,6 +142,7 @@ def test_gallery_command(params_file):
     from PIL import Image
 
     from arpg.cli import main
+    from arpg.commands.gallery import MIN_TILE_PX
     from test_sampler import make_tiny_study
 
     params = make_tiny_study(params_file, **{"tracking.enabled": False, "gallery.expansion": "extend",
@@ -148,14 +151,18 @@ def test_gallery_command(params_file):
     layout = params.layout
     doc = json.loads(layout.gallery_json.read_text())
     assert doc["test_indices"] == [0, 1] and doc["labels"] == [0, 1]
-    sizes = {"inpainting": (4, 12), "outpainting": (4, 4), "resolution-expansion": (6, 16)}
+    assert doc["class_names"] == ["class 0", "class 1"]  # the manifest's names, one per row
+    sizes = {"inpainting": (4, 12), "outpainting": (4, 4), "continuation": (4, 8), "resolution-expansion": (6, 16)}
     for task, (grid, known) in sizes.items():
         entry = doc["tasks"][task]
         assert entry["token_grid"] == grid and entry["known_tokens"] == known and entry["known_tokens_kept"]
-        side = grid * 2  # tokenizer downsampling 2
-        # rows: 2 images; columns: input, mask, 2 outputs
-        assert Image.open(layout.gallery_image(task)).size == ((2 + 2) * side, 2 * side)
+        tile = grid * 2 * -(-MIN_TILE_PX // (grid * 2))  # tokenizer downsampling 2, nearest up-scale to >= 96 px
+        # rows: 2 images; columns: input, mask, 2 outputs; plus a label column and a header row
+        width, height = Image.open(layout.gallery_image(task)).size
+        assert tile >= MIN_TILE_PX and width > (2 + 2) * tile and height > 2 * tile
+        assert width - (2 + 2) * tile < 2 * tile and height - 2 * tile < tile  # the labels take a margin only
     assert "up-scaled" in doc["tasks"]["resolution-expansion"]["context"]
+    assert "top half" in doc["tasks"]["continuation"]["context"]
 
     interpolated = make_tiny_study(params_file, **{"tracking.enabled": False, "gallery.expansion": "interpolate",
                                                    "gallery.expand_to": 8, "gallery.tasks": ["resolution-expansion"]})
@@ -169,3 +176,136 @@ def test_pick_images_cycles_classes():
     assert Z.pick_images([2, 0, 0, 1, 2], 4) == [1, 3, 0, 2]
     with pytest.raises(ArpgError, match="num_images"):
         Z.pick_images([0, 1], 3)
+
+
+# ---- measured edits (`arpg zero-shot`) -------------------------------------------------------------
+
+@pytest.mark.parametrize("task", ["inpainting", "outpainting"])
+@pytest.mark.parametrize("mask", Z.MASKS)
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75])
+def test_masks_hold_exactly_the_requested_known_fraction(task, mask, fraction):
+    known = Z.known_mask(task, mask, 8, fraction, 5, make_generator(3))
+    assert known.shape == (5, 8, 8) and known.dtype == torch.bool
+    assert known.flatten(1).sum(1).tolist() == [round(fraction * 64)] * 5
+
+
+def test_mask_shapes():
+    """Centre: the hole of inpainting is the grid's centre block, outpainting keeps it; random-block: a
+    block per image from the generator (seeded: the same twice); top-rows: the first rows."""
+    hole = ~Z.known_mask("inpainting", "centre", 8, 0.75, 1, make_generator(0))[0]
+    assert hole[2:6, 2:6].all() and hole.sum() == 16  # 16 cells nearest the centre: the 4x4 block
+    assert torch.equal(Z.known_mask("outpainting", "centre", 8, 0.25, 1, make_generator(0))[0], hole)
+    a = Z.known_mask("outpainting", "random-block", 8, 0.25, 6, make_generator(1))
+    assert torch.equal(a, Z.known_mask("outpainting", "random-block", 8, 0.25, 6, make_generator(1)))
+    assert len({tuple(m.flatten().tolist()) for m in a}) > 1  # images get their own block
+    rows = Z.known_mask("inpainting", "top-rows", 8, 0.5, 2, make_generator(0))
+    assert rows[:, :4].all() and not rows[:, 4:].any()
+    with pytest.raises(ArpgError, match="zeroshot.fractions"):
+        Z.known_count(8, 0.001)
+    with pytest.raises(ArpgError, match="zeroshot.masks"):
+        Z.known_mask("inpainting", "ring", 8, 0.5, 1, make_generator(0))
+
+
+def test_per_image_masks_keep_every_known_token(arpg):
+    tokens = torch.randint(0, CODES, (4, GRID, GRID), generator=make_generator(1))
+    known = Z.known_mask("inpainting", "random-block", GRID, 0.5, 4, make_generator(2))
+    assert len({tuple(m.flatten().tolist()) for m in known}) > 1
+    out = Z.complete(arpg, tokens, known, torch.tensor([0, 1, 2, 0]), sampler=SAMPLER, generator=make_generator(3))
+    assert out.known_kept and torch.equal(out.tokens_Bhw[known], tokens[known])
+    assert not torch.equal(out.tokens_Bhw[~known], tokens[~known])
+
+
+def test_raster_completion_keeps_the_top_rows_and_reads_them():
+    from test_sampler import _tiny
+
+    raster = _tiny("LlamaGen-T")
+    labels = torch.tensor([0, 1, 2])
+    prefix = torch.randint(0, CODES, (3, 2 * GRID), generator=make_generator(4))  # the top two rows
+    out = S.generate_raster(raster, labels, cfg=2.0, generator=make_generator(5), prefix_BK=prefix)
+    assert out.shape == (3, GRID * GRID) and torch.equal(out[:, :2 * GRID], prefix)
+    other = S.generate_raster(raster, labels, cfg=2.0, generator=make_generator(5), prefix_BK=(prefix + 1) % CODES)
+    assert not torch.equal(other[:, 2 * GRID:], out[:, 2 * GRID:])  # the rows below depend on the given ones
+    with pytest.raises(ArpgError, match="prefix"):
+        S.generate_raster(raster, labels, generator=make_generator(5), prefix_BK=torch.zeros(3, GRID * GRID).long())
+
+
+def test_cells_follow_the_params(params_file):
+    from arpg.config import load_params
+    from arpg.zeroshot_plan import cell_models, cells
+
+    params = load_params(params_file())
+    keys = [c.key for c in cells(params)]
+    assert len(keys) == len(set(keys)) == 2 * 3 * 2 * 2 + 3 * 3 + 2  # in/outpaint, continuation, expansion
+    assert "continuation-top-rows-50-raster-seq" in keys and "inpainting-top-rows-50-arpg-s8" not in keys
+    assert "resolution-expansion-interpolate-25-arpg-s8" in keys and cell_models(params) == ["arpg", "raster"]
+    only = load_params(params_file(**{"zeroshot.tasks": ["continuation"], "zeroshot.masks": ["centre"]}))
+    with pytest.raises(ArpgError, match="zeroshot.masks"):
+        cells(only)
+
+
+def _measured_study(params_file, **extra):
+    from arpg.cli import main
+    from arpg.engine.classifier import model_config_from_params
+    from arpg.models.classifier import Classifier, save_classifier
+    from arpg.utils import seeded_global_rng
+    from test_sampler import make_tiny_study
+
+    with seeded_global_rng(0):  # the tiny study's random weights: the same every call
+        params = make_tiny_study(params_file, **{
+            "tracking.enabled": False, "gallery.expand_to": 8, "zeroshot.num_images": 6, "zeroshot.batch_size": 4,
+            "zeroshot.steps": [2], "zeroshot.fractions": [0.5], "evaluate.kid_subset_size": 4,
+            "evaluate.batch_size": 4, "evaluate.bootstrap": 5, **extra})
+        save_classifier(Classifier(model_config_from_params(params)).eval(), params.layout.classifier_checkpoint)
+    assert main(["reference-stats", "--params", str(params.path), "--extractor", "classifier"]) == 0
+    return params
+
+
+def test_zero_shot_command_writes_every_cell_with_intervals(params_file):
+    import csv
+    import json
+
+    from arpg.cli import main
+    from arpg.zeroshot_plan import cells
+
+    params = _measured_study(params_file)
+    assert main(["zero-shot", "--params", str(params.path)]) == 0
+    written = params.layout.zeroshot_json.read_bytes()
+    doc = json.loads(written)
+    assert doc["num_images"] == 6 and doc["bootstrap"]["replicates"] == 5 and doc["cfg"] == 4.0
+    assert [c["key"] for c in doc["cells"]] == [c.key for c in cells(params)]
+    for cell in doc["cells"]:
+        assert cell["known_tokens_kept"] is True
+        assert cell["known_tokens"] + cell["generated_tokens"] == (64 if cell["task"] == "resolution-expansion"
+                                                                   else 16)
+        for name in ("fid_classifier", "kid_classifier", "accuracy_classifier", "psnr"):
+            band = cell["intervals"][name]
+            assert band["lo"] <= cell["metrics"][name] <= band["hi"], (cell["key"], name)
+        assert ("psnr_tokenizer" in cell["metrics"]) is (cell["task"] != "resolution-expansion")
+    raster = next(c for c in doc["cells"] if c["model"] == "raster")
+    assert raster["steps"] == raster["generated_tokens"] == 8 and not raster["parallel"]
+    with open(params.layout.zeroshot_csv) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["key"] for r in rows] == [c["key"] for c in doc["cells"]]
+    assert {"fid_classifier_se", "psnr_lo", "psnr_hi"} <= set(rows[0]) and "kid_std_classifier_se" not in rows[0]
+    assert main(["zero-shot", "--params", str(params.path)]) == 0
+    assert params.layout.zeroshot_json.read_bytes() == written  # same params: the same bytes
+
+
+def test_zero_shot_command_without_reference_names_the_fix(params_file):
+    from arpg.cli import main
+
+    params = _measured_study(params_file)
+    params.layout.reference_stats("classifier", "test").unlink()
+    assert main(["zero-shot", "--params", str(params.path)]) == 2
+
+
+def test_masked_psnr_counts_only_the_mask():
+    from arpg.engine.image_metrics import QUANTISATION_MSE, masked_psnr
+
+    a = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+    b = a.clone()
+    b[:, :, :2] = 255  # the top half differs
+    mask = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    mask[..., 2:, :] = True  # the bottom half: identical
+    assert masked_psnr(a, b, mask).tolist() == pytest.approx([10 * math.log10(255 ** 2 / QUANTISATION_MSE)] * 2)
+    assert masked_psnr(a, b, ~mask).tolist() == pytest.approx([0.0, 0.0])  # MSE 255^2

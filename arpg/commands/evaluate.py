@@ -22,13 +22,10 @@ def configure(parser) -> None:
 
 
 def run(args, params) -> None:
-    import time
-
     import numpy as np
 
-    from arpg.engine.bootstrap import BootstrapConfig, bootstrap_intervals
-    from arpg.engine.evaluate import export_adm_npz, extract_features, extractor_weights, file_digest, load_reference
-    from arpg.engine.metrics import EvalConfig, metrics_from_features
+    from arpg.engine.bootstrap import BootstrapConfig, evaluate_images
+    from arpg.engine.evaluate import export_adm_npz
     from arpg.errors import DataError
     from arpg.paths import SweepPoint
     from arpg.tracking import stage_run
@@ -44,25 +41,13 @@ def run(args, params) -> None:
             raise DataError(f"{path} lacks arr_0 / labels (has {blob.files}); rerun `arpg sample`")
         images, labels = blob["arr_0"], blob["labels"]
     device = resolve_device(params["device"])
-    config = EvalConfig.from_params(params)
     bootstrap = BootstrapConfig.from_params(params)
     split = params["evaluate"]["reference_split"]
     run_params = {"model": point.model, "steps": point.steps, "cfg": point.cfg, "order": point.order,
                   "seed": params["sample"]["seed"], "extractors": ",".join(params["evaluate"]["extractors"])}
     with stage_run(params, "evaluate", run_name=f"evaluate-{point.model}-{point.tag}",
                    run_params=run_params) as run:
-        metrics: dict[str, float] = {}
-        intervals: dict[str, dict] = {}
-        bootstrap_seconds = 0.0  # the log only, never the metrics file (which stays byte-identical)
-        for extractor in params["evaluate"]["extractors"]:
-            weights = extractor_weights(params, extractor)
-            reference = load_reference(layout.reference_stats(extractor, split), extractor, file_digest(weights))
-            feats = extract_features(images, extractor, weights, config.batch_size, device)  # once per extractor
-            values = metrics_from_features(feats, labels, reference, extractor, config)
-            start = time.monotonic()
-            intervals.update(bootstrap_intervals(feats, labels, reference, extractor, config, bootstrap, values))
-            bootstrap_seconds += time.monotonic() - start
-            metrics.update(values)
+        metrics, intervals, bootstrap_seconds = evaluate_images(params, images, labels, device)
         out = {"model": point.model, "steps": point.steps, "cfg": point.cfg, "order": point.order,
                "seed": params["sample"]["seed"], "num_samples": int(len(images)), "reference_split": split,
                "extractors": list(params["evaluate"]["extractors"]), **metrics,

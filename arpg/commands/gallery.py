@@ -2,7 +2,8 @@
 (the zero-shot decoder of arpg/decoders.py).
 
 Test images are tokenized with the VQ tokenizer; for each task in `gallery.tasks`
-one PNG (a row per image: input | input with the unknown cells grey | outputs)
+one PNG (a row per image, its class name on the left: input | input with the unknown cells grey |
+outputs, labelled above; every image at least MIN_TILE_PX on screen)
 and one JSON describing what was done (images, masks, sampler, known tokens kept).
 """
 
@@ -25,10 +26,15 @@ def configure(parser) -> None:
     parser.epilog = "Tasks, image count, steps, guidance and expansion size come from the `gallery:` section."
 
 
-def panel(result: dict):
-    """PIL image: one row per input, columns input | mask | outputs; all at the output resolution."""
+MIN_TILE_PX = 96  # every image at least this many pixels on screen (nearest-neighbour up-scale)
+LABEL_PAD_PX = 6  # around the column and row labels
+
+
+def panel(result: dict, row_labels: list[str], column_labels: list[str]):
+    """PIL image: a header of column labels, then one row per input (its class name on the left),
+    columns input | mask | outputs, every tile nearest up-scaled to at least MIN_TILE_PX."""
     import torch.nn.functional as F
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
     from arpg.data.pixels import to_uint8
 
@@ -40,8 +46,34 @@ def panel(result: dict):
 
     columns = [fit(result["input"]), fit(result["mask"]), *outputs_BSCHW.unbind(1)]  # each [B, C, H, W]
     grid_BCHW = torch.cat(columns, dim=-1)  # [B, C, H, (2 + S) W]
+    scale = -(-MIN_TILE_PX // H)  # ceil: nearest up-scale keeps every token cell crisp
     pixels = to_uint8(torch.cat(grid_BCHW.unbind(0), dim=-2)).permute(1, 2, 0).cpu().numpy()  # [B H, ..., C]
-    return Image.fromarray(pixels[..., 0] if C == 1 else pixels)
+    pixels = pixels.repeat(scale, 0).repeat(scale, 1)
+    images = Image.fromarray(pixels[..., 0] if C == 1 else pixels)
+    draw = ImageDraw.Draw(images)  # only to measure text
+    left = int(max(draw.textlength(t) for t in row_labels)) + 2 * LABEL_PAD_PX
+    top = int(draw.textbbox((0, 0), "Ag")[3]) + 2 * LABEL_PAD_PX
+    canvas = Image.new(images.mode, (left + images.width, top + images.height), 0)
+    canvas.paste(images, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    tile_h, tile_w = H * scale, W * scale
+    for c, text in enumerate(column_labels):
+        draw.text((left + c * tile_w + LABEL_PAD_PX, LABEL_PAD_PX), text, fill=255 if C == 1 else (255,) * 3)
+    for r, text in enumerate(row_labels):
+        draw.text((LABEL_PAD_PX, top + r * tile_h + tile_h // 2), text, anchor="lm",
+                  fill=255 if C == 1 else (255,) * 3)
+    return canvas
+
+
+def class_names(params) -> list[str]:
+    """The data's class names, from the manifest `arpg prepare-data` wrote."""
+    from arpg.errors import DataError
+    from arpg.utils import read_json
+
+    path = params.layout.data_manifest
+    if not path.is_file():
+        raise DataError(f"{path} not found: the gallery labels rows with its class names; run `arpg prepare-data`")
+    return list(read_json(path)["class_names"])
 
 
 def run(args, params) -> None:
@@ -73,9 +105,13 @@ def _gallery(params, device) -> None:
     sampler = SamplerConfig(steps=gal["steps"], cfg=gal["cfg"], cfg_schedule=smp["cfg_schedule"],
                             schedule=smp["schedule"], temperature=smp["temperature"], top_k=smp["top_k"],
                             top_p=smp["top_p"], confidence_noise=smp["confidence_noise"])
-    doc = {"test_indices": index, "labels": labels_B.tolist(), "seed": params["seed"],
+    names = class_names(params)
+    row_labels = [names[int(c)] for c in labels_B.tolist()]
+    column_labels = ["input", "model sees", *[f"output {i + 1}" for i in range(gal["samples"])]]
+    doc = {"test_indices": index, "labels": labels_B.tolist(), "class_names": row_labels, "seed": params["seed"],
            "sampler": asdict(sampler), "samples_per_image": gal["samples"], "order": "random",
-           "columns": ["input", "input with unknown cells grey", *[f"output {i + 1}" for i in range(gal["samples"])]],
+           "columns": ["input", "what the model sees: the input, unknown cells grey",
+                       *[f"output {i + 1}" for i in range(gal["samples"])]],
            "tasks": {}}
     run_params = {"steps": gal["steps"], "cfg": gal["cfg"], "order": "random", "seed": params["seed"],
                   "tasks": ",".join(gal["tasks"]), "num_images": gal["num_images"]}
@@ -84,7 +120,7 @@ def _gallery(params, device) -> None:
             result = run_task(task, model, tokenizer, images_BCHW, labels_B, samples=gal["samples"],
                               expand_to=gal["expand_to"], sampler=sampler, expansion=gal["expansion"],
                               generator=make_generator(derive_seed(params["seed"], t), device))
-            atomic_save_png(panel(result), layout.gallery_image(task))
+            atomic_save_png(panel(result, row_labels, column_labels), layout.gallery_image(task))
             grid = result["grid"]
             doc["tasks"][task] = {
                 "image": str(layout.gallery_image(task)), "token_grid": grid,
@@ -92,6 +128,7 @@ def _gallery(params, device) -> None:
                 "generated_tokens": grid * grid - result["known"], "known_tokens_kept": result["known_kept"],
                 "context": {"inpainting": "every token outside the centre square (half the side)",
                             "outpainting": "the centre square (half the side); everything around it generated",
+                            "continuation": "the top half of the rows; the lower half generated",
                             "resolution-expansion": EXPANSION_CONTEXT[gal["expansion"]]}[task],
             }
             run.log_metrics({f"{task}_known_tokens_kept": float(result["known_kept"])})

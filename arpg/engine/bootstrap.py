@@ -223,3 +223,40 @@ def bootstrap_intervals(feats: Mapping[str, torch.Tensor], labels_N: np.ndarray 
         out[name] = {"se": _finite_or_none(se), "lo": _finite_or_none(point[name] - z * se),
                      "hi": _finite_or_none(point[name] + z * se), "replicates": int(len(finite_B))}
     return out
+
+
+def evaluate_images(params, images_NHWC: np.ndarray, labels_N: np.ndarray, device: torch.device,
+                    ) -> tuple[dict[str, float], dict[str, dict], float]:
+    """Every `evaluate.extractors` metric of uint8 images [N, H, W, C] against the reference split, each
+    with its bootstrap interval: (metrics, intervals, seconds spent bootstrapping). The one evaluation
+    behind `arpg evaluate` (a sweep point's samples) and `arpg zero-shot` (completed test images)."""
+    import time
+
+    from arpg.engine.evaluate import extract_features, extractor_weights, file_digest, load_reference
+
+    config, bootstrap = EvalConfig.from_params(params), BootstrapConfig.from_params(params)
+    split = params["evaluate"]["reference_split"]
+    metrics: dict[str, float] = {}
+    intervals: dict[str, dict] = {}
+    seconds = 0.0  # the log only, never a metrics file (which stays byte-identical)
+    for extractor in params["evaluate"]["extractors"]:
+        weights = extractor_weights(params, extractor)
+        reference = load_reference(params.layout.reference_stats(extractor, split), extractor, file_digest(weights))
+        feats = extract_features(images_NHWC, extractor, weights, config.batch_size, device)  # once per extractor
+        values = metrics_from_features(feats, labels_N, reference, extractor, config)
+        start = time.monotonic()
+        intervals.update(bootstrap_intervals(feats, labels_N, reference, extractor, config, bootstrap, values))
+        seconds += time.monotonic() - start
+        metrics.update(values)
+    return metrics, intervals, seconds
+
+
+def mean_interval(values_N: torch.Tensor | np.ndarray) -> tuple[float, dict[str, float | int | None]]:
+    """Mean of per-image values and its normal interval at BOOTSTRAP_LEVEL (se = std / sqrt(n), ddof 1),
+    as an `intervals` entry {"se", "lo", "hi", "n"} (per-image figures such as PSNR: independent images)."""
+    values_N = np.asarray(values_N, dtype=np.float64)
+    mean = float(values_N.mean())
+    se = float(values_N.std(ddof=1) / math.sqrt(len(values_N))) if len(values_N) >= 2 else math.nan
+    z = normal_quantile(BOOTSTRAP_LEVEL)
+    return mean, {"se": _finite_or_none(se), "lo": _finite_or_none(mean - z * se),
+                  "hi": _finite_or_none(mean + z * se), "n": int(len(values_N))}

@@ -337,14 +337,21 @@ def generate_arpg(model, labels_B: torch.Tensor, *, steps: int, cfg: float = 1.0
 @torch.inference_mode()
 def generate_raster(model, labels_B: torch.Tensor, *, cfg: float = 1.0, cfg_schedule: str = "linear",
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                    generator: torch.Generator) -> torch.Tensor:
-    """LlamaGen-style decoding with the RasterGPT KV cache -> tokens [B, N] in raster order."""
+                    generator: torch.Generator, prefix_BK: torch.Tensor | None = None) -> torch.Tensor:
+    """LlamaGen-style decoding with the RasterGPT KV cache -> tokens [B, N] in raster order.
+
+    `prefix_BK`: the first K tokens in raster order (the top rows) are given and kept; they are fed
+    with the class in one pass and the remaining N - K are decoded one per step (guidance schedule
+    over those N - K, as ARPG's over its unknown tokens)."""
     opts = SamplerConfig(steps=1, cfg=cfg, cfg_schedule=cfg_schedule, schedule=SCHEDULES[0],  # one token a step:
                          temperature=temperature, top_k=top_k, top_p=top_p,  # no step schedule applies
                          confidence_noise=0.0)
     device = labels_B.device
     _check_ready(model, generator, device)
     B, N = labels_B.shape[0], model.config.grid_size ** 2
+    K = 0 if prefix_BK is None else prefix_BK.shape[1]
+    if prefix_BK is not None and (prefix_BK.shape[0] != B or not 0 < K < N):
+        raise ArpgError(f"raster prefix must be [{B}, K] with 0 < K < {N}; got {tuple(prefix_BK.shape)}")
     guided = opts.cfg != 1.0
     copies = 2 if guided else 1
 
@@ -353,13 +360,16 @@ def generate_raster(model, labels_B: torch.Tensor, *, cfg: float = 1.0, cfg_sche
     positions_N = torch.arange(N, device=device)
     feed_ids = _class_ids(model, labels_B, guided)[:, None]  # [cB, 1]
     feed_pos = torch.full_like(feed_ids, -1)  # [cB, 1]
-    for i in range(N):
+    if K:
+        tokens_BN[:, :K] = prefix_BK
+        feed_ids = torch.cat([feed_ids, prefix_BK.to(device).long().repeat(copies, 1)], dim=1)  # [cB, 1 + K]
+        feed_pos = torch.cat([feed_pos, positions_N[:K].expand(B * copies, K)], dim=1)  # [cB, 1 + K]
+    for i in range(K, N):
         logits_XV = model.extend(cache, feed_ids, feed_pos)[:, -1:]  # [cB, 1, V]
-        logits_BV = mix_guidance(logits_XV, B, cfg_weight(opts.cfg, opts.cfg_schedule, i + 1, N))  # [B, 1, V]
+        logits_BV = mix_guidance(logits_XV, B, cfg_weight(opts.cfg, opts.cfg_schedule, i - K + 1, N - K))  # [B, 1, V]
         new_B1 = sample_tokens(logits_BV, temperature=opts.temperature, top_k=opts.top_k,
                                top_p=opts.top_p, generator=generator)  # [B, 1]
         tokens_BN[:, i] = new_B1[:, 0]
         feed_ids = new_B1.repeat(copies, 1)  # [cB, 1]
         feed_pos = positions_N[i].expand(B * copies, 1)  # [cB, 1]
     return tokens_BN
-

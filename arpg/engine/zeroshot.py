@@ -25,9 +25,61 @@ import torch.nn.functional as F
 
 from arpg.engine.sampler import Context, SamplerConfig, generate_arpg
 from arpg.errors import ArpgError
+from arpg.zeroshot_plan import CONTINUATION, EXPANSION, TASKS
 
-TASKS = ("inpainting", "outpainting", "resolution-expansion")
 EXPANSIONS = ("extend", "interpolate")
+# Masks of the measured edits (`arpg zero-shot`): a region grown cell by cell from a centre point, so it
+# holds exactly the requested number of tokens; top-rows is the raster order's prefix.
+MASKS = ("centre", "random-block", "top-rows")
+
+
+def known_count(side: int, fraction: float) -> int:
+    """Tokens known at `fraction` of a side x side grid (at least one known, one generated)."""
+    count = round(fraction * side * side)
+    if not 0 < count < side * side:
+        raise ArpgError(f"known fraction {fraction} leaves {count} of {side * side} tokens known; "
+                        "use zeroshot.fractions strictly between 0 and 1 that keep one token each side")
+    return count
+
+
+def nearest_cells(side: int, count: int, centre_B2: torch.Tensor) -> torch.Tensor:
+    """Bool [B, side, side]: the `count` cells nearest each centre (row, col) [B, 2], by Chebyshev
+    distance (a square block), ties by Euclidean distance, then raster index (a fixed choice)."""
+    rc_N2 = torch.cartesian_prod(torch.arange(side), torch.arange(side)).double()  # [N, 2] raster order
+    offset_BN2 = rc_N2[None] - centre_B2.double()[:, None]  # [B, N, 2]
+    order_BN = torch.arange(side * side).expand(len(centre_B2), -1)  # raster index: the last tie-break
+    for key_BN in (offset_BN2.pow(2).sum(-1), offset_BN2.abs().amax(-1)):  # Euclidean, then Chebyshev
+        # stable sorts, least significant key first: equal keys keep the order of the earlier ones
+        order_BN = order_BN.gather(1, key_BN.gather(1, order_BN).sort(dim=1, stable=True).indices)
+    mask_BN = torch.zeros(len(centre_B2), side * side, dtype=torch.bool).scatter_(1, order_BN[:, :count], True)
+    return mask_BN.view(-1, side, side)
+
+
+def region(mask: str, side: int, count: int, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Bool [B, side, side] with exactly `count` cells set per image: a block at the centre, a block at a
+    centre drawn per image from `generator`, or the first `count` cells in raster order (the top rows)."""
+    if mask == "centre":
+        return nearest_cells(side, count, torch.full((batch, 2), (side - 1) / 2))
+    if mask == "random-block":
+        centre_B2 = torch.rand(batch, 2, generator=generator, device=generator.device).cpu() * (side - 1)  # [B, 2]
+        return nearest_cells(side, count, centre_B2)
+    if mask == "top-rows":
+        return (torch.arange(side * side) < count).view(1, side, side).expand(batch, side, side).clone()
+    raise ArpgError(f"unknown zero-shot mask {mask!r}; use one of {', '.join(MASKS)} (zeroshot.masks)")
+
+
+def known_mask(task: str, mask: str, side: int, fraction: float, batch: int,
+               generator: torch.Generator) -> torch.Tensor:
+    """Bool [B, side, side], True where the image's token is given, `fraction` of the grid known.
+
+    inpainting: the region is the hole (context around it); outpainting: the region is what is known;
+    top-rows: the known top rows whatever the task (the lower part is completed)."""
+    count = known_count(side, fraction)
+    if mask == "top-rows" or task == "outpainting":
+        return region(mask, side, count, batch, generator)
+    if task == "inpainting":
+        return ~region(mask, side, side * side - count, batch, generator)
+    raise ArpgError(f"zero-shot masks are for inpainting / outpainting, not {task!r}")
 
 
 def centre_box(side: int, frac: float = 0.5) -> torch.Tensor:
@@ -52,7 +104,8 @@ def lattice(side: int, big: int) -> torch.Tensor:
 
 @dataclass
 class Completion:
-    """One zero-shot call: output tokens [B, h, w], the context it was given [B, h, w], known mask [h, w]."""
+    """One zero-shot call: output tokens [B, h, w], the context it was given [B, h, w], known mask
+    [h, w] (one for the batch) or [B, h, w] (one per image)."""
 
     tokens_Bhw: torch.Tensor
     context_Bhw: torch.Tensor
@@ -60,21 +113,22 @@ class Completion:
 
     @property
     def known_kept(self) -> bool:
-        known = self.known_hw.to(self.tokens_Bhw.device)
-        return bool(torch.equal(self.tokens_Bhw[:, known], self.context_Bhw[:, known]))
+        known_Bhw = self.known_hw.to(self.tokens_Bhw.device).expand_as(self.tokens_Bhw)
+        return bool(torch.equal(self.tokens_Bhw[known_Bhw], self.context_Bhw[known_Bhw]))
 
 
 def complete(model, tokens_Bhw: torch.Tensor, known_hw: torch.Tensor, labels_B: torch.Tensor, *,
              sampler: SamplerConfig, generator: torch.Generator, rope_scale: float = 1.0) -> Completion:
-    """Keep the tokens where `known_hw` is True, generate the others (random order, parallel steps;
-    rope_scale: the grid's RoPE position scale, see layers.rope_2d)."""
+    """Keep the tokens where `known_hw` ([h, w], or [B, h, w] with the same count per image) is True,
+    generate the others (random order, parallel steps; rope_scale: the grid's RoPE position scale, see
+    layers.rope_2d)."""
     B, h, w = tokens_Bhw.shape
-    if h != w or known_hw.shape != (h, w):
+    if h != w or known_hw.shape[-2:] != (h, w) or known_hw.dim() not in (2, 3):
         raise ArpgError(f"zero-shot grids must be square with a matching mask; got tokens {tuple(tokens_Bhw.shape)}, "
                         f"mask {tuple(known_hw.shape)}")
-    n_free = int((~known_hw).sum())
+    known_BN = known_hw.expand(B, h, w).reshape(B, h * w).to(tokens_Bhw.device)  # [B, N]
+    n_free = int((~known_BN[0]).sum())
     steps = min(sampler.steps, n_free)  # a small hole cannot take more steps than it has tokens
-    known_BN = known_hw.reshape(1, h * w).expand(B, -1).to(tokens_Bhw.device)  # [B, N]
     context = Context(tokens_BN=tokens_Bhw.reshape(B, h * w), known_BN=known_BN)
     out_BN = generate_arpg(model, labels_B, steps=steps, cfg=sampler.cfg, cfg_schedule=sampler.cfg_schedule,
                            schedule=sampler.schedule, temperature=sampler.temperature, top_k=sampler.top_k,
@@ -154,11 +208,16 @@ def pick_images(labels_N, count: int) -> list[int]:
     return picked
 
 
+def pixel_mask(known_hw: torch.Tensor, factor: int) -> torch.Tensor:
+    """Token mask [h, w] or [B, h, w] -> pixel mask [1 or B, 1, h f, w f] (broadcasts over channels)."""
+    known_HW = known_hw.repeat_interleave(factor, -2).repeat_interleave(factor, -1)  # [(B,) H, W]
+    return known_HW.reshape(-1, 1, *known_HW.shape[-2:])
+
+
 def shade_unknown(images_BCHW: torch.Tensor, known_hw: torch.Tensor) -> torch.Tensor:
     """The input with unknown token cells drawn mid-grey (what the model is shown)."""
-    f = images_BCHW.shape[-1] // known_hw.shape[-1]
-    known_HW = known_hw.repeat_interleave(f, 0).repeat_interleave(f, 1).to(images_BCHW.device)  # pixels
-    return torch.where(known_HW, images_BCHW, torch.zeros_like(images_BCHW))  # 0 = grey in [-1, 1]
+    known_B1HW = pixel_mask(known_hw, images_BCHW.shape[-1] // known_hw.shape[-1]).to(images_BCHW.device)
+    return torch.where(known_B1HW, images_BCHW, torch.zeros_like(images_BCHW))  # 0 = grey in [-1, 1]
 
 
 @torch.inference_mode()
@@ -172,15 +231,19 @@ def run_task(task: str, model, tokenizer, images_BCHW: torch.Tensor, labels_B: t
     B = images_BCHW.shape[0]
     labels_X = labels_B.repeat_interleave(samples)  # [B*S]: draws of one image are adjacent
     images_XCHW = images_BCHW.repeat_interleave(samples, 0)  # [B*S, C, H, W]
-    if task == "resolution-expansion":
+    if task == EXPANSION:
         completion, big_XCHW = expand_resolution(model, tokenizer, images_XCHW, labels_X, expand_to=expand_to,
                                                  sampler=sampler, generator=generator, method=expansion)
         inputs_BCHW = big_XCHW[::samples]  # the up-scaled input, once per image
-    elif task in ("inpainting", "outpainting"):
+    elif task in ("inpainting", "outpainting", CONTINUATION):
         inputs_BCHW = images_BCHW
-        fn = inpaint if task == "inpainting" else outpaint
         context_Xhw = tokenizer.encode(images_BCHW).repeat_interleave(samples, 0)  # [B*S, h, w]
-        completion = fn(model, context_Xhw, labels_X, sampler=sampler, generator=generator)
+        if task == CONTINUATION:  # the top half of the rows known, the lower half generated
+            top_hw = known_mask("inpainting", "top-rows", context_Xhw.shape[-1], 0.5, 1, generator)[0]
+            completion = complete(model, context_Xhw, top_hw, labels_X, sampler=sampler, generator=generator)
+        else:
+            fn = inpaint if task == "inpainting" else outpaint
+            completion = fn(model, context_Xhw, labels_X, sampler=sampler, generator=generator)
     else:
         raise ArpgError(f"unknown zero-shot task {task!r}; use one of {', '.join(TASKS)}")
     outputs_XCHW = tokenizer.decode(completion.tokens_Bhw).clamp(-1, 1)  # [B*S, C, H, W]

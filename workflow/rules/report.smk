@@ -1,4 +1,4 @@
-# Timing, zero-shot galleries and the generated report.
+# Timing, zero-shot galleries and measurements, and the generated report.
 
 
 rule profile:
@@ -33,6 +33,25 @@ rule gallery:
     threads: threads("gallery")
     resources:
         gpu=gpus("gallery"),
+    conda:
+        CONDA_ENV
+    shell:
+        "{params.command} > {log:q} 2>&1"
+
+
+rule zero_shot:
+    input:
+        inputs("zero_shot"),
+    output:
+        out("zero_shot"),
+    log:
+        log("zero_shot"),
+    params:
+        fingerprint=fingerprint("zero_shot"),
+        command=command("zero_shot"),
+    threads: threads("zero_shot")
+    resources:
+        gpu=gpus("zero_shot"),
     conda:
         CONDA_ENV
     shell:

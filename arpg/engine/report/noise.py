@@ -121,6 +121,18 @@ def difference(a: Point, b: Point, metric: str, boot: Bootstrap) -> tuple[float,
     return b.metrics[metric] - a.metrics[metric], se
 
 
+def judged(diff: float, se: float | None, boot: Bootstrap, lower_is_better: bool) -> tuple[str, str]:
+    """(verdict, interval text) of a difference b - a: better / worse beyond the noise, or as good within it."""
+    if se is None:
+        return "compared without an interval", ""
+    half = boot.z * se
+    better = diff < -half if lower_is_better else diff > half
+    worse = diff > half if lower_is_better else diff < -half
+    verdict = "better, beyond the noise" if better else "worse, beyond the noise" if worse else \
+        "as good within the noise"
+    return verdict, f" ({boot.level:.0%} interval of the difference [{fmt(diff - half)}, {fmt(diff + half)}])"
+
+
 def difference_rows(params, points: list[Point], metrics: list[str], boot: Bootstrap) -> list[dict[str, Any]]:
     """Per comparison and metric: both values, b - a, its interval (independent sets: se = sqrt(se_a^2 +
     se_b^2)) and whether it excludes 0 (None: a point has no interval)."""

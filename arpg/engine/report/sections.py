@@ -15,7 +15,8 @@ from arpg import figures, pipeline
 from arpg.config import token_count
 from arpg.decoders import DECODERS, labels, native_orders, zero_shot_decoder
 from arpg.engine.report.noise import (DIFFERENCE_COLUMNS, Bootstrap, bootstrap_of, difference, interval_text,
-                                     noise_section)
+                                     judged, noise_section)
+from arpg.engine.report.zeroshot import zero_shot_section
 from arpg.engine.report.points import (POINT_COLUMNS, Point, csv_row, extractor_of, guidance_sweep,
                                        headline_columns, half_width, interval_columns, md_row, metric_columns,
                                        numeric_leaves, order_sweep, point_of, read_output, read_points,
@@ -126,6 +127,7 @@ def build(params, out_dir: Path | None = None) -> dict[str, Any]:
     for owned in COPIED_DIRS:  # a grid of a sweep point no longer in the params would stay otherwise
         shutil.rmtree(rep.out / owned, ignore_errors=True)
     md += _grids(rep, quality)
+    md += _zero_shot(rep, quality)
     md += _galleries(rep)
     rep.text("README.md", "\n".join(md))
     rep.headline.update(_fid_headline(quality))
@@ -233,15 +235,7 @@ def _strategy_findings(q: Quality, cols: list[str]) -> list[str]:
             if ref is None or col not in ref.metrics:
                 continue
             diff, se = difference(ref, best, col, q.boot)
-            if se is not None:
-                half = q.boot.z * se
-                better = diff < -half if lower_is_better else diff > half
-                worse = diff > half if lower_is_better else diff < -half
-                verdict = ("better, beyond the noise" if better else "worse, beyond the noise" if worse
-                           else "as good within the noise")
-                interval = f" ({q.boot.level:.0%} interval of the difference [{fmt(diff - half)}, {fmt(diff + half)}])"
-            else:
-                verdict, interval = "compared without an interval", ""
+            verdict, interval = judged(diff, se, q.boot, lower_is_better)
             lines.append(f"- `{col}`: at {steps} steps the best strategy, {best.point.order}, gives "
                          f"{with_interval(best, col)} against {with_interval(ref, col)} for the "
                          f"{ref.point.order} order at {2 * steps} steps: {signed(diff)}{interval}, {verdict}.")
@@ -363,6 +357,16 @@ def _grids(rep: Report, q: Quality) -> list[str]:
             md.append(f"**{p.model}, {p.steps} steps, cfg {format_cfg(p.cfg)}, {p.order}**\n\n"
                       f"![{p.model} {p.tag}](grids/{p.model}/{p.tag}.png)\n")
     md.append("All grids: `grids/<model>/<tag>.png`.\n")
+    return md
+
+
+def _zero_shot(rep: Report, q: Quality) -> list[str]:
+    if "zero_shot" not in rep.rules:
+        return []
+    doc = read_output(rep.layout.zeroshot_json, "zero-shot")
+    md, rows, cols, headline = zero_shot_section(rep.params, doc, q.sweep, q.boot)
+    rep.csv("zeroshot.csv", rows, cols)
+    rep.headline.update(headline)
     return md
 
 
