@@ -122,6 +122,9 @@ VQ_KEYS = ("data.channels", *(f"tokenizer.{k}" for k in (
     "l2_norm_codes", "norm_groups", "dropout")))  # the tokenizer's architecture
 TOKEN_SPACE_KEYS = ("data.resolution", "data.num_classes", "tokenizer.channel_mult", "tokenizer.codebook_size")
 DECODING_KEYS = tuple(f"sample.{k}" for k in ("schedule", "cfg_schedule", "temperature", "top_k", "top_p"))
+# what a stage decoding with the study models reads besides: the strategies' noise, and the precision
+# models.checkpoint.load_study_models sets them up at
+STUDY_DECODING_KEYS = (*DECODING_KEYS, "sample.confidence_noise", "sample.precision")
 COMPUTE_KEYS = ("device", "threads")  # every computing stage: where and with how many threads
 
 
@@ -314,8 +317,7 @@ def _gallery(ctx: _Ctx, w) -> Job:
               _s(lay.images("test")), _s(lay.labels("test")), _s(lay.data_manifest))  # + class names
     outputs = tuple(_s(lay.gallery_image(t)) for t in params["gallery"]["tasks"]) + (_s(lay.gallery_json),)
     return Job("gallery", {}, ("gallery",), inputs, outputs,
-               _keys(COMPUTE_KEYS, "gallery", DECODING_KEYS, "sample.confidence_noise", "sample.precision", "seed",
-                     VQ_KEYS, TOKEN_SPACE_KEYS),
+               _keys(COMPUTE_KEYS, "gallery", STUDY_DECODING_KEYS, "seed", VQ_KEYS, TOKEN_SPACE_KEYS),
                threads=params["threads"], gpus=_gpus(params), log=_log(ctx, "gallery", w, ()))
 
 
@@ -325,8 +327,8 @@ def _zero_shot(ctx: _Ctx, w) -> Job:
     params, lay = ctx.params, ctx.layout
     inputs = (*(_s(lay.model_checkpoint(m)) for m in cell_models(params)), _s(lay.tokenizer_checkpoint),
               _s(lay.images("test")), _s(lay.labels("test")), *_point_inputs_eval(ctx, w))
-    keys = _keys(COMPUTE_KEYS, "zeroshot", "sample.cfg_default", DECODING_KEYS, "sample.confidence_noise", VQ_KEYS,
-                 TOKEN_SPACE_KEYS, [k for k in _evaluate_keys(params) if k != "sample.seed"])
+    keys = _keys(COMPUTE_KEYS, "zeroshot", "sample.cfg_default", STUDY_DECODING_KEYS, VQ_KEYS, TOKEN_SPACE_KEYS,
+                 [k for k in _evaluate_keys(params) if k != "sample.seed"])
     if EXPANSION in params["zeroshot"]["tasks"]:
         keys += ("gallery.expand_to", "gallery.expansion")
     return Job("zero_shot", {}, ("zero-shot",), inputs, (_s(lay.zeroshot_json), _s(lay.zeroshot_csv)), keys,
