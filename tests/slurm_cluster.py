@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -169,8 +170,21 @@ def _start_slurm(cluster: Cluster) -> None:
     _wait("the node to be idle", lambda: "idle" in cluster.run("sinfo", "-h", "-o", "%T"), cluster, "slurmd")
 
 
+def _cancel_jobs(cluster: Cluster, timeout: float = 60) -> None:
+    """Cancel every job and wait until slurmd has ended them: a job's slurmstepd is a daemon of its
+    own (not in slurmd's process group), so stopping slurmd alone leaves the job's processes running."""
+    if "slurmctld" not in cluster.procs or cluster.procs["slurmctld"].poll() is not None:
+        return
+    with contextlib.suppress(Exception):
+        cluster.run("scancel", "--full", "--user", "root", check=False)
+        deadline = time.monotonic() + timeout
+        while cluster.run("squeue", "-h", "-o", "%i", check=False).strip() and time.monotonic() < deadline:
+            time.sleep(1)
+
+
 def _stop(cluster: Cluster) -> None:
-    """Stop the daemons in reverse start order, each by its process id (its session: any job step too)."""
+    """Cancel the jobs, then stop the daemons in reverse start order, each by its process id."""
+    _cancel_jobs(cluster)
     for name, proc in reversed(list(cluster.procs.items())):
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -213,9 +227,16 @@ def one_node_cluster(root: Path):
         shutil.rmtree(root)  # the database alone is ~180 MB; a start failure's logs are in its message
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    # Ctrl-C or `kill PID` stops the cluster (a background job started by a script ignores SIGINT)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     with one_node_cluster(Path(sys.argv[1])) as c:
-        print(f"export SLURM_CONF={c.env['SLURM_CONF']}\n(Ctrl-C stops the cluster)", flush=True)
+        print(f"export SLURM_CONF={c.env['SLURM_CONF']}\n(Ctrl-C or kill {os.getpid()} stops the cluster)", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             while True:
                 time.sleep(3600)
