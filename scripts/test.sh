@@ -3,6 +3,6 @@
 # Extra arguments go to pytest, e.g. scripts/test.sh -m "not slow"
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ARPG_EXTRAS=test bash scripts/setup.sh
+ARPG_EXTRAS=test,slurm bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 exec python -m pytest "$@"

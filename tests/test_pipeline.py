@@ -245,22 +245,36 @@ def test_slurm_profile_dry_run(tmp_path):
     assert config["executor"] == "slurm"
     rules = _run([*SNAKEMAKE, "--list-rules", "--directory", str(tmp_path)], REPO_ROOT).stdout.split()
     assert set(config["set-resources"]) <= set(rules)
-    # The plugin is optional (pip install '.[slurm]'); without it only the executor line is unknown
-    # to Snakemake, so dry-run the same profile minus that line.
+    # The plugin is optional (pip install '.[slurm]'); without it only the executor line and the
+    # plugin's own slurm-* settings are unknown to Snakemake, so dry-run the same profile minus those.
     profile = tmp_path / "slurm"
     profile.mkdir()
-    (profile / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in config.items() if k != "executor"}))
+    (profile / "config.yaml").write_text(yaml.safe_dump(
+        {k: v for k, v in config.items() if k != "executor" and not k.startswith("slurm-")}))
     proc = _run([*SNAKEMAKE, "-n", "--profile", str(profile), "--directory", str(tmp_path), "--config",
                  f"params={REPO_ROOT / 'configs/paper.yaml'}"], REPO_ROOT)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     blocks = {m.group(1): m.group(0) for m in re.finditer(r"rule (\w+):\n(?:    .*\n)+", out)}
     assert "runtime=240" in blocks["sample"] and "gpu=8" in blocks["sample"]
-    assert "slurm_partition=gpu" in blocks["sample"] and "cpus_per_task=32" in blocks["sample"]
+    assert "mem_mb_per_cpu=4000" in blocks["sample"]
+    # CPUs are the rule's threads and the partition the cluster's default: the profile names neither
+    assert "cpus_per_task" not in out and "slurm_partition" not in out
     assert "runtime=10080" in blocks["train"]
     assert "gpu=1" in blocks["evaluate"]
     localrules = (REPO_ROOT / "workflow/rules/common.smk").read_text()
     assert re.search(r"localrules:\n\s+all,\n\s+report,", localrules)
+
+
+def test_the_default_workflow_profile_overrides_nothing_the_slurm_profile_sets():
+    """Snakemake applies profiles/default (the "workflow specific profile") after `--profile
+    workflow/profiles/slurm`, replacing each key both set: a differing key would silently undo the
+    SLURM setting (it did: latency-wait 5 over the shared file system's 60)."""
+    default, slurm = (yaml.safe_load((REPO_ROOT / "workflow/profiles" / name / "config.yaml").read_text())
+                      for name in ("default", "slurm"))
+    assert (REPO_ROOT / "profiles" / "default").resolve() == (REPO_ROOT / "workflow/profiles/default").resolve()
+    clashes = {k: (default[k], slurm[k]) for k in default.keys() & slurm.keys() if default[k] != slurm[k]}
+    assert not clashes, f"profiles/default overrides the SLURM profile's {clashes}: drop them from the default"
 
 
 def test_missing_weights_stop_before_any_job(tmp_path):
