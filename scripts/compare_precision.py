@@ -75,7 +75,8 @@ def main() -> None:
     results = {p: sample_and_score(params, model, tokenizer, args, p) for p in ("fp32", "bf16")}
     (m32, i32, t32), (m16, i16, t16) = results["fp32"], results["bf16"]
     z = normal_quantile(BOOTSTRAP_LEVEL)
-    for name in sorted(k for k in m32 if k.startswith(("fid_", "kid_", "accuracy_"))):
+    for name in sorted(k for k in m32 if k.startswith(("fid_", "kid_", "accuracy_"))
+                       and not k.startswith(("kid_std", "kid_subset"))):
         a, b = i32.get(name), i16.get(name)
         line = f"{name}: fp32 {m32[name]:.4g}"
         if a and b and a["se"] is not None and b["se"] is not None:
