@@ -141,7 +141,15 @@ def test_default_models_end_to_end_outputs(tmp_path, params_file):
     assert [r["order"] for r in table] == ["random", "random", "locality", "confidence", "raster"] * 2
     # own order only, per precision measured
     assert [(g["steps"], g["decoder"], g["precision"]) for g in doc["speedups"]] == \
-        [(2, "arpg", "fp32"), (4, "arpg", "fp32")] + ([(2, "arpg", "bf16"), (4, "arpg", "bf16")] if bf16 else [])
+        [(2, "arpg", "fp32"), (4, "arpg", "fp32")] + ([(2, "arpg", "bf16"), (4, "arpg", "bf16"), (2, "arpg", "best"),
+                                                       (4, "arpg", "best")] if bf16 else [])
+    native = [r for r in rows if r["status"] == "ok" and r["order"] in ("random", "raster")]
+    for g in (g for g in doc["speedups"] if g["precision"] == "best"):  # each at its fastest precision and kernel
+        fastest = {k: max((r for r in native if r["kind"] == k and r["steps"] == (g["steps"] if k == "arpg" else 16)),
+                          key=lambda r: r["gen_img_s_median"]) for k in ("arpg", "raster")}
+        assert (g["decoder_kernel"], g["baseline_kernel"]) == (fastest["arpg"]["kernel"], fastest["raster"]["kernel"])
+        assert g["speedup_gen"] == pytest.approx(fastest["arpg"]["gen_img_s_median"]
+                                                 / fastest["raster"]["gen_img_s_median"])
     assert len(doc["precision_speedups"]) == (5 if bf16 else 0)
     assert json.loads(layout.kernel_choices.read_text())  # the measured choices, cached for the next run
     assert "img_s.default.arpg.b1.s2.confidence" in P.metrics(doc) and "img_s.default.arpg.b1.s2" in P.metrics(doc)

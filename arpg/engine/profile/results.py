@@ -29,17 +29,27 @@ CSV_COLUMNS = [
     "load_avg_1m", "load_avg_1m_after", "omp_wait_policy",
 ]
 SPEEDUP_COLUMNS = [
-    "decoder", "baseline", "model", "precision", "batch", "steps", "tokens", "step_ratio", "goal", "speedup_gen",
-    "speedup_gen_low", "speedup_gen_high", "speedup_e2e", "kv_ratio", "gen_mem_ratio",
+    "decoder", "baseline", "model", "precision", "decoder_kernel", "baseline_kernel", "batch", "steps", "tokens",
+    "step_ratio", "goal", "speedup_gen", "speedup_gen_low", "speedup_gen_high", "speedup_e2e", "kv_ratio",
+    "gen_mem_ratio",
 ]
-PRECISION_SPEEDUP_COLUMNS = ["model", "kind", "net", "steps", "batch", "fp32_kernel", "bf16_kernel", "fp32_img_s",
-                             "bf16_img_s", "speedup"]
+PRECISION_SPEEDUP_COLUMNS = ["model", "kind", "net", "steps", "order", "batch", "fp32_kernel", "bf16_kernel",
+                             "fp32_img_s", "bf16_img_s", "speedup"]
+BEST = "best"  # the speed-ups' precision label for each decoder at its fastest precision and kernel
 
 
 def speedups(rows: list[dict]) -> list[dict]:
     """Each parallel decoder at S steps over each sequential one at the same model, batch and precision
-    (each at the kernel measured fastest for it), with the step ratio n/S beside it."""
+    (each at the kernel measured fastest for it), with the step ratio n/S beside it; where several
+    precisions were measured, also each decoder at its own fastest precision (precision "best")."""
     ok = [r for r in rows if r["status"] == "ok" and in_native_order(r)]  # strategies: in the rows, not the speed-ups
+    if len({r["precision"] for r in ok}) > 1:
+        fastest: dict[tuple, dict] = {}
+        for r in ok:
+            key = _config(r)
+            if key not in fastest or r["gen_img_s_median"] > fastest[key]["gen_img_s_median"]:
+                fastest[key] = r
+        ok = ok + [dict(r, precision=BEST) for r in fastest.values()]
     parallel = {d.name for d in DECODERS.values() if d.parallel}
     sequential = [{(r["model"], r["batch"], r["precision"]): r for r in ok if r["kind"] == d.name}
                   for d in DECODERS.values() if not d.parallel]
@@ -56,7 +66,7 @@ def speedups(rows: list[dict]) -> list[dict]:
         ratio = r["tokens"] / r["steps"]
         item = {
             "decoder": r["kind"], "baseline": base["kind"], "model": r["model"], "precision": r["precision"],
-            "batch": r["batch"],
+            "decoder_kernel": r.get("kernel"), "baseline_kernel": base.get("kernel"), "batch": r["batch"],
             "steps": r["steps"], "tokens": r["tokens"],
             "step_ratio": ratio, "goal": GOAL_FRACTION_OF_STEP_RATIO * ratio,
             "speedup_gen": r["gen_img_s_median"] / base["gen_img_s_median"],
@@ -81,7 +91,8 @@ def precision_speedups(rows: list[dict]) -> list[dict]:
         base = fp32.get(_config(r))
         if r["precision"] != "bf16" or base is None:
             continue
-        out.append({"model": r["model"], "kind": r["kind"], "net": r["net"], "steps": r["steps"], "batch": r["batch"],
+        out.append({"model": r["model"], "kind": r["kind"], "net": r["net"], "steps": r["steps"],
+                    "order": r["order"], "batch": r["batch"],
                     "fp32_kernel": base.get("kernel"), "bf16_kernel": r.get("kernel"),
                     "fp32_img_s": base["gen_img_s_median"], "bf16_img_s": r["gen_img_s_median"],
                     "speedup": r["gen_img_s_median"] / base["gen_img_s_median"]})
@@ -128,7 +139,8 @@ def summary(doc: dict) -> str:
     if doc["precision_speedups"]:
         lines.append("bf16 over fp32 (generation img/s, each at its fastest measured kernel)")
         for p in doc["precision_speedups"]:
-            lines.append(f"  {p['model']}/{p['kind']} steps={p['steps']} batch={p['batch']}: {p['fp32_img_s']:.4g} "
+            order = "" if in_native_order(p) else f" order={p['order']}"
+            lines.append(f"  {p['model']}/{p['kind']} steps={p['steps']}{order} batch={p['batch']}: {p['fp32_img_s']:.4g} "
                          f"({p['fp32_kernel']}) -> {p['bf16_img_s']:.4g} ({p['bf16_kernel']}) = {p['speedup']:.2f}x")
     skipped = [r for r in doc["rows"] if r["status"] == "skipped"]
     for r in skipped:

@@ -276,7 +276,8 @@ def _speed(rep: Report, q: Quality) -> list[str]:
           f"of the run; speed-ups are {par} over the {seq} twin of the same backbone and batch.\n",
           markdown_table(speed, SPEED_COLUMNS), f"### Speed-up of {par} over {seq} decoding\n",
           "Each decoder at each precision runs the linear kernel measured fastest for its own row counts "
-          "on this machine (`kernel` above; arpg/models/cpu_kernels.py).\n",
+          "on this machine (`kernel` above; arpg/models/cpu_kernels.py); precision `best`: each decoder at its "
+          "own fastest precision and kernel.\n",
           markdown_table(gains, GAIN_COLUMNS)]
     by_precision = profile_doc.get("precision_speedups", [])
     if by_precision:
