@@ -341,7 +341,8 @@ def _report(ctx: _Ctx, w) -> Job:
     # what the text and tables show besides the stage outputs: titles, sweep defaults, the grid
     keys = _keys("threads", "report", "name", "data.source", "data.num_classes", "data.resolution",
                  "tokenizer.channel_mult", "evaluate.extractors", "gallery.tasks", "sample.cfg_default",
-                 "sample.steps_default", "sample.orders", "sample.strategies", "sample.strategy_steps")
+                 "sample.steps_default", "sample.orders", "sample.strategies", "sample.strategy_steps",
+                 "sample.precision")  # sample.precision: the profile rows the quality-vs-speed pairs use
     return Job("report", {}, ("report",), tuple(inputs), (_s(ctx.layout.report_index),), keys,
                output_dir=str(ctx.params["report"]["dir"]), local=True, log=_log(ctx, "report", w, ()))
 

@@ -306,11 +306,14 @@ def test_the_first_run_ran_every_job_and_logged_each_stage_to_mlflow(study):
 
 # --------------------------------------------------------------------------- same bytes
 
+def result_targets(params) -> list[str]:
+    """Every output of the jobs whose bytes the params fix: all but profile and report (they hold
+    timings) and the gallery."""
+    return [o for j in pipeline.jobs(params) if j.rule not in ("profile", "report", "gallery") for o in j.outputs]
+
+
 def _result_files(root: Path, params) -> list[Path]:
-    """Every output of the training, sampling and evaluation jobs (profile and report hold timings)."""
-    files = [Path(o) for j in pipeline.jobs(params) if j.rule not in ("profile", "report", "gallery")
-             for o in j.outputs]
-    return [root / f for f in files]
+    return [root / f for f in result_targets(params)]
 
 
 @pytest.mark.slow
@@ -318,8 +321,7 @@ def _result_files(root: Path, params) -> list[Path]:
 def test_a_second_fresh_run_elsewhere_writes_the_same_bytes(study, tmp_path):
     params = load_params(study / "params.yaml")
     shutil.copy(study / "params.yaml", tmp_path / "params.yaml")
-    targets = [o for j in pipeline.jobs(params) if j.rule == "evaluate" for o in j.outputs]
-    out = snakemake(tmp_path, tmp_path / "params.yaml", *targets)
+    out = snakemake(tmp_path, tmp_path / "params.yaml", *result_targets(params))
     assert "train_tokenizer" in out and re.search(rf"^train\s+{len(DECODERS)}$", out, re.M)  # trained again
     first, second = _result_files(study, params), _result_files(tmp_path, params)
     assert len(first) >= 30

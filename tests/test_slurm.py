@@ -27,7 +27,7 @@ from arpg import pipeline
 from arpg.config import load_params
 from arpg.paths import REPO_ROOT
 from slurm_cluster import PARTITION, missing_requirements, one_node_cluster
-from test_reproducible import BIN, ENV, SMOKE, _result_files, snakemake
+from test_reproducible import BIN, ENV, SMOKE, _result_files, result_targets, snakemake
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(3600)]
 
@@ -96,8 +96,7 @@ def studies(cluster, tmp_path_factory):
         shutil.copy(SMOKE, roots[kind] / "params.yaml")  # relative output_dir, report.dir and MLflow store
     out = submit(cluster, roots["slurm"], roots["slurm"] / "params.yaml")
     params = load_params(roots["local"] / "params.yaml")
-    targets = [o for j in pipeline.jobs(params) if j.rule == "evaluate" for o in j.outputs]
-    snakemake(roots["local"], roots["local"] / "params.yaml", *targets)
+    snakemake(roots["local"], roots["local"] / "params.yaml", *result_targets(params))
     return roots, out
 
 
