@@ -172,8 +172,7 @@ def choose_cpu_kernel(model, spec: RunSpec) -> dict:
     from arpg.engine.sampler import step_counts
     from arpg.models.cpu_kernels import choose_kernel, kernels_for, row_plan
 
-    rows_per_token = spec.batch * (2 if spec.cfg != 1.0 else 1)  # CFG doubles the batch
-    plan = row_plan(model, step_counts(spec.tokens, spec.steps, spec.schedule), rows_per_token)
+    plan = row_plan(model, step_counts(spec.tokens, spec.steps, spec.schedule), spec.cfg_batch)
     return choose_kernel(model, plan, kernels_for(spec.precision),
                          Path(spec.kernel_cache) if spec.kernel_cache else None)
 
@@ -258,10 +257,9 @@ def measure(spec: RunSpec, marker_dir: Path | None = None) -> dict:
             row["kernel"] = f"{spec.precision} ({device.type})"
         decode = _build_decoder(spec, device)
         dtype = next(model.parameters()).dtype
-        cfg_batch = spec.batch * (2 if spec.cfg != 1.0 else 1)  # CFG doubles the batch: [cond; uncond]
         row["params"] = sum(p.numel() for p in model.parameters())
         row["backbone"] = backbone(model)
-        row["kv_cache_bytes"] = int(model.kv_cache_bytes(cfg_batch, dtype))
+        row["kv_cache_bytes"] = int(model.kv_cache_bytes(spec.cfg_batch, dtype))
         labels_B = (torch.arange(spec.batch) % spec.num_classes).to(device)  # [B]
         gen = make_generator(spec.seed, device)
         sample = _sampler(spec)

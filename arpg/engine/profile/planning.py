@@ -53,6 +53,11 @@ class RunSpec:
     def tokens(self) -> int:
         return self.grid * self.grid
 
+    @property
+    def cfg_batch(self) -> int:
+        """Rows per token the model sees: CFG doubles the batch ([cond; uncond])."""
+        return self.batch * (2 if self.cfg != 1.0 else 1)
+
     def label(self) -> str:
         order = "" if self.order == DECODERS[self.kind].native_order else f" order={self.order}"
         return f"{self.model}/{self.kind} steps={self.steps}{order} batch={self.batch} {self.precision}"

@@ -103,6 +103,11 @@ def _config(r: dict) -> tuple:
     return r["model"], r["kind"], r["steps"], r["order"], r["batch"], r["device"]
 
 
+def precision_suffix(precision: str) -> str:
+    """What a metric name gains for a precision other than fp32 (fp32 names stay as they were)."""
+    return "" if precision == "fp32" else f".{precision}"
+
+
 def environment() -> dict:
     import torch
 
@@ -171,7 +176,7 @@ def metrics(doc: dict) -> dict[str, float]:
             continue
         key = (f"{r['model']}.{r['kind']}.b{r['batch']}.s{r['steps']}"
                + ("" if in_native_order(r) else f".{r['order']}")
-               + ("" if r["precision"] == "fp32" else f".{r['precision']}"))
+               + precision_suffix(r["precision"]))
         out[f"img_s.{key}"] = r["gen_img_s_median"]
         if r.get("e2e_img_s_median"):
             out[f"img_s_e2e.{key}"] = r["e2e_img_s_median"]
@@ -179,5 +184,5 @@ def metrics(doc: dict) -> dict[str, float]:
         out[f"kv_mib.{key}"] = r["kv_cache_bytes"] / 2**20
     for g in doc["speedups"]:
         out[f"speedup.{g['model']}.b{g['batch']}.s{g['steps']}"
-            + ("" if g["precision"] == "fp32" else f".{g['precision']}")] = g["speedup_gen"]
+            + precision_suffix(g["precision"])] = g["speedup_gen"]
     return out

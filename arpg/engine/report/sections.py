@@ -21,7 +21,7 @@ from arpg.engine.report.points import (POINT_COLUMNS, Point, csv_row, extractor_
                                        headline_columns, half_width, interval_columns, md_row, metric_columns,
                                        numeric_leaves, order_sweep, point_of, read_output, read_points,
                                        step_sweep, strategy_sweep, suffix, with_interval)
-from arpg.engine.profile.results import PRECISION_SPEEDUP_COLUMNS
+from arpg.engine.profile.results import PRECISION_SPEEDUP_COLUMNS, precision_suffix
 from arpg.engine.report.speed import GAIN_COLUMNS, SPEED_COLUMNS, hardware, pareto_front, pareto_pairs, speed_rows
 from arpg.engine.report.text import fmt, markdown_kv, markdown_table, signed
 from arpg.errors import ArpgError
@@ -294,7 +294,7 @@ def _speed(rep: Report, q: Quality) -> list[str]:
         md += _quality_vs_speed(rep, q, speed)
     for g in gains:
         rep.headline[f"speedup_gen.{g['model']}.b{g['batch']}.s{g['steps']}"
-                     + ("" if g["precision"] == "fp32" else f".{g['precision']}")] = g["speedup_gen"]
+                     + precision_suffix(g["precision"])] = g["speedup_gen"]
     return md
 
 
