@@ -7,6 +7,9 @@
 # Paths, inputs and params fingerprints come from arpg/pipeline.py (the same
 # source as dvc.yaml, see `arpg export-dvc`). Rules live in workflow/rules/.
 
+report: "workflow/report/workflow.rst"  # the --report page's description
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"

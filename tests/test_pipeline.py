@@ -45,6 +45,7 @@ with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
     wf._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True)
     wf._build_dag()
     jobs = [{"rule": j.rule.name, "inputs": list(j.input), "outputs": list(j.output), "log": list(j.log),
+             "benchmark": str(j.benchmark or ""),
              "shell": j.shellcmd, "threads": j.threads, "gpu": dict(j.resources).get("gpu", 0)}
             for j in wf.dag.jobs if j.rule.name != "all"]
 print("DAG-JSON " + json.dumps(jobs))
@@ -70,7 +71,7 @@ def _abs(path: str, root: Path) -> str:
 
 
 def _cmd(text: str, params_path: str) -> str:
-    text = re.sub(r"\s*>\s*\S+\s+2>&1\s*$", "", text.strip())  # Snakemake's log redirection
+    text = re.sub(r"\s*3>&2\s+>\s*\S+\s+2>&1\s*$", "", text.strip())  # progress fd, then the log
     return text.replace(params_path, "PARAMS")
 
 
@@ -106,19 +107,16 @@ def check_three_way(params_path: Path, root: Path, extra_decoders=()) -> list[pi
     `extra_decoders`: registered in this process already; Snakemake's gets them too."""
     params = load_params(params_path)
     jobs = pipeline.jobs(params)
-    # DVC also declares the report directory (uncached); Snakemake tracks the report by its index file
-    # only, because the default study's report directory is committed and always exists.
+    # Both declare the report directory besides its index file (DVC uncached; Snakemake marks it for --report)
     expected = _by_outputs([{"job": j, "outs": [_abs(o, root) for o in j.all_outputs]} for j in jobs], "outs")
-    smk_key = {frozenset(_abs(o, root) for o in j.all_outputs): frozenset(_abs(o, root) for o in j.outputs)
-               for j in jobs}
     smk = _by_outputs([{**j, "outs": [_abs(o, root) for o in j["outputs"]]}
                        for j in snakemake_jobs(params_path, root, extra_decoders)], "outs")
     dvc = _by_outputs(dvc_jobs(params, root), "outs")
-    assert set(smk) == set(smk_key.values()) and set(expected) == set(dvc)
+    assert set(smk) == set(expected) == set(dvc)
     for outs, item in expected.items():
         job = item["job"]
         cmd = job.command("PARAMS")
-        s, d = smk[smk_key[outs]], dvc[outs]
+        s, d = smk[outs], dvc[outs]
         assert s["rule"] == job.rule
         assert _cmd(s["shell"], str(params_path)) == job.command(None), job.name
         assert _cmd(d["cmd"], "params.yaml") == cmd, job.name
@@ -127,7 +125,7 @@ def check_three_way(params_path: Path, root: Path, extra_decoders=()) -> list[pi
         assert set(d["deps"]) == inputs | {_abs(p, root) for p in job.external}, job.name
         assert d["params"] == list(job.param_keys), job.name
         assert s["gpu"] == job.gpus and s["threads"] == job.threads, job.name
-        assert s["log"] == [job.log]
+        assert s["log"] == [job.log] and s["benchmark"] == job.benchmark, job.name
     return jobs
 
 

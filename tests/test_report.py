@@ -338,3 +338,44 @@ def test_zero_shot_section_holds_the_cells_and_judges_them(study):
     assert "-24.5" in raster[0] and "better, beyond the noise" in raster[0]  # 5.5 vs 30 (se 0.5 each)
     assert "every cell returned every known token unchanged" in section and "`zero-shot` child run" in section
     assert "| inpainting | centre | 50% | ARPG | 4 | yes | 5.5 ± 0.98 |" in section
+
+
+def test_every_file_the_report_writes_has_a_caption_and_a_report_pattern(study):
+    from arpg.report_catalog import describe
+
+    result = report.build(study)
+    names = [p.relative_to(result["dir"]).as_posix() for p in result["paths"]]
+    assert len(names) > 20 and "gallery/inpainting.png" in names
+    shown = {name: describe(name) for name in names}  # KeyError names an uncaptioned file
+    assert all(s.caption and s.category for s in shown.values())
+    assert {Path(n).suffix for n in names} <= {".png", ".csv", ".md"}  # workflow/rules/common.smk REPORT_PATTERNS
+    with pytest.raises(KeyError, match="report_catalog"):
+        describe("new_table.csv")
+
+
+BENCHMARK_HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+
+
+def test_stage_times_come_from_the_benchmark_files(study, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # benchmark paths are relative to the working directory, as under Snakemake
+    out = report.build(study)["dir"]
+    assert "No benchmark files were found" in (out / "README.md").read_text()
+    jobs = {j.name: j for j in pipeline.jobs(study)}
+    train = [j for j in jobs.values() if j.rule == "train"]
+    sample = next(j for j in jobs.values() if j.rule == "sample")
+    for job, (wall, rss, cpu) in zip([*train, sample], [(100.0, 500.5, 190.0), (250.0, 700.0, 480.0),
+                                                       (12.5, 300.0, "NA")]):
+        path = tmp_path / job.benchmark
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(BENCHMARK_HEADER + f"{wall}\t0:00:00\t{rss}\t1\t1\t1\t0\t0\t50\t{cpu}\n")
+    out = report.build(study)["dir"]
+    rows = {r["rule"]: r for r in _csv(out / "stage_times.csv")}
+    assert (int(rows["train"]["jobs"]), int(rows["train"]["timed"])) == (2, 2)
+    assert float(rows["train"]["wall_s"]) == 350.0 and float(rows["train"]["cpu_s"]) == 670.0
+    assert (float(rows["train"]["longest_s"]), rows["train"]["longest_job"]) == (250.0, train[1].key)
+    assert float(rows["train"]["max_rss_mib"]) == 700.0
+    assert int(rows["sample"]["timed"]) == 1 and float(rows["sample"]["wall_s"]) == 12.5
+    assert int(rows["evaluate"]["timed"]) == 0 and rows["evaluate"]["wall_s"] == ""
+    assert "report" not in rows
+    text = (out / "README.md").read_text()
+    assert "## Stage times" in text and "Sum of all jobs' wall times: 6.0 min." in text

@@ -17,6 +17,7 @@ def run(args, params) -> None:
     from arpg.config import unrecorded
     from arpg.engine import profile as prof
     from arpg.figures import profile_figures
+    from arpg.progress import Progress
     from arpg.tracking import stage_run
 
     layout = params.layout
@@ -25,7 +26,15 @@ def run(args, params) -> None:
     with stage_run(params, "profile", run_params=settings) as run:
         print(f"profiling {len(specs)} configurations (one child process each; "
               f"threads={params['profile']['threads']}, repeats={params['profile']['repeats']})")
-        rows = prof.run_profile(specs)
+        bar = Progress(len(specs), "profile", unit="configuration")
+
+        def log(line: str) -> None:  # once per configuration, measured or skipped
+            print(line, flush=True)
+            bar.update(1)
+            bar.report(last=line.strip())
+
+        rows = prof.run_profile(specs, log=log)
+        bar.close()
         if args.model and layout.profile_json.is_file():
             kept = [r for r in json.loads(layout.profile_json.read_text())["rows"] if r["model"] not in args.model]
             rows = kept + rows

@@ -52,6 +52,7 @@ def run(args, params) -> None:
     from arpg.models.checkpoint import load_study_models
     from arpg.paths import SweepPoint
     from arpg.tracking import stage_run
+    from arpg.progress import batch_progress
     from arpg.utils import atomic_save_npz, atomic_save_png
 
     point = SweepPoint(args.model, args.steps, args.cfg, args.order)
@@ -69,7 +70,8 @@ def run(args, params) -> None:
         part = generate_class_balanced(
             draw, num_classes=num_classes, num_per_class=cfg["num_per_class"], batch_size=cfg["batch_size"],
             seed=cfg["seed"], device=device, rank=info.rank, world_size=info.world_size,
-            progress=lambda done, todo: print(f"[rank {info.rank}] batch {done}/{todo}", flush=True))
+            progress=batch_progress(f"sample {point.model} {point.tag}"
+                                    + (f" rank {info.rank}" if info.world_size > 1 else "")))
         seconds = time.perf_counter() - start
         parts = dist.gather_to_main(part, info)
     if not info.is_main:

@@ -43,6 +43,7 @@ def _zero_shot(params, device) -> None:
     from arpg.zeroshot_plan import cell_models, cells
     from arpg.engine.image_metrics import QUANTISATION_MSE
     from arpg.models.checkpoint import load_study_models
+    from arpg.progress import Progress
     from arpg.tracking import stage_run
     from arpg.utils import write_csv, write_json
 
@@ -59,6 +60,7 @@ def _zero_shot(params, device) -> None:
            "psnr": {**PSNR_TEXT, "mse_floor": QUANTISATION_MSE}, "cells": []}
     run_params = {"seed": params["seed"], "num_images": len(src.index), "cfg": doc["cfg"],
                   "steps": ",".join(map(str, zs["steps"])), "cells": len(todo)}
+    bar = Progress(len(todo), "zero-shot", unit="cell")
     with stage_run(params, "zero-shot", run_params=run_params) as run:
         for cell in todo:
             start = time.monotonic()  # the log only, never the metrics file
@@ -69,6 +71,9 @@ def _zero_shot(params, device) -> None:
             m = record["metrics"]
             print(f"{cell.key}: " + ", ".join(f"{k} {m[k]:.4g}" for k in m if not k.startswith("kid_std"))
                   + f"; known kept {record['known_tokens_kept']} ({time.monotonic() - start:.1f} s)")
+            bar.update(1)
+            bar.report(cell=cell.key)
+        bar.close()
         write_json(layout.zeroshot_json, doc)
         rows, cols = csv_rows(doc)
         write_csv(layout.zeroshot_csv, rows, cols)

@@ -120,8 +120,6 @@ def train_tokenizer(vq_cfg: VQConfig, cfg: TokenizerTrainConfig, images_NCHW: to
                     *, state_path: Path, run=None, progress: bool = True) -> TokenizerResult:
     """Train the VQ tokenizer on uint8 images [N, C, H, W], resuming from (and checkpointing to)
     state_path. Call under `utils.deterministic_algorithms(device)`."""
-    from tqdm import tqdm
-
     # nn.Module init can only draw from the global RNG: seeded inside a fork, nothing else is disturbed;
     # every draw during training (batches, flips, dead-code restarts) uses `gen`
     with seeded_global_rng(cfg.seed):
@@ -161,7 +159,7 @@ def train_tokenizer(vq_cfg: VQConfig, cfg: TokenizerTrainConfig, images_NCHW: to
         }, state_path)
 
     model.train()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train-tokenizer", disable=not progress, dynamic_ncols=True)
+    bar = Progress(cfg.max_steps, "train-tokenizer", initial=step, enabled=progress)
     window = []
     while step < cfg.max_steps:
         lr = set_lr(opt.param_groups + (disc_opt.param_groups if disc_opt else []),
@@ -212,8 +210,8 @@ def train_tokenizer(vq_cfg: VQConfig, cfg: TokenizerTrainConfig, images_NCHW: to
                         "perplexity_window": window_usage["perplexity"], "codes_restarted": restarted}
             history.append({"step": step, **metrics})
             window = []
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", psnr=f"{metrics['batch_psnr']:.1f}",
-                            usage=f"{metrics['usage_window']:.2f}")
+            bar.report(loss=metrics["loss"], psnr=round(metrics["batch_psnr"], 1),
+                       usage=round(metrics["usage_window"], 3))
             if run is not None:
                 run.log_metrics(metrics, step)
         if step % cfg.checkpoint_every == 0:

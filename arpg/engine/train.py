@@ -35,6 +35,7 @@ from arpg.engine.ema import EMA
 from arpg.engine.train_state import restore, run_identity, save_state
 from arpg.errors import ConfigError
 from arpg.lr_schedule import lr_by_step, set_lr
+from arpg.progress import Progress
 from arpg.utils import derive_seed, make_generator, require_finite, seeded_global_rng
 
 
@@ -197,8 +198,6 @@ def train(model: nn.Module, kind: str, data: TokenData, cfg: TrainConfig, *, sta
     """Train `model` in place (resuming from `state_path` if it exists) and return the result.
 
     Rank 0 writes the state every `checkpoint_every` steps and when it stops."""
-    from tqdm import tqdm
-
     micro = micro_batch(kind, cfg, dist_info)
     state_path, main = Path(state_path), dist_info.is_main
     model.to(device).train()
@@ -214,8 +213,7 @@ def train(model: nn.Module, kind: str, data: TokenData, cfg: TrainConfig, *, sta
     batches = token_batches(len(data), cfg)
     batches.seek(run.step)
 
-    bar = tqdm(total=cfg.max_steps, initial=run.step, desc=f"train {name or kind}", unit="step",
-               disable=not (main and progress), dynamic_ncols=True)
+    bar = Progress(cfg.max_steps, f"train {name or kind}", initial=run.step, enabled=main and progress)
     tick, tick_tokens = time.perf_counter(), run.tokens_seen
     loop_start, tokens_at_start = time.perf_counter(), run.tokens_seen
     while run.step < cfg.max_steps:
@@ -241,7 +239,7 @@ def train(model: nn.Module, kind: str, data: TokenData, cfg: TrainConfig, *, sta
             now = time.perf_counter()
             tok_s = (run.tokens_seen - tick_tokens) / max(now - tick, 1e-9)
             tick, tick_tokens = now, run.tokens_seen
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            bar.report(loss=loss, lr=lr, tok_s=round(tok_s))
             if tracker is not None and main:
                 tracker.log_metrics({"loss": loss, "lr": lr, "tokens_per_s": tok_s,
                                      "grad_norm": float(grad_norm)}, run.step)

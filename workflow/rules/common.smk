@@ -8,6 +8,8 @@ sys.path.insert(0, workflow.basedir)  # the arpg package of this checkout
 from arpg import pipeline as PIPE
 from arpg.config import PARAMS_ENV, load_params
 from arpg.errors import ArpgError
+from arpg.progress import PROGRESS_FD_ENV
+from arpg.report_catalog import describe
 
 # Jobs run this checkout's arpg even when the environment's arpg is installed from another checkout.
 os.environ.update(PYTHONPATH=PIPE.python_path_with(workflow.basedir))
@@ -71,6 +73,43 @@ def out(rule):
 
 def log(rule):
     return PIPE.pattern(PARAMS, rule).log
+
+
+def benchmark(rule):
+    """Snakemake's per-job wall time, CPU time and peak memory (the report's stage-time table)."""
+    return PIPE.pattern(PARAMS, rule).benchmark
+
+
+# A job's output goes to its log; its progress lines (arpg/progress.py) also go to fd 3, opened on
+# Snakemake's own stderr, so the console shows which long job runs and how far it is.
+os.environ[PROGRESS_FD_ENV] = "3"
+SHELL = "{params.command} 3>&2 > {log:q} 2>&1"
+
+
+# --------------------------------------------------------------------------- snakemake --report
+
+REPORT_DIR = PIPE.pattern(PARAMS, "report").output_dir
+# one wildcard name per extension, so a matched file's name is known whole (fid_vs_steps.png / .csv)
+REPORT_PATTERNS = ["{png}.png", "{csv}.csv", "{md}.md"]
+
+
+def _report_file(wildcards) -> str:
+    return next(f"{wildcards[ext]}.{ext}" for ext in ("png", "csv", "md") if ext in wildcards.keys())
+
+
+def report_category(wildcards):
+    return describe(_report_file(wildcards)).category
+
+
+def report_subcategory(wildcards):
+    """Sample grids by model; everything else in one list per category."""
+    parts = _report_file(wildcards).split("/")
+    return parts[1] if parts[0] == "grids" and len(parts) == 3 else None
+
+
+def report_labels(wildcards):
+    name = _report_file(wildcards)
+    return {"file": name, "caption": describe(name).caption}
 
 
 def threads(rule):

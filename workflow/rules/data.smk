@@ -8,6 +8,8 @@ rule prepare_data:
         out("prepare_data"),
     log:
         log("prepare_data"),
+    benchmark:
+        benchmark("prepare_data")
     params:
         fingerprint=fingerprint("prepare_data"),
         command=command("prepare_data"),
@@ -15,7 +17,7 @@ rule prepare_data:
     conda:
         CONDA_ENV
     shell:
-        "{params.command} > {log:q} 2>&1"
+        SHELL
 
 
 rule train_tokenizer:
@@ -25,6 +27,8 @@ rule train_tokenizer:
         out("train_tokenizer"),
     log:
         log("train_tokenizer"),
+    benchmark:
+        benchmark("train_tokenizer")
     params:
         fingerprint=fingerprint("train_tokenizer"),
         command=command("train_tokenizer"),
@@ -34,7 +38,7 @@ rule train_tokenizer:
     conda:
         CONDA_ENV
     shell:
-        "{params.command} > {log:q} 2>&1"
+        SHELL
 
 
 rule tokenize:
@@ -44,6 +48,8 @@ rule tokenize:
         out("tokenize"),
     log:
         log("tokenize"),
+    benchmark:
+        benchmark("tokenize")
     params:
         fingerprint=fingerprint("tokenize"),
         command=command("tokenize"),
@@ -53,4 +59,4 @@ rule tokenize:
     conda:
         CONDA_ENV
     shell:
-        "{params.command} > {log:q} 2>&1"
+        SHELL

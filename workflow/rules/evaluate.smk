@@ -8,6 +8,8 @@ rule reference_stats:
         out("reference_stats"),
     log:
         log("reference_stats"),
+    benchmark:
+        benchmark("reference_stats")
     params:
         fingerprint=fingerprint("reference_stats"),
         command=command("reference_stats"),
@@ -17,7 +19,7 @@ rule reference_stats:
     conda:
         CONDA_ENV
     shell:
-        "{params.command} > {log:q} 2>&1"
+        SHELL
 
 
 rule evaluate:
@@ -27,6 +29,8 @@ rule evaluate:
         out("evaluate"),
     log:
         log("evaluate"),
+    benchmark:
+        benchmark("evaluate")
     params:
         fingerprint=fingerprint("evaluate"),
         command=command("evaluate"),
@@ -36,4 +40,4 @@ rule evaluate:
     conda:
         CONDA_ENV
     shell:
-        "{params.command} > {log:q} 2>&1"
+        SHELL

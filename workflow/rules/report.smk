@@ -8,6 +8,8 @@ rule profile:
         out("profile"),
     log:
         log("profile"),
+    benchmark:
+        benchmark("profile")
     params:
         fingerprint=fingerprint("profile"),
         command=command("profile"),
@@ -17,7 +19,7 @@ rule profile:
     conda:
         CONDA_ENV
     shell:
-        "{params.command} > {log:q} 2>&1"
+        SHELL
 
 
 rule gallery:
@@ -27,6 +29,8 @@ rule gallery:
         out("gallery"),
     log:
         log("gallery"),
+    benchmark:
+        benchmark("gallery")
     params:
         fingerprint=fingerprint("gallery"),
         command=command("gallery"),
@@ -36,7 +40,7 @@ rule gallery:
     conda:
         CONDA_ENV
     shell:
-        "{params.command} > {log:q} 2>&1"
+        SHELL
 
 
 rule zero_shot:
@@ -46,6 +50,8 @@ rule zero_shot:
         out("zero_shot"),
     log:
         log("zero_shot"),
+    benchmark:
+        benchmark("zero_shot")
     params:
         fingerprint=fingerprint("zero_shot"),
         command=command("zero_shot"),
@@ -55,20 +61,32 @@ rule zero_shot:
     conda:
         CONDA_ENV
     shell:
-        "{params.command} > {log:q} 2>&1"
+        SHELL
 
 
+# report.dir is marked for `snakemake --report`: every table and figure in it, filed by category
+# with its caption (arpg/report_catalog.py), so that page is a self-contained results page.
 rule report:
     input:
         inputs("report"),
     output:
         out("report"),
+        report(
+            directory(REPORT_DIR),
+            patterns=REPORT_PATTERNS,
+            caption="../report/result.rst",
+            category=report_category,
+            subcategory=report_subcategory,
+            labels=report_labels,
+        ),
     log:
         log("report"),
+    benchmark:
+        benchmark("report")
     params:
         fingerprint=fingerprint("report"),
         command=command("report"),
     conda:
         CONDA_ENV
     shell:
-        "{params.command} > {log:q} 2>&1"
+        SHELL

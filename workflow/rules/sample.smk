@@ -9,6 +9,8 @@ rule sample:
         out("sample"),
     log:
         log("sample"),
+    benchmark:
+        benchmark("sample")
     params:
         fingerprint=fingerprint("sample"),
         command=command("sample"),
@@ -18,4 +20,4 @@ rule sample:
     conda:
         CONDA_ENV
     shell:
-        "{params.command} > {log:q} 2>&1"
+        SHELL

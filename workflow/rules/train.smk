@@ -9,6 +9,8 @@ rule train_classifier:
         out("train_classifier"),
     log:
         log("train_classifier"),
+    benchmark:
+        benchmark("train_classifier")
     params:
         fingerprint=fingerprint("train_classifier"),
         command=command("train_classifier"),
@@ -18,7 +20,7 @@ rule train_classifier:
     conda:
         CONDA_ENV
     shell:
-        "{params.command} > {log:q} 2>&1"
+        SHELL
 
 
 # One job per decoder of arpg/decoders.py (the `model` wildcard): a registered decoder is in the
@@ -30,6 +32,8 @@ rule train:
         out("train"),
     log:
         log("train"),
+    benchmark:
+        benchmark("train")
     params:
         fingerprint=fingerprint("train"),
         command=command("train"),
@@ -39,4 +43,4 @@ rule train:
     conda:
         CONDA_ENV
     shell:
-        "{params.command} > {log:q} 2>&1"
+        SHELL

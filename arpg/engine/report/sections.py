@@ -6,6 +6,7 @@ through `Report`, which records every written path.
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,7 @@ def build(params, out_dir: Path | None = None) -> dict[str, Any]:
     md += _grids(rep, quality)
     md += _zero_shot(rep, quality)
     md += _galleries(rep)
+    md += _stage_times(rep)
     rep.text("README.md", "\n".join(md))
     rep.headline.update(_fid_headline(quality))
     return {"paths": rep.written, "metrics": rep.headline, "dir": rep.out}
@@ -382,6 +384,60 @@ def _galleries(rep: Report) -> list[str]:
         note = ", ".join(f"{k}: {v}" for k, v in info.items()
                          if not isinstance(v, (dict, list)) and k != "image") if isinstance(info, dict) else ""
         md.append(f"**{task}**{' (' + note + ')' if note else ''}\n\n![{task}](gallery/{task}.png)\n")
+    return md
+
+
+STAGE_TIME_COLUMNS = ["rule", "jobs", "timed", "wall_s", "longest_s", "longest_job", "cpu_s", "max_rss_mib"]
+
+
+def _benchmark(path: Path) -> dict[str, float] | None:
+    """Snakemake's benchmark record of one job (its last line: the last run), or None."""
+    if not path.is_file():
+        return None
+    lines = [line.split("\t") for line in path.read_text().splitlines() if line.strip()]
+    if len(lines) < 2:
+        return None
+    row = dict(zip(lines[0], lines[-1]))
+
+    def number(key: str) -> float:
+        try:
+            return float(row.get(key, "nan"))
+        except ValueError:  # "NA" where psutil could not measure
+            return float("nan")
+
+    return {"s": number("s"), "cpu_time": number("cpu_time"), "max_rss": number("max_rss")} \
+        if math.isfinite(number("s")) else None
+
+
+def _stage_times(rep: Report) -> list[str]:
+    """Per rule: wall and CPU time and peak memory of its jobs, from Snakemake's `benchmark:` files."""
+    rows = []
+    for rule in pipeline.RULES:
+        jobs = [j for j in pipeline.jobs(rep.params) if j.rule == rule and rule != "report"]
+        timed = [(j, b) for j in jobs if (b := _benchmark(Path(j.benchmark))) is not None]
+        if not jobs:
+            continue
+        longest = max(timed, key=lambda jb: jb[1]["s"], default=None)
+        rows.append({"rule": rule, "jobs": len(jobs), "timed": len(timed),
+                     "wall_s": round(sum(b["s"] for _, b in timed), 1) if timed else None,
+                     "longest_s": round(longest[1]["s"], 1) if longest else None,
+                     "longest_job": longest[0].key if longest else None,
+                     "cpu_s": round(sum(b["cpu_time"] for _, b in timed), 1) if timed else None,
+                     "max_rss_mib": round(max(b["max_rss"] for _, b in timed)) if timed else None})
+    rep.csv("stage_times.csv", rows, STAGE_TIME_COLUMNS)
+    md = ["## Stage times\n",
+          "Read from Snakemake's `benchmark:` files (`" + pipeline.benchmark_dir(rep.params) + "/<rule>/...tsv`, "
+          "one per job, written where the job ran; the report's own job is not in it). `wall_s` and `cpu_s` "
+          "sum the rule's jobs; jobs of one rule may have run in parallel. `max_rss_mib`: the largest job's "
+          "peak resident memory. These are wall-clock readings of the machine that ran the study; no "
+          "result depends on them.\n"]
+    if not any(r["timed"] for r in rows):
+        md.append("No benchmark files were found: the study was not run by Snakemake here (`dvc repro` "
+                  "writes none), so there are no stage times.\n")
+        return md
+    total = sum(r["wall_s"] or 0 for r in rows)
+    md.append(markdown_table(rows, STAGE_TIME_COLUMNS))
+    md.append(f"Sum of all jobs' wall times: {total / 60:.1f} min.\n")
     return md
 
 

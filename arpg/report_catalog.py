@@ -1,0 +1,75 @@
+"""What each file of report.dir shows: its category and caption (Snakemake's `--report` page).
+
+The Snakemake report rule marks report.dir with `report()`; each file found there is filed under
+`describe(name).category` with its caption as a label. tests/test_report.py checks that every file
+`arpg report` writes is described here, so a new table or figure cannot reach the page uncaptioned.
+
+Imported by Snakemake on every invocation: no torch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+
+@dataclass(frozen=True)
+class Shown:
+    category: str
+    caption: str
+
+
+QUALITY, SPEED, SAMPLES, ZERO_SHOT, MODELS, PIPELINE, TEXT = (
+    "1 Quality", "2 Speed", "3 Samples", "4 Zero-shot editing", "5 Tokenizer, classifier, training",
+    "6 Pipeline", "0 Report text")
+
+FILES: dict[str, Shown] = {
+    "README.md": Shown(TEXT, "The whole report as markdown: every table below with the text that reads it, "
+                             "including which differences exceed the noise."),
+    "quality.csv": Shown(QUALITY, "Every sweep point: FID, KID, IS, precision/recall and class accuracy, each "
+                                  "with its bootstrap standard error and 95% interval."),
+    "fid_vs_steps.csv": Shown(QUALITY, "The step sweep: quality against decoding steps per model, with intervals."),
+    "fid_vs_steps.png": Shown(QUALITY, "FID against decoding steps, each decoder a line, 95% bootstrap intervals "
+                                       "as bars."),
+    "guidance.csv": Shown(QUALITY, "The guidance sweep at the default step count, with intervals."),
+    "orders.csv": Shown(QUALITY, "The generation-order sweep at the default steps and guidance, with intervals."),
+    "strategies.csv": Shown(QUALITY, "Each decoding strategy at each strategy step count, beside the random "
+                                     "order, with intervals."),
+    "quality_vs_steps_strategies.png": Shown(QUALITY, "Quality against steps per decoding strategy, with "
+                                                      "95% intervals."),
+    "differences.csv": Shown(QUALITY, "The sweeps' differences with their 95% intervals and whether each "
+                                      "exceeds the noise."),
+    "metric_extractors.csv": Shown(QUALITY, "Which feature extractor each metric column was computed with."),
+    "speed.csv": Shown(SPEED, "Measured decoding speed per model, steps, batch size and precision: images/s, "
+                              "latency spread, peak memory and KV-cache size (CPU model in the report text)."),
+    "speedups.csv": Shown(SPEED, "ARPG over raster speed-ups at matched batch sizes, per precision and best."),
+    "precision_speedups.csv": Shown(SPEED, "bf16 over fp32 speed-ups per decoder and configuration."),
+    "pareto.csv": Shown(SPEED, "Quality-speed pairs (FID with interval, images/s) and the Pareto front."),
+    "fid_vs_throughput.png": Shown(SPEED, "FID against images/s, each sweep point a marker, the Pareto front "
+                                          "drawn."),
+    "throughput_vs_steps.png": Shown(SPEED, "Images/s against decoding steps, one line per model and batch size."),
+    "memory.png": Shown(SPEED, "Peak decoding memory and KV-cache size against batch size."),
+    "tokenizer.csv": Shown(MODELS, "The VQ tokenizer: reconstruction PSNR/SSIM and codebook usage."),
+    "tokenizer_reconstructions.png": Shown(MODELS, "Test images (top) and their tokenizer reconstructions "
+                                                   "(bottom)."),
+    "classifier.csv": Shown(MODELS, "The evaluation classifier's test accuracy and the real-data sanity row."),
+    "training.csv": Shown(MODELS, "Each generator's training: steps, tokens, final loss and its setup."),
+    "zeroshot.csv": Shown(ZERO_SHOT, "Inpainting, outpainting, continuation and resolution expansion, measured: "
+                                     "accuracy, FID, KID and PSNR per cell with intervals."),
+    "stage_times.csv": Shown(PIPELINE, "Wall time, CPU time and peak memory of every stage, from Snakemake's "
+                                       "benchmark files."),
+}
+
+
+def describe(name: str) -> Shown:
+    """Category and caption of a file of report.dir, by its path relative to report.dir."""
+    if name in FILES:
+        return FILES[name]
+    path = PurePosixPath(name)
+    if path.parts[0] == "grids" and len(path.parts) == 3 and path.suffix == ".png":
+        return Shown(SAMPLES, f"Class-balanced sample grid of {path.parts[1]} at {path.stem} "
+                              "(steps, guidance, order), one row per class.")
+    if path.parts[0] == "gallery" and len(path.parts) == 2 and path.suffix == ".png":
+        return Shown(ZERO_SHOT, f"Zero-shot {path.stem}: the given image, the mask and the model's "
+                                "completions, one row per class.")
+    raise KeyError(f"{name}: no caption in arpg/report_catalog.py; add the file there")
