@@ -38,6 +38,7 @@ from arpg.engine.image_metrics import psnr
 from arpg.errors import CheckpointError
 from arpg.lr_schedule import lr_by_progress, set_lr
 from arpg.models.discriminator import PatchDiscriminator
+from arpg.progress import Progress
 from arpg.models.vq import TRAIN_COMMAND, VQConfig, VQModel, read_tokenizer_checkpoint
 from arpg.utils import atomic_path, atomic_torch_save, make_generator, require_finite, seeded_global_rng
 
