@@ -45,7 +45,7 @@ def _console() -> IO[str] | None:
 
 def _value(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.2e}" if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e5) else f"{v:.4f}"
+        return f"{v:.2e}" if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e6) else f"{v:.4g}"
     return str(v)
 
 
@@ -53,11 +53,12 @@ class Progress:
     """Progress of `total` steps, starting at `initial` (a resumed run)."""
 
     def __init__(self, total: int, desc: str, *, initial: int = 0, unit: str = "step", enabled: bool = True,
-                 out: IO[str] | None = None):
+                 out: IO[str] | None = None, started: float | None = None):
         self.total, self.desc, self.unit, self.n = int(total), desc, unit, int(initial)
         self.enabled = enabled
         self.out = out if out is not None else sys.stderr
-        self._start_n, self._start_t = self.n, time.monotonic()
+        # `started`: time.monotonic() when the loop began, if that was before this object
+        self._start_n, self._start_t = self.n, time.monotonic() if started is None else started
         self._console = _console() if enabled else None
         self._bar = None
         if enabled and self.out.isatty():
@@ -104,13 +105,14 @@ class Progress:
             self._console = None
 
 
-def batch_progress(desc: str, *, enabled: bool = True):
+def batch_progress(desc: str, *, enabled: bool = True, out: IO[str] | None = None):
     """A `progress(done, todo)` callback for loops that tell their length as they go (sampling batches)."""
     bars: list[Progress] = []
+    started = time.monotonic()  # the loop starts now; its length comes with the first batch
 
     def callback(done: int, todo: int) -> None:
         if not bars:
-            bars.append(Progress(todo, desc, unit="batch", enabled=enabled))
+            bars.append(Progress(todo, desc, unit="batch", enabled=enabled, out=out, started=started))
         bar = bars[0]
         bar.update(done - bar.n)
         bar.report()

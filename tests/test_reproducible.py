@@ -304,6 +304,56 @@ def test_the_first_run_ran_every_job_and_logged_each_stage_to_mlflow(study):
         r.data.tags["arpg.stage"] for r in runs}
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_every_job_left_a_benchmark_file_a_short_plain_log_and_progress_on_the_console(study):
+    params = load_params(study / "params.yaml")
+    jobs = pipeline.jobs(params)
+    missing = [j.name for j in jobs if not (study / j.benchmark).is_file()]
+    assert not missing, missing
+    console = (study / "first-run.log").read_text()
+    for job in (j for j in jobs if j.rule in ("train_tokenizer", "train")):
+        log = (study / job.log).read_bytes()
+        steps = params[{"train_tokenizer": "tokenizer", "train": "train"}[job.rule]]["max_steps"]
+        assert b"\r" not in log and len(log) < 20_000 * max(1, steps / 1000), (job.name, len(log))
+        lines = [x for x in log.decode().splitlines() if f"step {steps}/{steps} (100%)" in x]
+        assert len(lines) == 1, (job.name, log.decode()[-2000:])
+        assert lines[0] in console, f"{job.name}: its progress is not on Snakemake's console"
+    assert re.search(r"^sample \w+ steps\d+_cfg[\d.]+_[\w-]+: batch \d+/\d+ \(100%\)", console, re.M)
+
+
+_REPORT_FILE = re.compile(r'"([^"{}]+)": \{"name": "[^"]*", "filename": "[^"]*", "labels": (\{[^{}]*\}).*?'
+                          r'"data_uri": "data:[^"]*?base64,([A-Za-z0-9+/=]*)"', re.S)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_snakemake_report_holds_every_table_and_figure_with_its_caption(study, tmp_path):
+    """`snakemake --report` is a self-contained results page: every file of report.dir embedded byte for
+    byte, filed under its category, its caption beside it."""
+    import base64
+
+    from arpg.report_catalog import describe
+
+    params = load_params(study / "params.yaml")
+    html_path = tmp_path / "report.html"
+    snakemake(study, study / "params.yaml", "--report", str(html_path))
+    html = html_path.read_text()
+    embedded = {m.group(1): (json.loads(m.group(2)), base64.b64decode(m.group(3))) for m in _REPORT_FILE.finditer(html)}
+    report_dir = study / params["report"]["dir"]
+    files = sorted(p for p in report_dir.rglob("*") if p.is_file() and p.suffix in (".png", ".csv", ".md"))
+    assert len(files) >= 30 and (report_dir / "stage_times.csv") in files
+    for path in files:
+        rel = path.relative_to(report_dir).as_posix()
+        key = str(path.relative_to(study))
+        assert key in embedded, f"{rel} is not in the --report page"
+        labels, data = embedded[key]
+        assert data == path.read_bytes(), rel
+        assert labels == {"file": rel, "caption": describe(rel).caption}
+        category = re.search(r'"' + re.escape(describe(rel).category) + r'": \{(.*?)\}', html)
+        assert category and f'"{key}"' in category.group(1), rel
+
+
 # --------------------------------------------------------------------------- same bytes
 
 def result_targets(params) -> list[str]:
