@@ -26,8 +26,7 @@ from arpg.config import unrecorded
 from arpg.decoders import DECODERS
 from arpg.errors import ConfigError
 from arpg.paths import Layout
-from arpg.stages import (BENCHMARK_ROOT, LOG_ROOT, POINT_WILDCARDS, RULES, Job, Rule,  # noqa: F401 - public names
-                         _Ctx, report_inputs)
+from arpg.stages import POINT_WILDCARDS, RULES, Job, Rule, _Ctx, report_inputs  # noqa: F401 - the public names
 
 
 # --------------------------------------------------------------------------- public API
@@ -39,12 +38,7 @@ def python_path_with(folder: str) -> str:
 
 def log_dir(params: Mapping) -> str:
     """Logs of one study: logs/<name>/... (studies with different params files do not mix)."""
-    return f"{LOG_ROOT}/{params['name']}"
-
-
-def benchmark_dir(params: Mapping) -> str:
-    """Snakemake's benchmark files of one study (the report's stage-time table reads them)."""
-    return f"{BENCHMARK_ROOT}/{params['name']}"
+    return f"logs/{params['name']}"
 
 
 def _ctx(params: Mapping) -> _Ctx:

@@ -23,8 +23,6 @@ from arpg.errors import ConfigError
 from arpg.paths import Layout, SweepPoint, format_cfg
 
 POINT_WILDCARDS = ("model", "steps", "cfg", "order")
-LOG_ROOT = "logs"               # logs/<study name>/<rule>/...log: each job's stdout and stderr
-BENCHMARK_ROOT = "benchmarks"   # benchmarks/<study name>/<rule>/...tsv: Snakemake's time and memory record
 # Values of sample.* that choose *which* points exist, not what one point does.
 SWEEP_KEYS = ("steps", "cfg", "orders", "steps_default", "cfg_default", "strategies", "strategy_steps")
 
@@ -59,8 +57,8 @@ class Job:
 
     @property
     def benchmark(self) -> str:
-        """Snakemake's `benchmark:` file of the job: its log's path, under benchmarks/ as .tsv."""
-        return str(Path(BENCHMARK_ROOT, *Path(self.log).parts[1:]).with_suffix(".tsv"))  # logs/<name>/...
+        """Snakemake's `benchmark:` file of the job (its time and memory): beside its log, as .tsv."""
+        return str(Path(self.log).with_suffix(".tsv"))
 
     @property
     def all_outputs(self) -> tuple[str, ...]:

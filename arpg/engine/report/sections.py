@@ -426,7 +426,7 @@ def _stage_times(rep: Report) -> list[str]:
                      "max_rss_mib": round(max(b["max_rss"] for _, b in timed)) if timed else None})
     rep.csv("stage_times.csv", rows, STAGE_TIME_COLUMNS)
     md = ["## Stage times\n",
-          "Read from Snakemake's `benchmark:` files (`" + pipeline.benchmark_dir(rep.params) + "/<rule>/...tsv`, "
+          "Read from Snakemake's `benchmark:` files (`" + pipeline.log_dir(rep.params) + "/<rule>/...tsv`, beside the logs; "
           "one per job, written where the job ran; the report's own job is not in it). `wall_s` and `cpu_s` "
           "sum the rule's jobs; jobs of one rule may have run in parallel. `max_rss_mib`: the largest job's "
           "peak resident memory. These are wall-clock readings of the machine that ran the study; no "
