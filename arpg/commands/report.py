@@ -15,7 +15,8 @@ def run(args, params) -> None:
     from arpg.utils import write_json
 
     with stage_run(params, "report", run_params={"report.dir": params["report"]["dir"],
-                                                 "seed": unrecorded(params)["seed"]}) as run:
+                                                 "seed": unrecorded(params)["seed"]},
+                   closes_study=True) as run:  # the last job: the study's outcome is known when it ends
         result = build(params)
         run.log_metrics(result["metrics"])
         run.log_artifact(result["dir"], "report")
