@@ -184,11 +184,13 @@ attached as an artifact; tag `arpg.params_file` says where it was), one child ru
 
 **Quality against speed.** Each sweep point's `evaluate-<model>-steps<S>_cfg<C>_<order>` run has
 params `model`, `steps`, `cfg`, `order` and metrics `fid_<extractor>`, `accuracy_classifier`, ... and
-`img_s`: images per second of the point's own `arpg sample` job (decoding and pixel decoding, this
-machine, tags `arpg.img_s.*`: CPU, threads, batch size, load). The report's `pareto.csv` takes its
-speed from the profile stage instead (warm-up, repeats, median; profile.batch_sizes).
-To plot FID against images/s: search `tags.`arpg.stage` = 'evaluate'` (the runs then show un-nested),
-select the runs, *Compare*, scatter plot x `img_s`, y `fid_classifier`.
+`img_s`: images per second of the point's own `arpg sample` job (decoding and pixel decoding, one
+run, whatever else the machine ran: tags `arpg.img_s.*` give CPU, threads, batch size, load average).
+Where the profile timed the point's steps and order, also `img_s_profile`: the profile stage's
+measurement (warm-up, repeats, median), the speed the report's quality-vs-speed table and
+`fid_vs_throughput.png` use. To plot FID against images/s: search `tags.`arpg.stage` = 'evaluate'`
+(the runs then show un-nested), select the runs, *Compare*, scatter plot x `img_s_profile` (or
+`img_s`), y `fid_classifier`.
 """
 
 
@@ -396,6 +398,42 @@ def copy_point_speed(run: StageRun, samples: str | os.PathLike) -> bool:
     run.set_tags({**{k: v for k, v in source.data.tags.items() if k.startswith("arpg.img_s.")},
                   "arpg.img_s.sample_run": source.info.run_id, SAMPLES_TAG: digest})
     return True
+
+
+METRICS_TAG = "arpg.metrics_sha256"  # links a point's evaluate run to the metrics file the report read
+
+
+def log_profile_speed(run: StageRun, pairs_csv: str | os.PathLike, layout, labels: Mapping[str, Any]) -> int:
+    """Log the report's quality-vs-speed pairs (`pairs_csv`, its pareto.csv) onto the points' evaluate
+    runs as `img_s_profile`: the profile stage's measured images/s at the point's steps and order,
+    the number the report plots FID against. Each run is found by the hash of the metrics file the
+    report read (`layout.metrics(point)`). Returns how many runs got it."""
+    if isinstance(run, NullRun):
+        return 0
+    import csv
+
+    from mlflow.entities import Metric, RunTag
+
+    from arpg.paths import SweepPoint
+
+    with open(pairs_csv, newline="") as fh:
+        pairs = list(csv.DictReader(fh))
+    experiment_id = with_retry(run.client.get_run, run.run_id).info.experiment_id
+    done = 0
+    for pair in pairs:
+        point = SweepPoint(pair["model"], int(pair["steps"]), float(pair["cfg"]), pair["order"])
+        digest = file_sha256(layout.metrics(point))
+        found = with_retry(run.client.search_runs, [experiment_id], filter_string=(
+            f"tags.`{METRICS_TAG}` = '{digest}' and tags.`arpg.stage` = 'evaluate'"),
+            order_by=["attributes.start_time DESC"], max_results=1)
+        if not found:
+            continue
+        tags = {"arpg.img_s_profile.batch": pair["batch"], "arpg.img_s_profile.report_run": run.run_id, **labels}
+        with_retry(run.client.log_batch, found[0].info.run_id,
+                   metrics=[Metric("img_s_profile", float(pair["img_s"]), int(time.time() * 1000), 0)],
+                   tags=[RunTag(k, _stringify(v)) for k, v in tags.items()])
+        done += 1
+    return done
 
 
 @contextlib.contextmanager

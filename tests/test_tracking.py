@@ -267,3 +267,28 @@ def test_an_evaluate_run_gets_the_speed_of_the_sample_run_that_drew_its_images(t
     assert run.data.tags["arpg.img_s.threads"] == "2" and run.data.tags["arpg.img_s.sample_run"] == sample.run_id
     assert "img_s" not in client.get_run(unmatched.run_id).data.metrics
     assert not tracking.copy_point_speed(tracking.NullRun(), samples)
+
+
+def test_the_report_logs_its_quality_vs_speed_pairs_onto_the_points_evaluate_runs(tmp_path, params_file):
+    from arpg.paths import SweepPoint
+    from arpg.utils import write_json
+
+    params = load_params(params_file())
+    layout = params.layout
+    timed, untimed = SweepPoint("arpg", 2, 2.0, "random"), SweepPoint("arpg", 4, 2.0, "random")
+    runs = {}
+    for point, fid in ((timed, 40.0), (untimed, 30.0)):
+        layout.metrics(point).parent.mkdir(parents=True, exist_ok=True)
+        write_json(layout.metrics(point), {"fid_classifier": fid})
+        with tracking.stage_run(params, "evaluate", f"evaluate-arpg-{point.tag}") as run:
+            run.set_tags({tracking.METRICS_TAG: tracking.file_sha256(layout.metrics(point))})
+        runs[point] = run.run_id
+    pairs = tmp_path / "pareto.csv"
+    pairs.write_text("model,steps,cfg,order,img_s,batch,fid_classifier\narpg,2,2.0,random,123.5,4,40.0\n")
+    with tracking.stage_run(params, "report", closes_study=True) as report:
+        assert tracking.log_profile_speed(report, pairs, layout, {"arpg.img_s_profile.precision": "fp32"}) == 1
+    client = _client(params)
+    got = client.get_run(runs[timed])
+    assert got.data.metrics["img_s_profile"] == 123.5
+    assert got.data.tags["arpg.img_s_profile.batch"] == "4" and got.data.tags["arpg.img_s_profile.precision"] == "fp32"
+    assert "img_s_profile" not in client.get_run(runs[untimed]).data.metrics  # no profile row: none
