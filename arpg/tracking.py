@@ -10,16 +10,29 @@
   every call that fails with "database is locked" (exponential back-off with
   jitter), and creation of the store / experiment / parent run is serialised by
   a file lock, so no job loses its run.
+* The parent run's status is the study's outcome, kept without runner hooks (DVC has none): a
+  stage starting marks it RUNNING, a stage failing marks it FAILED, and the report (the last job)
+  closes it from its children (`close_study`: FAILED if the latest attempt of any job failed,
+  else FINISHED, ending when the last child ended). Snakemake's onsuccess / onerror close it too
+  (partial targets, a failed DAG). A child whose process died without closing its run (SIGKILL,
+  OOM) is found by its pid and host and marked FAILED when the study closes.
+* Each run gets its log (the file its stdout is redirected to, as Snakemake and SLURM do) and,
+  psutil permitting, MLflow's system metrics; the parent gets the params file and the
+  experiment a description (`mlflow.note.content`). Nothing here writes into an output file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import random
+import socket
+import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -30,6 +43,10 @@ from arpg.paths import REPO_ROOT
 DEFAULT_DB = "mlflow.db"  # relative to the working directory (the checkout's root under Snakemake / DVC)
 _RETRY_SECONDS = 120.0
 _MAX_PARAM_LEN = 6000
+# Where a child's status says the study cannot be FINISHED.
+_BAD = ("FAILED", "KILLED")
+# $MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false turns the per-run CPU / memory / disk sampler off.
+SYSTEM_METRICS_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
 
 
 def tracking_uri(params: Mapping) -> str:
@@ -155,16 +172,40 @@ class NullRun(StageRun):
         pass
 
 
+NOTE_TAG = "mlflow.note.content"  # what the MLflow UI shows as an experiment's / run's description
+
+
+def experiment_note(name: str) -> str:
+    """The experiment's description: what its runs are and how to compare sweep points."""
+    return f"""\
+ARPG experiment **{name}**: one parent run per params file (`study-{name}-<params hash>`, the params file
+attached as an artifact; tag `arpg.params_file` says where it was), one child run per stage job
+(tag `arpg.stage`, the job's log under `logs/`). The parent's status is the study's outcome.
+
+**Quality against speed.** Each sweep point's `evaluate-<model>-steps<S>_cfg<C>_<order>` run has
+params `model`, `steps`, `cfg`, `order` and metrics `fid_<extractor>`, `accuracy_classifier`, ... and
+`img_s`: images per second of the point's own `arpg sample` job (decoding and pixel decoding, one
+run, whatever else the machine ran: tags `arpg.img_s.*` give CPU, threads, batch size, load average).
+Where the profile timed the point's steps and order, also `img_s_profile`: the profile stage's
+measurement (warm-up, repeats, median), the speed the report's quality-vs-speed table and
+`fid_vs_throughput.png` use. To plot FID against images/s: search `tags.`arpg.stage` = 'evaluate'`
+(the runs then show un-nested), select the runs, *Compare*, scatter plot x `img_s_profile` (or
+`img_s`), y `fid_classifier`.
+"""
+
+
 def _experiment_id(client, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        if NOTE_TAG not in experiment.tags:  # an experiment made before descriptions were written
+            client.set_experiment_tag(experiment.experiment_id, NOTE_TAG, experiment_note(name))
         return experiment.experiment_id
     location = None
     if uri.startswith("sqlite:///"):  # artifacts beside the database, whichever database it is
         location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags={NOTE_TAG: experiment_note(name)})
 
 
 def _study_run_id(client, experiment_id: str, params) -> str:
@@ -178,19 +219,232 @@ def _study_run_id(client, experiment_id: str, params) -> str:
         return runs[0].info.run_id
     run = client.create_run(experiment_id, run_name=f"study-{unrecorded(params)['name']}-{digest}", tags={
         "arpg.role": "study", "arpg.params_hash": digest, "arpg.params_file": str(params.path),
+        NOTE_TAG: f"The study of `{params.path}` (params hash {digest}); its stages are the child runs.",
     })
-    StageRun(client, run.info.run_id).log_params(params.flat())
+    handle = StageRun(client, run.info.run_id)
+    handle.log_params(params.flat())
+    handle.log_artifact(params.path)  # the file itself: every run's params are its flat keys
     return run.info.run_id
+
+
+# --------------------------------------------------------------------------- the study's outcome
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), so a reused pid is no match."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _process_tags() -> dict[str, str]:
+    return {"arpg.host": socket.gethostname(), "arpg.pid": str(os.getpid()),
+            "arpg.proc_start": _proc_start(os.getpid()) or ""}
+
+
+def _process_gone(tags: Mapping[str, str]) -> bool:
+    """True when the run's process is known to be dead: it ran on this host and its pid is gone (or
+    is another process now). A run of another host (a SLURM node) is never declared dead here."""
+    if tags.get("arpg.host") != socket.gethostname() or not tags.get("arpg.pid"):
+        return False
+    pid = int(tags["arpg.pid"])
+    if tags.get("arpg.proc_start"):
+        return _proc_start(pid) != tags["arpg.proc_start"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _children(client, parent_id: str) -> list:
+    run = client.get_run(parent_id)
+    out, token = [], None
+    while True:
+        page = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                                  max_results=1000, page_token=token)
+        out += list(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def _close(client, parent_id: str, *, snakemake_ended: bool = False) -> str:
+    """Set the parent run's status from its children's: the latest attempt of each job (stage and
+    run name) counts. A child still RUNNING whose process is gone, or any child still RUNNING when
+    Snakemake has ended, is marked FAILED first. Returns the status set."""
+    latest: dict[tuple[str, str], Any] = {}
+    for child in _children(client, parent_id):
+        if child.info.status == "RUNNING" and (snakemake_ended or _process_gone(child.data.tags)):
+            reason = ("Snakemake ended while this run was open" if snakemake_ended
+                      else f"process {child.data.tags.get('arpg.pid')} ended without closing its run (killed?)")
+            client.set_tag(child.info.run_id, "arpg.error", reason)
+            client.set_terminated(child.info.run_id, "FAILED")
+            child = client.get_run(child.info.run_id)
+        job = (child.data.tags.get("arpg.stage", ""), child.info.run_name)
+        if job not in latest or child.info.start_time >= latest[job].info.start_time:
+            latest[job] = child
+    runs = list(latest.values())
+    if any(r.info.status == "RUNNING" for r in runs):
+        status, end = "RUNNING", None
+    else:
+        status = "FAILED" if any(r.info.status in _BAD for r in runs) else "FINISHED"
+        end = max((r.info.end_time or 0 for r in runs), default=0) or int(time.time() * 1000)
+    failed = sorted(f"{stage} {name}" for (stage, name), r in latest.items() if r.info.status in _BAD)
+    client.set_tag(parent_id, "arpg.failed_jobs", ", ".join(failed) or "none")
+    if end is None:
+        client.update_run(parent_id, status=status)
+    else:
+        client.set_terminated(parent_id, status, end_time=end)  # duration: first stage's start to last's end
+    return status
+
+
+def close_study(params, *, error: bool = False) -> str | None:
+    """Close the parent run of `params` (Snakemake's onsuccess / onerror; the report stage does it
+    by itself). `error`: Snakemake failed, so runs still open belong to jobs that died. Returns the
+    status set, None when tracking is off or the study has no run yet."""
+    if not unrecorded(params)["tracking"]["enabled"]:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(params)
+    with _store_lock(uri):
+        client = with_retry(MlflowClient, tracking_uri=uri)
+        experiment = with_retry(client.get_experiment_by_name, experiment_name(params))
+        if experiment is None:
+            return None
+        runs = with_retry(client.search_runs, [experiment.experiment_id], filter_string=(
+            f"tags.`arpg.role` = 'study' and tags.`arpg.params_hash` = '{params.digest}'"), max_results=1)
+        if not runs:
+            return None
+        return with_retry(_close, client, runs[0].info.run_id, snakemake_ended=error)
+
+
+# --------------------------------------------------------------------------- per-run extras
+
+def _stdout_file() -> Path | None:
+    """The regular file this process's stdout goes to (Snakemake's `> {log} 2>&1`, SLURM's output
+    file), else None (a terminal, a pipe: DVC)."""
+    try:
+        if not stat.S_ISREG(os.fstat(1).st_mode):
+            return None
+        path = Path(os.readlink("/proc/self/fd/1"))
+    except (OSError, ValueError):
+        return None
+    return path if path.is_file() else None
+
+
+def _attach_log(handle: StageRun) -> None:
+    log = _stdout_file()
+    if log is None:
+        return
+    # the copy ends here; what the command prints after its run closed is only in the file
+    print(f"[arpg] log attached to MLflow run {handle.run_id} up to this line; the rest is in {log}", flush=True)
+    sys.stderr.flush()
+    handle.set_tags({"arpg.log": str(log)})
+    handle.log_artifact(log, "logs")
+
+
+def _system_metrics(run_id: str, uri: str):
+    """MLflow's CPU / memory / disk sampler for the run (a thread, every 10 s), or None: off by
+    $MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false, or psutil missing. Its writes do not retry: under
+    a locked SQLite store it warns and stops sampling; the run is unaffected."""
+    if os.environ.get(SYSTEM_METRICS_ENV, "true").strip().lower() in ("false", "0", "no", "off"):
+        return None
+    try:
+        import psutil  # noqa: F401 - the sampler's dependency
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, tracking_uri=uri)
+        monitor.start()
+        return monitor
+    except Exception as exc:  # noqa: BLE001 - system metrics are a nicety; the stage runs without them
+        print(f"[arpg] no system metrics for run {run_id}: {exc}", file=sys.stderr)
+        return None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+SAMPLES_TAG = "arpg.samples_sha256"  # links a point's evaluate run to the sample run that drew its images
+SPEED_METRICS = ("img_s", "decode_seconds")
+
+
+def copy_point_speed(run: StageRun, samples: str | os.PathLike) -> bool:
+    """Log onto `run` the decoding speed of the sample run that wrote `samples` (found by the file's
+    hash, so any params file, DVC or Snakemake, finds it), with its `arpg.img_s.*` tags. False when
+    no such run is in the store (tracking was off when sampling, or another store)."""
+    if isinstance(run, NullRun):
+        return False
+    digest = file_sha256(samples)
+    experiment_id = with_retry(run.client.get_run, run.run_id).info.experiment_id
+    found = with_retry(run.client.search_runs, [experiment_id], filter_string=(
+        f"tags.`{SAMPLES_TAG}` = '{digest}' and tags.`arpg.stage` = 'sample' and attributes.status = 'FINISHED'"),
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not found or "img_s" not in found[0].data.metrics:
+        print(f"[arpg] no finished sample run with {SAMPLES_TAG} {digest[:12]} in the store: "
+              f"no img_s on this run (rerun `arpg sample` with tracking on to get it)")
+        return False
+    source = found[0]
+    run.log_metrics({k: source.data.metrics[k] for k in SPEED_METRICS if k in source.data.metrics})
+    run.set_tags({**{k: v for k, v in source.data.tags.items() if k.startswith("arpg.img_s.")},
+                  "arpg.img_s.sample_run": source.info.run_id, SAMPLES_TAG: digest})
+    return True
+
+
+METRICS_TAG = "arpg.metrics_sha256"  # links a point's evaluate run to the metrics file the report read
+
+
+def log_profile_speed(run: StageRun, pairs_csv: str | os.PathLike, layout, labels: Mapping[str, Any]) -> int:
+    """Log the report's quality-vs-speed pairs (`pairs_csv`, its pareto.csv) onto the points' evaluate
+    runs as `img_s_profile`: the profile stage's measured images/s at the point's steps and order,
+    the number the report plots FID against. Each run is found by the hash of the metrics file the
+    report read (`layout.metrics(point)`). Returns how many runs got it."""
+    if isinstance(run, NullRun):
+        return 0
+    import csv
+
+    from mlflow.entities import Metric, RunTag
+
+    from arpg.paths import SweepPoint
+
+    with open(pairs_csv, newline="") as fh:
+        pairs = list(csv.DictReader(fh))
+    experiment_id = with_retry(run.client.get_run, run.run_id).info.experiment_id
+    done = 0
+    for pair in pairs:
+        point = SweepPoint(pair["model"], int(pair["steps"]), float(pair["cfg"]), pair["order"])
+        digest = file_sha256(layout.metrics(point))
+        found = with_retry(run.client.search_runs, [experiment_id], filter_string=(
+            f"tags.`{METRICS_TAG}` = '{digest}' and tags.`arpg.stage` = 'evaluate'"),
+            order_by=["attributes.start_time DESC"], max_results=1)
+        if not found:
+            continue
+        tags = {"arpg.img_s_profile.batch": pair["batch"], "arpg.img_s_profile.report_run": run.run_id, **labels}
+        with_retry(run.client.log_batch, found[0].info.run_id,
+                   metrics=[Metric("img_s_profile", float(pair["img_s"]), int(time.time() * 1000), 0)],
+                   tags=[RunTag(k, _stringify(v)) for k, v in tags.items()])
+        done += 1
+    return done
 
 
 @contextlib.contextmanager
 def stage_run(params, stage: str, run_name: str | None = None,
-              run_params: Mapping[str, Any] | None = None) -> Iterator[StageRun]:
-    """Open a child run for one stage; marks it FAILED if the stage raises.
+              run_params: Mapping[str, Any] | None = None, *, closes_study: bool = False) -> Iterator[StageRun]:
+    """Open a child run for one stage; marks it (and the study) FAILED if the stage raises.
 
     `run_params` are the stage's own parameters, named consistently across
     stages (model, steps, cfg, order, seed) so MLflow's compare view can plot
-    one metric against another directly.
+    one metric against another directly. `closes_study`: the last job (the
+    report) sets the parent's final status when it ends.
     """
     if not unrecorded(params)["tracking"]["enabled"]:
         yield NullRun()
@@ -212,10 +466,13 @@ def stage_run(params, stage: str, run_name: str | None = None,
         "arpg.params_hash": params.digest,
         "mlflow.source.git.commit": git_commit(),
         "arpg.params_file": str(params.path),
+        **_process_tags(),
     })
+    with_retry(client.update_run, parent_id, status="RUNNING")  # the study runs again (a rerun, a new job)
     handle = StageRun(client, run.info.run_id)
     if run_params:
         handle.log_params(run_params)
+    monitor = _system_metrics(run.info.run_id, uri)
     status = "FAILED"
     try:
         yield handle
@@ -223,5 +480,18 @@ def stage_run(params, stage: str, run_name: str | None = None,
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except BaseException as exc:
+        handle.set_tags({"arpg.error": f"{type(exc).__name__}: {exc}"})
+        raise
     finally:
+        for extra in ((monitor.finish,) if monitor is not None else ()) + (lambda: _attach_log(handle),):
+            try:
+                extra()
+            except Exception as exc:  # noqa: BLE001 - the run's status below matters more than its extras
+                print(f"[arpg] MLflow run {handle.run_id}: {type(exc).__name__}: {exc}", file=sys.stderr)
         with_retry(client.set_terminated, run.info.run_id, status)
+        if status != "FINISHED":
+            with_retry(client.set_terminated, parent_id, "FAILED")
+        elif closes_study:
+            with _store_lock(uri):
+                with_retry(_close, client, parent_id)

@@ -67,5 +67,7 @@ def _one_torch_thread():
 
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(monkeypatch, tmp_path):
-    """No test writes to the repository's mlflow.db."""
+    """No test writes to the repository's mlflow.db; no test run starts MLflow's system-metrics thread
+    (tests/test_tracking.py turns it on where it is under test; the smoke study runs it)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow-env.db'}")
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")

@@ -354,6 +354,109 @@ def test_snakemake_report_holds_every_table_and_figure_with_its_caption(study, t
         assert category and f'"{key}"' in category.group(1), rel
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _api(base: str, endpoint: str, body: dict | None = None) -> dict:
+    """One MLflow REST call: POST with a JSON body, or GET."""
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{base}/api/2.0/mlflow/{endpoint}", data=data,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture
+def mlflow_server(study):
+    """`mlflow server` on the smoke study's store, on a free port of 127.0.0.1: its base URL."""
+    import time
+    import urllib.request
+
+    port = _free_port()
+    log = open(study / "mlflow-server.log", "w")
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{study / 'mlflow.db'}",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            cwd=study, stdout=log, stderr=subprocess.STDOUT, env=ENV)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (study / "mlflow-server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, (study / "mlflow-server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_an_mlflow_server_on_the_study_serves_what_comparing_quality_and_speed_needs(study, mlflow_server):
+    params = load_params(study / "params.yaml")
+    experiments = _api(mlflow_server, "experiments/search", {"max_results": 100})["experiments"]
+    experiment = next(e for e in experiments if e["name"] == "arpg-smoke")
+    note = {t["key"]: t["value"] for t in experiment.get("tags", [])}.get("mlflow.note.content", "")
+    assert "img_s" in note and "fid_classifier" in note, note
+    runs, token = [], None
+    while True:
+        page = _api(mlflow_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]],
+                                                   "max_results": 1000, **({"page_token": token} if token else {})})
+        runs += page.get("runs", [])
+        token = page.get("next_page_token")
+        if not token:
+            break
+
+    def tags(run):
+        return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+    assert not [r["info"]["run_name"] for r in runs if r["info"]["status"] != "FINISHED"]  # none left RUNNING
+    study_runs = [r for r in runs if tags(r).get("arpg.role") == "study"]
+    assert len(study_runs) == 1
+    parent = study_runs[0]["info"]
+    assert int(parent["end_time"]) > int(parent["start_time"])  # a duration: first stage's start to last's end
+    assert tags(study_runs[0])["arpg.failed_jobs"] == "none"
+    listed = _api(mlflow_server, f"artifacts/list?run_id={parent['run_id']}")
+    assert "params.yaml" in [f["path"] for f in listed.get("files", [])]
+
+    # every sweep point: one evaluate run holding its parameters, its FID and its measured images/s
+    evaluate = [r for r in runs if tags(r).get("arpg.stage") == "evaluate"]
+    points = [j for j in pipeline.jobs(params) if j.rule == "evaluate"]
+    assert len(evaluate) == len(points) >= 4
+    for run in evaluate:
+        names = {p["key"] for p in run["data"]["params"]}
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        assert {"model", "steps", "cfg", "order"} <= names, (run["info"]["run_name"], names)
+        assert "fid_classifier" in metrics and metrics.get("img_s", 0) > 0, (run["info"]["run_name"], metrics)
+        assert tags(run)["arpg.img_s.batch_size"] == str(params["sample"]["batch_size"])
+    assert sorted(r["info"]["run_name"] for r in evaluate) == sorted(f"evaluate-{j.key}" for j in points)
+    # where the profile timed a point, the report's speed too (its quality-vs-speed table's number)
+    pairs = (study / params["report"]["dir"] / "pareto.csv").read_text().splitlines()[1:]
+    profiled = [r for r in evaluate if "img_s_profile" in {m["key"] for m in r["data"]["metrics"]}]
+    assert len(profiled) == len(pairs) >= 1
+
+    # each job's log under its run (Snakemake redirects the command's output to Job.log)
+    logs = _api(mlflow_server, f"artifacts/list?run_id={evaluate[0]['info']['run_id']}&path=logs")
+    assert [f["path"] for f in logs.get("files", [])] == [f"logs/{Path(tags(evaluate[0])['arpg.log']).name}"]
+
+
 # --------------------------------------------------------------------------- same bytes
 
 def result_targets(params) -> list[str]:

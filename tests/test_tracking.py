@@ -89,3 +89,206 @@ def test_disabled_tracking_logs_nothing(tmp_path, params_file, monkeypatch):
     with tracking.stage_run(params, "x") as run:
         run.log_metrics({"a": 1.0})
     assert not (tmp_path / "never.db").exists()
+
+
+# --------------------------------------------------------------------------- the study's outcome
+
+def _client(params):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking.tracking_uri(params))
+
+
+def _parent(client, run_id):
+    return client.get_run(client.get_run(run_id).data.tags["mlflow.parentRunId"])
+
+
+def test_the_study_run_is_running_while_a_stage_runs_and_the_report_closes_it(params_file):
+    params = load_params(params_file())
+    client = _client(params)
+    with tracking.stage_run(params, "train", "train-arpg") as first:
+        assert _parent(client, first.run_id).info.status == "RUNNING"
+    assert _parent(client, first.run_id).info.status == "RUNNING"  # not the last job: more may follow
+    with tracking.stage_run(params, "report", closes_study=True) as report:
+        pass
+    study = _parent(client, report.run_id)
+    assert study.info.status == "FINISHED"
+    # its duration: from the first stage's start to the last stage's end
+    assert study.info.start_time <= client.get_run(first.run_id).info.start_time
+    assert study.info.end_time == client.get_run(report.run_id).info.end_time
+    assert study.data.tags["arpg.failed_jobs"] == "none"
+    with tracking.stage_run(params, "sample", "sample-x"):  # a later job reopens it
+        assert client.get_run(study.info.run_id).info.status == "RUNNING"
+
+
+def test_a_failed_stage_fails_the_study_until_its_job_succeeds_again(params_file):
+    params = load_params(params_file())
+    client = _client(params)
+    with pytest.raises(RuntimeError):
+        with tracking.stage_run(params, "train", "train-arpg") as failed:
+            raise RuntimeError("boom")
+    assert client.get_run(failed.run_id).data.tags["arpg.error"] == "RuntimeError: boom"
+    assert _parent(client, failed.run_id).info.status == "FAILED"
+    with tracking.stage_run(params, "report", closes_study=True) as report:
+        pass
+    study = _parent(client, report.run_id)
+    assert study.info.status == "FAILED" and study.data.tags["arpg.failed_jobs"] == "train train-arpg"
+    with tracking.stage_run(params, "train", "train-arpg"):  # the rerun of the failed job
+        pass
+    assert tracking.close_study(params) == "FINISHED"  # its latest attempt counts
+    assert client.get_run(study.info.run_id).data.tags["arpg.failed_jobs"] == "none"
+
+
+def test_a_run_whose_process_died_is_failed_when_the_study_closes(params_file):
+    import socket
+    import subprocess
+    import sys
+
+    params = load_params(params_file())
+    client = _client(params)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    with tracking.stage_run(params, "train", "train-arpg") as killed:
+        pass
+    with tracking.stage_run(params, "sample", "sample-on-a-node") as elsewhere:
+        pass
+    # as a SIGKILLed job leaves them: still RUNNING, with the process tags of a dead pid / another host
+    client.update_run(killed.run_id, status="RUNNING")
+    client.set_tag(killed.run_id, "arpg.pid", dead.stdout.strip())
+    client.update_run(elsewhere.run_id, status="RUNNING")
+    client.set_tag(elsewhere.run_id, "arpg.host", socket.gethostname() + "-node7")
+    assert tracking.close_study(params) == "RUNNING"  # another host's job may still be running
+    assert client.get_run(killed.run_id).info.status == "FAILED"
+    assert "ended without closing its run" in client.get_run(killed.run_id).data.tags["arpg.error"]
+    assert client.get_run(elsewhere.run_id).info.status == "RUNNING"
+    assert tracking.close_study(params, error=True) == "FAILED"  # Snakemake ended: nothing is running
+    assert client.get_run(elsewhere.run_id).info.status == "FAILED"
+
+
+def test_a_live_process_is_not_declared_dead():
+    import os
+    import socket
+
+    me = {"arpg.host": socket.gethostname(), "arpg.pid": str(os.getpid()),
+          "arpg.proc_start": tracking._proc_start(os.getpid()) or ""}
+    assert not tracking._process_gone(me)
+    assert tracking._process_gone({**me, "arpg.proc_start": "1"})  # the pid now belongs to another process
+
+
+def test_close_study_without_runs_or_tracking_does_nothing(params_file):
+    assert tracking.close_study(load_params(params_file())) is None
+    assert tracking.close_study(load_params(params_file(**{"tracking.enabled": False}))) is None
+
+
+# --------------------------------------------------------------------------- what runs carry
+
+def test_the_experiment_has_a_description_and_the_study_run_its_params_file(params_file):
+    params = load_params(params_file())
+    client = _client(params)
+    with tracking.stage_run(params, "train", "train-arpg") as run:
+        pass
+    study = _parent(client, run.run_id)
+    note = client.get_experiment(study.info.experiment_id).tags[tracking.NOTE_TAG]
+    assert "img_s" in note and "fid_classifier" in note and "arpg.stage" in note
+    assert [a.path for a in client.list_artifacts(study.info.run_id)] == [params.path.name]
+    local = client.download_artifacts(study.info.run_id, params.path.name)
+    assert open(local).read() == params.path.read_text()
+
+
+_LOGGED_SCRIPT = r"""
+import sys
+from arpg import tracking
+from arpg.config import load_params
+
+with tracking.stage_run(load_params(sys.argv[1]), "train", "train-arpg") as run:
+    print("line before the end")
+    print("RUN", run.run_id, file=sys.stderr)
+print("line after the end")
+"""
+
+
+def test_a_stage_attaches_the_log_its_output_is_redirected_to(tmp_path, params_file):
+    import os
+    import subprocess
+    import sys
+
+    path = params_file()
+    log = tmp_path / "logs" / "train.log"
+    log.parent.mkdir()
+    with open(log, "w") as fh:  # as Snakemake's `> {log} 2>&1` does
+        subprocess.run([sys.executable, "-c", _LOGGED_SCRIPT, str(path)], stdout=fh, stderr=subprocess.STDOUT,
+                       check=True, timeout=300, env=os.environ)
+    text = log.read_text()
+    run_id = text.split("RUN ", 1)[1].split()[0]
+    client = _client(load_params(path))
+    assert client.get_run(run_id).data.tags["arpg.log"] == str(log)
+    attached = open(client.download_artifacts(run_id, "logs/train.log")).read()
+    assert "line before the end" in attached and "line after the end" not in attached
+    assert attached.rstrip().endswith(f"the rest is in {log}")  # says that it is a partial copy
+    assert "line after the end" in text
+
+
+def test_system_metrics_are_sampled_unless_turned_off(params_file, monkeypatch):
+    import time
+
+    pytest.importorskip("psutil")
+    params = load_params(params_file())
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    monkeypatch.setenv(tracking.SYSTEM_METRICS_ENV, "true")
+    with tracking.stage_run(params, "train", "train-arpg") as run:
+        time.sleep(1.5)
+    monkeypatch.setenv(tracking.SYSTEM_METRICS_ENV, "false")
+    with tracking.stage_run(params, "train", "train-arpg") as off:
+        time.sleep(0.6)
+    client = _client(params)
+    assert any(k.startswith("system/cpu") for k in client.get_run(run.run_id).data.metrics)
+    assert not any(k.startswith("system/") for k in client.get_run(off.run_id).data.metrics)
+
+
+def test_an_evaluate_run_gets_the_speed_of_the_sample_run_that_drew_its_images(tmp_path, params_file):
+    import numpy as np
+
+    params = load_params(params_file())
+    rng = np.random.default_rng(0)
+    samples, other = tmp_path / "samples.npz", tmp_path / "other.npz"
+    np.savez(samples, arr_0=rng.integers(0, 255, (4, 8, 8, 1), dtype=np.uint8))
+    np.savez(other, arr_0=rng.integers(0, 255, (4, 8, 8, 1), dtype=np.uint8))
+    with tracking.stage_run(params, "sample", "sample-arpg-steps2_cfg2_random") as sample:
+        sample.log_metrics({"img_s": 12.5, "decode_seconds": 3.2})
+        sample.set_tags({tracking.SAMPLES_TAG: tracking.file_sha256(samples), "arpg.img_s.threads": 2})
+    with tracking.stage_run(params, "evaluate", "evaluate-arpg-steps2_cfg2_random") as evaluate:
+        evaluate.log_metrics({"fid_classifier": 40.0})
+        assert tracking.copy_point_speed(evaluate, samples)
+    with tracking.stage_run(params, "evaluate", "evaluate-other") as unmatched:
+        assert not tracking.copy_point_speed(unmatched, other)
+    client = _client(params)
+    run = client.get_run(evaluate.run_id)
+    assert run.data.metrics == {"fid_classifier": 40.0, "img_s": 12.5, "decode_seconds": 3.2}
+    assert run.data.tags["arpg.img_s.threads"] == "2" and run.data.tags["arpg.img_s.sample_run"] == sample.run_id
+    assert "img_s" not in client.get_run(unmatched.run_id).data.metrics
+    assert not tracking.copy_point_speed(tracking.NullRun(), samples)
+
+
+def test_the_report_logs_its_quality_vs_speed_pairs_onto_the_points_evaluate_runs(tmp_path, params_file):
+    from arpg.paths import SweepPoint
+    from arpg.utils import write_json
+
+    params = load_params(params_file())
+    layout = params.layout
+    timed, untimed = SweepPoint("arpg", 2, 2.0, "random"), SweepPoint("arpg", 4, 2.0, "random")
+    runs = {}
+    for point, fid in ((timed, 40.0), (untimed, 30.0)):
+        layout.metrics(point).parent.mkdir(parents=True, exist_ok=True)
+        write_json(layout.metrics(point), {"fid_classifier": fid})
+        with tracking.stage_run(params, "evaluate", f"evaluate-arpg-{point.tag}") as run:
+            run.set_tags({tracking.METRICS_TAG: tracking.file_sha256(layout.metrics(point))})
+        runs[point] = run.run_id
+    pairs = tmp_path / "pareto.csv"
+    pairs.write_text("model,steps,cfg,order,img_s,batch,fid_classifier\narpg,2,2.0,random,123.5,4,40.0\n")
+    with tracking.stage_run(params, "report", closes_study=True) as report:
+        assert tracking.log_profile_speed(report, pairs, layout, {"arpg.img_s_profile.precision": "fp32"}) == 1
+    client = _client(params)
+    got = client.get_run(runs[timed])
+    assert got.data.metrics["img_s_profile"] == 123.5
+    assert got.data.tags["arpg.img_s_profile.batch"] == "4" and got.data.tags["arpg.img_s_profile.precision"] == "fp32"
+    assert "img_s_profile" not in client.get_run(runs[untimed]).data.metrics  # no profile row: none

@@ -43,6 +43,27 @@ onstart:
     except ArpgError as exc:
         raise WorkflowError(str(exc)) from None
 
+
+def _close_study(error):
+    """The study's MLflow parent run ends with the workflow's outcome (the report job closes it too;
+    this covers partial targets and failed DAGs). A tracking problem is reported, never fatal."""
+    from arpg.tracking import close_study
+
+    try:
+        status = close_study(PARAMS, error=error)
+    except Exception as exc:  # noqa: BLE001 - the workflow's own outcome stands
+        print(f"note: could not close the MLflow study run: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return
+    if status:
+        print(f"MLflow study run: {status}", file=sys.stderr)
+
+
+onsuccess:
+    _close_study(error=False)
+
+onerror:
+    _close_study(error=True)
+
 wildcard_constraints:
     **PIPE.wildcard_constraints(),
 

@@ -40,6 +40,7 @@ EXTRACTOR_TEXT = {
 }
 # Files of report.dir that DVC's `plots:` also names (plot_specs).
 FID_CSV, FID_PNG, SPEED_CSV = "fid_vs_steps.csv", "fid_vs_steps.png", "speed.csv"
+PARETO_CSV = "pareto.csv"  # the quality-vs-speed pairs (arpg report logs them onto MLflow runs too)
 STRATEGIES_CSV, STRATEGIES_PNG = "strategies.csv", "quality_vs_steps_strategies.png"
 # Folders of report.dir that hold only what one build copies.
 COPIED_DIRS = ("grids", "gallery")
@@ -307,7 +308,7 @@ def _quality_vs_speed(rep: Report, q: Quality, speed: list[dict]) -> list[str]:
     if not pairs:
         return ["_No FID-vs-speed pairs: the profile has no rows of the study models (`default` in "
                 "profile.models) at the sampled step counts._\n"]
-    rep.csv("pareto.csv", pairs)
+    rep.csv(PARETO_CSV, pairs)
     rep.figure(figures.fid_vs_throughput(rep.out / "fid_vs_throughput.png", pairs, pareto_front(pairs, fid), fid))
     by_point = {(p.point.model, p.point.steps, format_cfg(p.point.cfg), p.point.order): p for p in shown}
     rows = [{**r, fid: with_interval(by_point[r["model"], r["steps"], r["cfg"], r["order"]], fid)} for r in pairs]
