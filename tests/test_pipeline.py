@@ -191,6 +191,26 @@ def test_committed_dvc_yaml_is_current():
     assert (REPO_ROOT / "dvc.yaml").read_text() == text, "run `arpg export-dvc` and commit dvc.yaml"
 
 
+def test_export_dvc_never_writes_the_params_file(tmp_path, params_file, capsys):
+    from arpg.cli import main
+
+    path = params_file("configs/smoke.yaml")
+    before = path.read_bytes()
+    assert main(["export-dvc", "--params", str(path), "--output", str(tmp_path / "dvc.yaml")]) == 0
+    assert main(["export-dvc", "--params", str(path), "--output", str(path)]) == 2
+    assert "never the params" in capsys.readouterr().err and path.read_bytes() == before
+
+
+def test_another_params_file_gets_literal_sweep_lists(params_file):
+    """${...} resolves against params.yaml only: for another file the matrix holds its lists."""
+    params = load_params(params_file("configs/smoke.yaml", **{"sample.steps": [2, 4, 8]}))
+    stages = export_dvc.render(params, "configs/other.yaml")["stages"]
+    assert stages["sample-arpg-steps"]["matrix"] == {"steps": [2, 4, 8]}
+    assert "${sample" not in json.dumps(stages)
+    interpolated = export_dvc.render(params, "params.yaml")["stages"]
+    assert interpolated["sample-arpg-steps"]["matrix"] == {"steps": "${sample.steps}"}
+
+
 def test_export_dvc_check_flags_a_stale_file(tmp_path, params_file, capsys):
     from arpg.cli import main
 

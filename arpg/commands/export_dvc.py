@@ -195,6 +195,8 @@ def run(args, params) -> int:
     content = render(params, _params_file_for_dvc(params))
     text = dump(content)
     out = Path(args.output)
+    if out.resolve() == Path(params.path).resolve():  # the only file it could write is --output
+        raise ArpgError(f"--output {out} is the params file; export-dvc writes dvc.yaml, never the params")
     if args.check:
         current = out.read_text() if out.is_file() else ""
         if current != text:
