@@ -35,7 +35,9 @@ def duration(seconds: float) -> str:
 def _console() -> IO[str] | None:
     """The console stream from $ARPG_PROGRESS_FD, or None (unset, or not an open descriptor here)."""
     fd = os.environ.get(PROGRESS_FD_ENV, "")
-    if not fd.isdigit():
+    # torchrun starts its ranks with close_fds: there the number names some other descriptor of the
+    # process (a rendezvous pipe), so ranks never write to it
+    if not fd.isdigit() or "LOCAL_RANK" in os.environ:
         return None
     try:
         return os.fdopen(os.dup(int(fd)), "w", buffering=1)

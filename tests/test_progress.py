@@ -81,6 +81,20 @@ def test_an_unopened_progress_fd_is_ignored(clock, monkeypatch):
     assert out.getvalue().startswith("x: step 2/2 (100%)")
 
 
+def test_a_torchrun_rank_ignores_the_progress_fd(clock, monkeypatch):
+    """torchrun closes inherited descriptors: in a rank the number is another file (it broke training)."""
+    read_fd, write_fd = os.pipe()
+    monkeypatch.setenv(PROGRESS_FD_ENV, str(write_fd))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    bar = Progress(2, "x", out=io.StringIO())
+    bar.update(2)
+    bar.report()
+    bar.close()
+    os.close(write_fd)
+    with os.fdopen(read_fd) as pipe:
+        assert pipe.read() == ""
+
+
 def test_batch_progress_times_from_the_start_of_the_loop(clock):
     out = io.StringIO()
     callback = batch_progress("sample", out=out)
