@@ -532,17 +532,6 @@ def dvc_job_names(root: Path) -> dict[str, str]:
                 for s in repo.index.stages}
 
 
-def dvc_job_names_for(values: dict, root: Path, scratch: Path) -> dict[str, str]:
-    """dvc_job_names of root's dvc.yaml resolved against `values` (in a scratch DVC root)."""
-    from dvc.repo import Repo
-
-    scratch.mkdir(parents=True, exist_ok=True)
-    shutil.copy(root / "dvc.yaml", scratch / "dvc.yaml")
-    (scratch / "params.yaml").write_text(yaml.safe_dump(values))
-    Repo.init(str(scratch), no_scm=True)
-    return dvc_job_names(scratch)
-
-
 def _ran_stages(out: str) -> set[str]:
     return set(re.findall(r"^Running stage '([^']+)'", out, re.M))
 
@@ -614,20 +603,24 @@ def test_dvc_status_names_exactly_the_stages_that_read_a_changed_key(dvc_study, 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_dvc_exp_run_with_one_more_step_count_runs_only_its_point_and_the_report(dvc_study, tmp_path):
-    """Last of the DVC tests: it adds an experiment to the DVC study. The sweeps of
+def test_dvc_exp_run_with_one_more_step_count_runs_only_its_point_and_the_report(dvc_study):
+    """Last of the DVC tests: it leaves the new point's experiment in the workspace. The sweeps of
     dvc.yaml run over the params lists, so `-S` adds exactly the new stages, and dvc.yaml stays current."""
     values = yaml.safe_load((dvc_study / "params.yaml").read_text())
     steps = [*values["sample"]["steps"], 3]
     out = _dvc(dvc_study, "exp", "run", "-S", f"sample.steps={json.dumps(steps)}")
-    grown = copy.deepcopy(values)
-    grown["sample"]["steps"] = steps
-    names = dvc_job_names_for(grown, dvc_study, tmp_path)  # the stages DVC resolves for the experiment's params
+    names = dvc_job_names(dvc_study)
     new = f"arpg-steps3_cfg{values['sample']['cfg_default']}_random"
     assert {names[s] for s in _ran_stages(out)} == {f"sample@{new}", f"evaluate@{new}", "report"}, out[-3000:]
+    after = load_params(dvc_study / "params.yaml")  # as DVC rewrote it (its nulls left empty)
+    assert after["sample"]["steps"] == steps
+    before = copy.deepcopy(values)
+    before["sample"]["steps"] = steps
+    assert after.values == before  # so its digest and every fingerprint too
     proc = subprocess.run([str(BIN / "arpg"), "export-dvc", "--check"], cwd=dvc_study, capture_output=True, text=True,
                           env=DVC_ENV, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Data and pipelines are up to date" in _dvc(dvc_study, "status")
     shown = json.loads(_dvc(dvc_study, "exp", "show", "--json"))
     exps = [e for commit in shown for e in [commit, *(x for ex in commit.get("experiments") or [] for x in ex["revs"])]]
     records = [e["data"] for e in exps if e.get("data")]
