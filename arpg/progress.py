@@ -92,12 +92,13 @@ class Progress:
         """Show `stats` (loss, lr, ...): the bar's postfix on a terminal, else one line."""
         if not self.enabled:
             return
+        line = self.line(**stats)
         if self._bar is not None:
             self._bar.set_postfix({k: _value(v) for k, v in stats.items()})
         else:
-            print(self.line(**stats), file=self.out, flush=True)
+            print(line, file=self.out, flush=True)
         if self._console is not None:
-            print(self.line(**stats), file=self._console, flush=True)
+            print(line, file=self._console, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

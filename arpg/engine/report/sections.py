@@ -412,12 +412,12 @@ def _benchmark(path: Path) -> dict[str, float] | None:
 
 def _stage_times(rep: Report) -> list[str]:
     """Per rule: wall and CPU time and peak memory of its jobs, from Snakemake's `benchmark:` files."""
-    rows = []
+    rows, all_jobs = [], pipeline.jobs(rep.params)
     for rule in pipeline.RULES:
-        jobs = [j for j in pipeline.jobs(rep.params) if j.rule == rule and rule != "report"]
-        timed = [(j, b) for j in jobs if (b := _benchmark(Path(j.benchmark))) is not None]
+        jobs = [j for j in all_jobs if j.rule == rule and rule != "report"]
         if not jobs:
             continue
+        timed = [(j, b) for j in jobs if (b := _benchmark(Path(j.benchmark))) is not None]
         longest = max(timed, key=lambda jb: jb[1]["s"], default=None)
         rows.append({"rule": rule, "jobs": len(jobs), "timed": len(timed),
                      "wall_s": round(sum(b["s"] for _, b in timed), 1) if timed else None,
