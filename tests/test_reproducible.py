@@ -507,6 +507,32 @@ def _dvc(root: Path, *args: str) -> str:
     return proc.stdout + proc.stderr
 
 
+def dvc_job_names(root: Path) -> dict[str, str]:
+    """DVC stage name (`sample-arpg-steps@2`) -> pipeline.Job.name, matched by the outputs they write."""
+    from dvc.repo import Repo
+
+    params = load_params(root / "params.yaml")
+    by_outs = {frozenset(j.all_outputs): j.name for j in pipeline.jobs(params)}
+    with Repo(str(root)) as repo:
+        return {s.addressing: by_outs.get(frozenset(o.def_path for o in s.outs), f"(no job: {s.addressing})")
+                for s in repo.index.stages}
+
+
+def dvc_job_names_for(values: dict, root: Path, scratch: Path) -> dict[str, str]:
+    """dvc_job_names of root's dvc.yaml resolved against `values` (in a scratch DVC root)."""
+    from dvc.repo import Repo
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    shutil.copy(root / "dvc.yaml", scratch / "dvc.yaml")
+    (scratch / "params.yaml").write_text(yaml.safe_dump(values))
+    Repo.init(str(scratch), no_scm=True)
+    return dvc_job_names(scratch)
+
+
+def _ran_stages(out: str) -> set[str]:
+    return set(re.findall(r"^Running stage '([^']+)'", out, re.M))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_dvc_repro_runs_every_job_and_then_has_nothing_to_do(dvc_study):
@@ -574,6 +600,49 @@ def test_dvc_status_names_exactly_the_stages_that_read_a_changed_key(dvc_study, 
     wrong = [f"{key}: dvc status names {sorted(set(map(job_name, status[str(path)])) ^ want)} wrongly"
              for key, path, want in same_shape if set(map(job_name, status[str(path)])) != want]
     assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_dvc_exp_run_with_one_more_step_count_runs_only_its_point_and_the_report(dvc_study, tmp_path):
+    """Last of the DVC tests: it adds an experiment to the DVC study. The sweeps of
+    dvc.yaml run over the params lists, so `-S` adds exactly the new stages, and dvc.yaml stays current."""
+    values = yaml.safe_load((dvc_study / "params.yaml").read_text())
+    steps = [*values["sample"]["steps"], 3]
+    out = _dvc(dvc_study, "exp", "run", "-S", f"sample.steps={json.dumps(steps)}")
+    grown = copy.deepcopy(values)
+    grown["sample"]["steps"] = steps
+    names = dvc_job_names_for(grown, dvc_study, tmp_path)  # the stages DVC resolves for the experiment's params
+    new = f"arpg-steps3_cfg{values['sample']['cfg_default']}_random"
+    assert {names[s] for s in _ran_stages(out)} == {f"sample@{new}", f"evaluate@{new}", "report"}, out[-3000:]
+    proc = subprocess.run([str(BIN / "arpg"), "export-dvc", "--check"], cwd=dvc_study, capture_output=True, text=True,
+                          env=DVC_ENV, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    shown = json.loads(_dvc(dvc_study, "exp", "show", "--json"))
+    exps = [e for commit in shown for e in [commit, *(x for ex in commit.get("experiments") or [] for x in ex["revs"])]]
+    records = [e["data"] for e in exps if e.get("data")]
+    step_lists = [r["params"]["params.yaml"]["data"]["sample"]["steps"] for r in records]
+    assert values["sample"]["steps"] in step_lists and steps in step_lists
+    report_metrics = str(Path(values["report"]["dir"]) / "metrics.json")
+    fid = [r["metrics"][report_metrics]["data"].get("fid_classifier.arpg.s3") for r in records
+           if report_metrics in (r.get("metrics") or {})]
+    assert any(isinstance(v, float) for v in fid), records[-1].get("metrics")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_dvc_adopts_a_snakemake_run_with_dvc_commit(study, tmp_path):
+    """The documented hand-over (docs/pipeline.md): after Snakemake built the study, `dvc commit -f`
+    records its outputs in dvc.lock without running anything; `dvc status` is then clean and
+    `dvc repro` has nothing to do."""
+    root = tmp_path / "adopted"
+    shutil.copytree(study, root, symlinks=True, ignore=shutil.ignore_patterns("mutations", "grown.yaml"))
+    _dvc_repo(root)
+    _dvc(root, "commit", "-f")
+    assert "Data and pipelines are up to date" in _dvc(root, "status")
+    assert not _ran_stages(_dvc(root, "repro", "--dry"))
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert len(lock) == len(pipeline.jobs(load_params(root / "params.yaml")))
 
 
 @pytest.mark.slow
