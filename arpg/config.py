@@ -7,6 +7,7 @@ key, the bad value and what is allowed.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import yaml
 
 from arpg.decoders import DECODERS
 from arpg.errors import ConfigError
-from arpg.paths import DEFAULT_PARAMS, SCHEMA_PATH, Layout, SweepPoint
+from arpg.paths import DEFAULT_PARAMS, SCHEMA_PATH, Layout, SweepPoint, format_cfg
 from arpg.sizes import sizes_of
 
 PARAMS_ENV = "ARPG_PARAMS"
@@ -133,6 +134,8 @@ def _allowed(error) -> str:
         return "only the keys " + ", ".join(sorted(schema.get("properties", {})))
     if error.validator == "required":
         return "the key to be present"
+    if error.validator == "uniqueItems":
+        return "each value once"
     parts = []
     if "type" in schema:
         kind = schema["type"]
@@ -211,12 +214,42 @@ def _check_consistency(values: dict, source: str) -> None:
         if too_many:
             raise ConfigError(
                 f"{source}: sample.{key} {too_many} exceed the {token_count(values)} tokens of the grid")
+    _check_sweeps_disjoint(sample, source)
     side = token_grid(values)
     for key in ("orders", "strategies"):  # region-BxB cuts the token grid into B x B blocks
         uneven = [o for o in sample[key] if o.startswith("region-") and side % int(o.split("x")[-1])]
         if uneven:
             raise ConfigError(f"{source}: sample.{key} {uneven} need a token grid divisible by the block count; "
                               f"the grid is {side}x{side}: drop them or use another resolution")
+
+
+def _check_sweeps_disjoint(sample: Mapping, source: str) -> None:
+    """Each sweep point in one family (`sweep_families`): dvc.yaml runs each family as one stage over
+    its params list, and two stages may not write the same point."""
+    problems = []
+    if sample["steps_default"] not in sample["steps"]:
+        problems.append(f"sample.steps_default {sample['steps_default']} is not in sample.steps "
+                        f"{sample['steps']}: the step sweep holds the default point; add it to sample.steps")
+    if any(float(c) == float(sample["cfg_default"]) for c in sample["cfg"]):
+        problems.append(f"sample.cfg {sample['cfg']} lists sample.cfg_default {sample['cfg_default']}: sample.cfg "
+                        "holds the guidance values besides the default (the step sweep has the default point); "
+                        "drop it from sample.cfg")
+    native = [d.native_order for d in DECODERS.values() if d.parallel]
+    for key, others, what in (("orders", native, "a parallel decoder's native order (the step sweep has it)"),
+                              ("strategies", [*native, *sample["orders"]], "in sample.orders or a native order")):
+        clash = [o for o in sample[key] if o in others]
+        if clash:
+            problems.append(f"sample.{key} {clash} {'is' if len(clash) == 1 else 'are'} {what}: "
+                            f"sample.{key} holds the others only; drop {', '.join(clash)} from sample.{key}")
+    # DVC writes a guidance value into paths as YAML holds it ('4'), Snakemake as format_cfg does ('4.0')
+    for key, values in (("cfg_default", [sample["cfg_default"]]), ("cfg", sample["cfg"])):
+        misspelt = [v for v in values if str(v) != format_cfg(v)]
+        if misspelt:
+            problems.append(f"sample.{key}: write {', '.join(map(str, misspelt))} as "
+                            f"{', '.join(format_cfg(v) for v in misspelt)} (DVC names sweep-point paths by the "
+                            "value as written, Snakemake by its decimal form)")
+    if problems:
+        raise ConfigError(f"{source}: " + "\n  ".join(problems))
 
 
 def stage_threads(values: Mapping, command: str) -> int:
@@ -239,24 +272,82 @@ def token_count(values: Mapping) -> int:
     return token_grid(values) ** 2
 
 
-def sweep_points(values: Mapping) -> list[SweepPoint]:
-    """Every (model, steps, cfg, order) the study samples and evaluates, for each registered decoder.
+# The wildcards of a sweep point, in the order its job key and stage names spell them.
+POINT_FIELDS = ("model", "steps", "cfg", "order")
 
-    A parallel decoder (ARPG): the step sweep (its native order, default cfg), the guidance sweep
-    (default steps), the order sweep (default steps and cfg) and the strategy sweep (each of
-    sample.strategies at each of sample.strategy_steps, default cfg). A sequential one (the raster
-    baseline): one token per step in its native order, over the same guidance values.
+
+@dataclass(frozen=True)
+class SweepFamily:
+    """One sweep of one decoder: each wildcard of its points is a literal, one params value (`Param`)
+    or every item of a params list (`Swept`). The families of a study are disjoint by definition of
+    the params (checked by the loader), so each point belongs to exactly one, and dvc.yaml runs each
+    as one `matrix` stage over the very params lists: `dvc exp run -S sample.steps=[...]` then adds
+    exactly the new points."""
+
+    name: str                      # "steps", "cfg", "orders", "strategies", "default"
+    fields: tuple[tuple[str, Any], ...]  # (wildcard, literal | Param | Swept) in POINT_FIELDS order
+
+    def points(self, values: Mapping) -> list[SweepPoint]:
+        choices = [[_dotted(values, v.key)] if isinstance(v, Param) else
+                   list(_dotted(values, v.key)) if isinstance(v, Swept) else [v] for _, v in self.fields]
+        return [SweepPoint(*combo) for combo in itertools.product(*choices)]
+
+    @property
+    def model(self) -> str:
+        return dict(self.fields)["model"]
+
+    @property
+    def swept(self) -> dict[str, str]:
+        """wildcard -> params key of the lists it runs over (DVC's `matrix`)."""
+        return {w: v.key for w, v in self.fields if isinstance(v, Swept)}
+
+
+@dataclass(frozen=True)
+class Param:
+    key: str  # dotted params key of one value
+
+
+@dataclass(frozen=True)
+class Swept:
+    key: str  # dotted params key of a list
+
+
+def _dotted(values: Mapping, key: str) -> Any:
+    node: Any = values
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def sweep_families(values: Mapping) -> list[SweepFamily]:
+    """The study's sweeps, per registered decoder.
+
+    A parallel decoder (ARPG): the step sweep (sample.steps, its native order, cfg_default: it holds
+    the default point), the guidance sweep (the values of sample.cfg besides cfg_default, at
+    steps_default), the order sweep (sample.orders besides its native order, at the defaults) and the
+    strategy sweep (each of sample.strategies at each of sample.strategy_steps, cfg_default). A
+    sequential one (the raster baseline): one token per step in its native order, at sample.cfg
+    and at cfg_default.
     """
-    s = values["sample"]
     n = token_count(values)
-    points: set[SweepPoint] = set()
+    steps, cfg = Param("sample.steps_default"), Param("sample.cfg_default")
+    out = []
     for d in DECODERS.values():
+        m, native = ("model", d.name), ("order", d.native_order)
         if d.parallel:
-            points |= {SweepPoint(d.name, steps, s["cfg_default"], d.native_order) for steps in s["steps"]}
-            points |= {SweepPoint(d.name, s["steps_default"], cfg, d.native_order) for cfg in s["cfg"]}
-            points |= {SweepPoint(d.name, s["steps_default"], s["cfg_default"], order) for order in s["orders"]}
-            points |= {SweepPoint(d.name, steps, s["cfg_default"], strategy)
-                       for strategy in s["strategies"] for steps in s["strategy_steps"]}
+            out += [SweepFamily("steps", (m, ("steps", Swept("sample.steps")), ("cfg", cfg), native)),
+                    SweepFamily("cfg", (m, ("steps", steps), ("cfg", Swept("sample.cfg")), native)),
+                    SweepFamily("orders", (m, ("steps", steps), ("cfg", cfg), ("order", Swept("sample.orders")))),
+                    SweepFamily("strategies", (m, ("steps", Swept("sample.strategy_steps")), ("cfg", cfg),
+                                               ("order", Swept("sample.strategies"))))]
         else:
-            points |= {SweepPoint(d.name, n, cfg, d.native_order) for cfg in [*s["cfg"], s["cfg_default"]]}
+            out += [SweepFamily("cfg", (m, ("steps", n), ("cfg", Swept("sample.cfg")), native)),
+                    SweepFamily("default", (m, ("steps", n), ("cfg", cfg), native))]
+    return out
+
+
+def sweep_points(values: Mapping) -> list[SweepPoint]:
+    """Every (model, steps, cfg, order) the study samples and evaluates: the points of its
+    `sweep_families`, each in one family."""
+    points = [p for family in sweep_families(values) for p in family.points(values)]
     return sorted(points, key=lambda p: (p.model, p.order, p.steps, p.cfg))

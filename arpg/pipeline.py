@@ -26,7 +26,7 @@ from arpg.config import unrecorded
 from arpg.decoders import DECODERS
 from arpg.errors import ConfigError
 from arpg.paths import Layout
-from arpg.stages import POINT_WILDCARDS, RULES, Job, Rule, _Ctx, report_inputs  # noqa: F401 - the public names
+from arpg.stages import POINT_WILDCARDS, RULES, Job, Rule, _Ctx, point_folders, point_wildcards, report_inputs  # noqa: F401 - the public names
 
 
 # --------------------------------------------------------------------------- public API
@@ -133,4 +133,4 @@ def check_external(params: Mapping) -> None:
 
 
 __all__ = ["Job", "RULES", "jobs", "job", "pattern", "fingerprint", "param_values", "check_external",
-           "missing_external", "report_inputs", "wildcard_constraints", "log_dir"]
+           "missing_external", "point_folders", "report_inputs", "wildcard_constraints", "log_dir"]

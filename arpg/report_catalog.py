@@ -56,6 +56,8 @@ FILES: dict[str, Shown] = {
     "training.csv": Shown(MODELS, "Each generator's training: steps, tokens, final loss and its setup."),
     "zeroshot.csv": Shown(ZERO_SHOT, "Inpainting, outpainting, continuation and resolution expansion, measured: "
                                      "accuracy, FID, KID and PSNR per cell with intervals."),
+    "metrics.json": Shown(TEXT, "The report's headline metrics (DVC's `metrics`, so `dvc exp show` compares "
+                                "experiments by them)."),
     "stage_times.csv": Shown(PIPELINE, "Wall time, CPU time and peak memory of every stage, from Snakemake's "
                                        "benchmark files."),
 }
@@ -69,6 +71,11 @@ def describe(name: str) -> Shown:
     if path.parts[0] == "grids" and len(path.parts) == 3 and path.suffix == ".png":
         return Shown(SAMPLES, f"Class-balanced sample grid of {path.parts[1]} at {path.stem} "
                               "(steps, guidance, order), one row per class.")
+    if path.parts[0] == "plots" and len(path.parts) == 2 and path.suffix == ".csv":
+        model = path.stem.rsplit("-", 1)[-1]
+        x = "images/s" if path.stem.startswith("fid_vs_img_s") else "decoding steps"
+        return Shown(QUALITY if x == "decoding steps" else SPEED,
+                     f"The series DVC's plots draw for {model}: FID against {x} (one file per decoder).")
     if path.parts[0] == "gallery" and len(path.parts) == 2 and path.suffix == ".png":
         return Shown(ZERO_SHOT, f"Zero-shot {path.stem}: the given image, the mask and the model's "
                                 "completions, one row per class.")

@@ -86,6 +86,11 @@ class Rule:
     build: Callable[[_Ctx, dict[str, str]], Job] = field(repr=False)
     # wildcard values of the rule's jobs in this study ([] when the rule is not in the DAG)
     instances: Callable[[Mapping], list[dict[str, str]]] = field(repr=False)
+    desc: str = ""  # what one job does, one plain sentence (DVC's stage `desc`)
+
+    def __post_init__(self) -> None:
+        if not self.desc or "\n" in self.desc or not self.desc.endswith("."):
+            raise ConfigError(f"rule {self.name}: give it a desc, one sentence on one line ending in '.'")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -94,7 +99,7 @@ def _s(path) -> str:
     return str(path)
 
 
-def _point_wildcards(point: SweepPoint) -> dict[str, str]:
+def point_wildcards(point: SweepPoint) -> dict[str, str]:
     return {"model": point.model, "steps": str(point.steps), "cfg": format_cfg(point.cfg), "order": point.order}
 
 
@@ -371,23 +376,51 @@ def _report_reads(rule: str, output: str) -> bool:
     return not output.endswith((".pt", ".npy", ".npz"))
 
 
+def point_folders(params: Mapping) -> list[str]:
+    """The folders that hold every output of the sweep-point rules (samples/, metrics/): the deepest
+    folder of each output pattern above its first wildcard. A job reading every point (the report)
+    depends on these in dvc.yaml, so a point added by a params edit is read without a re-export."""
+    ctx = _Ctx(unrecorded(params), Layout.from_params(unrecorded(params)), "logs")
+    sentinel = dict(_SENTINEL_TEXT)
+    folders: dict[str, None] = {}
+    for rule in RULES.values():
+        if rule.wildcards == POINT_WILDCARDS:
+            for out in rule.build(ctx, sentinel).outputs:
+                parts = Path(out).parts
+                first = next(i for i, part in enumerate(parts) if any(s in part for s in sentinel.values()))
+                folders[str(Path(*parts[:first]))] = None
+    return list(folders)
+
+
 def _point_instances(params: Mapping) -> list[dict[str, str]]:
-    return [_point_wildcards(p) for p in sweep_points(params)]
+    return [point_wildcards(p) for p in sweep_points(params)]
 
 
 RULES: dict[str, Rule] = {r.name: r for r in (
-    Rule("prepare_data", (), _prepare_data, lambda p: [{}]),
-    Rule("train_tokenizer", (), _train_tokenizer, lambda p: [{}]),
-    Rule("tokenize", (), _tokenize, lambda p: [{}] if _needs_tokens(p) else []),
+    Rule("prepare_data", (), _prepare_data, lambda p: [{}],
+         desc="Decode the dataset into fixed-size image and label arrays, train and test splits."),
+    Rule("train_tokenizer", (), _train_tokenizer, lambda p: [{}],
+         desc="Train the VQ tokenizer on the training images, or import released weights."),
+    Rule("tokenize", (), _tokenize, lambda p: [{}] if _needs_tokens(p) else [],
+         desc="Encode the images into token grids and measure the tokenizer's reconstructions."),
     Rule("train_classifier", (), _train_classifier,
-         lambda p: [{}] if "classifier" in _extractors(p) else []),
-    Rule("train", ("model",), _train, lambda p: [{"model": m} for m in DECODERS]),
-    Rule("sample", POINT_WILDCARDS, _sample, _point_instances),
+         lambda p: [{}] if "classifier" in _extractors(p) else [],
+         desc="Train the small CNN whose features and softmax the classifier metrics use."),
+    Rule("train", ("model",), _train, lambda p: [{"model": m} for m in DECODERS],
+         desc="Train one decoder on the token grids, or import its released weights."),
+    Rule("sample", POINT_WILDCARDS, _sample, _point_instances,
+         desc="Generate the class-balanced sample set of one sweep point."),
     Rule("reference_stats", ("extractor",), _reference_stats,
-         lambda p: [{"extractor": x} for x in _extractors(p)]),
-    Rule("evaluate", POINT_WILDCARDS, _evaluate, _point_instances),
-    Rule("profile", (), _profile, lambda p: [{}]),
-    Rule("gallery", (), _gallery, lambda p: [{}] if zero_shot_decoder() else []),
-    Rule("zero_shot", (), _zero_shot, lambda p: [{}] if zero_shot_decoder() else []),
-    Rule("report", (), _report, lambda p: [{}]),
+         lambda p: [{"extractor": x} for x in _extractors(p)],
+         desc="Compute one extractor's feature statistics of the real reference split."),
+    Rule("evaluate", POINT_WILDCARDS, _evaluate, _point_instances,
+         desc="Measure FID, IS, KID, precision/recall and accuracy of one sweep point's samples."),
+    Rule("profile", (), _profile, lambda p: [{}],
+         desc="Time decoding and measure its memory, per model, step count, batch and precision."),
+    Rule("gallery", (), _gallery, lambda p: [{}] if zero_shot_decoder() else [],
+         desc="Draw the zero-shot editing galleries (inpainting, outpainting, continuation, expansion)."),
+    Rule("zero_shot", (), _zero_shot, lambda p: [{}] if zero_shot_decoder() else [],
+         desc="Measure the zero-shot edits' quality over tasks, known fractions and masks."),
+    Rule("report", (), _report, lambda p: [{}],
+         desc="Write the study report (markdown, CSV tables, figures, plot series) from every stage output."),
 )}

@@ -83,8 +83,8 @@ def test_schema_is_strict_everywhere():
 
 
 def test_sweep_points_cover_each_sweep(params_file):
-    params = load_params(params_file(**{"sample.steps": [2, 8], "sample.cfg": [1.0, 3.0],
-                                        "sample.orders": ["random", "raster"],
+    params = load_params(params_file(**{"sample.steps": [2, 8], "sample.cfg": [1.0],
+                                        "sample.orders": ["raster"],
                                         "sample.strategies": ["locality", "region-4x4"], "sample.strategy_steps": [2, 4],
                                         "sample.steps_default": 8, "sample.cfg_default": 3.0}))
     points = set(sweep_points(params))
@@ -96,6 +96,45 @@ def test_sweep_points_cover_each_sweep(params_file):
     }
     assert SweepPoint("arpg", 8, 3.0, "random").tag == "steps8_cfg3.0_random"
     assert SweepPoint("arpg", 8, 1.25, "z-curve").tag == "steps8_cfg1.25_z-curve"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"sample.steps_default": 16, "sample.steps": [2, 8]}, r"sample.steps_default 16 is not in sample.steps .*add it"),
+    ({"sample.cfg": [1.0, 4.0]}, r"sample.cfg \[1.0, 4.0\] lists sample.cfg_default 4.0.*drop it from sample.cfg"),
+    ({"sample.orders": ["random", "raster"]}, r"sample.orders \['random'\] is a parallel decoder's native order"),
+    ({"sample.orders": ["locality"], "sample.strategies": ["locality"]},
+     r"sample.strategies \['locality'\] is in sample.orders or a native order.*drop locality"),
+    ({"sample.cfg_default": 4}, r"sample.cfg_default: write 4 as 4.0"),
+    ({"sample.cfg": [1, 2.0]}, r"sample.cfg: write 1 as 1.0"),
+    ({"sample.steps": [2, 8, 8]}, r"sample.steps: got \[2, 8, 8\], expected each value once"),
+])
+def test_overlapping_or_misspelt_sweeps_are_refused_with_the_fix(params_file, change, message):
+    """Each point in one sweep family (dvc.yaml runs each family as one stage over its list), each
+    guidance value spelt as DVC and Snakemake both write it."""
+    with pytest.raises(ConfigError, match=message):
+        load_params(params_file(**change))
+
+
+def test_the_families_are_disjoint_and_cover_the_points():
+    from arpg.config import sweep_families
+
+    for name in ("params.yaml", "configs/smoke.yaml", "configs/paper.yaml"):
+        values = load_params(REPO_ROOT / name).values
+        each = [p for f in sweep_families(values) for p in f.points(values)]
+        assert len(each) == len(set(each)) == len(sweep_points(values)), name
+
+
+def test_null_written_as_empty_loads_the_same(tmp_path):
+    """`dvc exp run -S` rewrites the params file and writes null as an empty value: the same params,
+    digest and job fingerprints."""
+    from arpg import pipeline
+
+    text = (REPO_ROOT / "configs/smoke.yaml").read_text()
+    assert ": null" in text
+    (tmp_path / "empty.yaml").write_text(text.replace(": null", ":"))
+    a, b = load_params(REPO_ROOT / "configs/smoke.yaml"), load_params(tmp_path / "empty.yaml")
+    assert a.values == b.values and a.digest == b.digest
+    assert [pipeline.fingerprint(a, j) for j in pipeline.jobs(a)] == [pipeline.fingerprint(b, j) for j in pipeline.jobs(b)]
 
 
 def test_flat_params_use_dotted_keys():

@@ -76,20 +76,30 @@ def _cmd(text: str, params_path: str) -> str:
 
 
 def dvc_jobs(params, root: Path) -> list[dict]:
-    """dvc.yaml rendered into `root` (params file root/params.yaml), as DVC itself resolves it."""
+    """dvc.yaml rendered into `root` (params file root/params.yaml: its sweep stages interpolate its
+    lists), as DVC itself resolves it."""
+    import shutil
+
     from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
 
+    if Path(params.path).resolve() != (root / "params.yaml").resolve():
+        shutil.copy(params.path, root / "params.yaml")
     (root / "dvc.yaml").write_text(export_dvc.dump(export_dvc.render(params, "params.yaml", root=root)))
     if not (root / ".dvc").is_dir():
         Repo.init(str(root), no_scm=True)
+    import networkx as nx
+
     out = []
     with Repo(str(root)) as repo:
+        graph = repo.index.graph  # edges: stage -> the stages it depends on
         for stage in repo.index.stages:
             deps = [d for d in stage.deps if not isinstance(d, ParamsDependency)]
             keys = [k for d in stage.deps if isinstance(d, ParamsDependency) for k in d.params]
+            upstream = {_abs(o.def_path, root) for s in nx.descendants(graph, stage) for o in s.outs}
             out.append({"name": stage.addressing, "cmd": stage.cmd, "deps": [_abs(d.def_path, root) for d in deps],
-                        "outs": [_abs(o.def_path, root) for o in stage.outs], "params": keys})
+                        "outs": [_abs(o.def_path, root) for o in stage.outs], "params": keys,
+                        "upstream_outs": upstream, "desc": stage.desc})
     return out
 
 
@@ -112,6 +122,7 @@ def check_three_way(params_path: Path, root: Path, extra_decoders=()) -> list[pi
     smk = _by_outputs([{**j, "outs": [_abs(o, root) for o in j["outputs"]]}
                        for j in snakemake_jobs(params_path, root, extra_decoders)], "outs")
     dvc = _by_outputs(dvc_jobs(params, root), "outs")
+    folders = pipeline.point_folders(params)
     assert set(smk) == set(expected) == set(dvc)
     for outs, item in expected.items():
         job = item["job"]
@@ -122,7 +133,14 @@ def check_three_way(params_path: Path, root: Path, extra_decoders=()) -> list[pi
         assert _cmd(d["cmd"], "params.yaml") == cmd, job.name
         inputs = {_abs(p, root) for p in job.inputs}
         assert {_abs(p, root) for p in s["inputs"]} == inputs, job.name
-        assert set(d["deps"]) == inputs | {_abs(p, root) for p in job.external}, job.name
+        # a reader of every sweep point (the report) depends on the point folders, so a point a params
+        # edit adds is read without a re-export; DVC links a folder dep to the stages writing into it
+        dvc_inputs = inputs if set(job.wildcards) == set(pipeline.POINT_WILDCARDS) else {
+            next((_abs(f, root) for f in folders if Path(_abs(p, root)).is_relative_to(_abs(f, root))), p)
+            for p in inputs}
+        assert set(d["deps"]) == dvc_inputs | {_abs(p, root) for p in job.external}, job.name
+        assert inputs <= d["upstream_outs"], (job.name, sorted(inputs - d["upstream_outs"]))
+        assert d["desc"].startswith(pipeline.RULES[job.rule].desc[:-1]), job.name
         assert d["params"] == list(job.param_keys), job.name
         assert s["gpu"] == job.gpus and s["threads"] == job.threads, job.name
         assert s["log"] == [job.log] and s["benchmark"] == job.benchmark, job.name
@@ -169,6 +187,26 @@ def test_committed_dvc_yaml_is_current():
     params = load_params(REPO_ROOT / "params.yaml")
     text = export_dvc.dump(export_dvc.render(params, "params.yaml"))
     assert (REPO_ROOT / "dvc.yaml").read_text() == text, "run `arpg export-dvc` and commit dvc.yaml"
+
+
+def test_export_dvc_never_writes_the_params_file(tmp_path, params_file, capsys):
+    from arpg.cli import main
+
+    path = params_file("configs/smoke.yaml")
+    before = path.read_bytes()
+    assert main(["export-dvc", "--params", str(path), "--output", str(tmp_path / "dvc.yaml")]) == 0
+    assert main(["export-dvc", "--params", str(path), "--output", str(path)]) == 2
+    assert "never the params" in capsys.readouterr().err and path.read_bytes() == before
+
+
+def test_another_params_file_gets_literal_sweep_lists(params_file):
+    """${...} resolves against params.yaml only: for another file the matrix holds its lists."""
+    params = load_params(params_file("configs/smoke.yaml", **{"sample.steps": [2, 4, 8]}))
+    stages = export_dvc.render(params, "configs/other.yaml")["stages"]
+    assert stages["sample-arpg-steps"]["matrix"] == {"steps": [2, 4, 8]}
+    assert "${sample" not in json.dumps(stages)
+    interpolated = export_dvc.render(params, "params.yaml")["stages"]
+    assert interpolated["sample-arpg-steps"]["matrix"] == {"steps": "${sample.steps}"}
 
 
 def test_export_dvc_check_flags_a_stale_file(tmp_path, params_file, capsys):

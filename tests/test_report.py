@@ -12,6 +12,7 @@ from PIL import Image
 
 from arpg import figures, pipeline
 from arpg.config import load_params
+from arpg.decoders import DECODERS
 from arpg.engine import report
 from arpg.errors import ArpgError
 
@@ -174,6 +175,23 @@ def test_tables_hold_the_stage_numbers(study):
     assert extractors == {"fid_classifier": "classifier", "is_classifier": "classifier",
                           "accuracy_classifier": "classifier"}
     assert result["metrics"]["fid_classifier.arpg.s2"] == pytest.approx(_fid("arpg", 2, 2.0, "random"))
+    assert json.loads((out / "metrics.json").read_text()) == pytest.approx(result["metrics"])  # dvc exp show's
+
+
+def test_dvc_plots_have_one_series_file_per_decoder_and_the_report_writes_each(study):
+    out = report.build(study)["dir"]
+    specs = dict(report.plot_specs(study))
+    for name, x in (("fid_vs_steps", "steps"), ("fid_vs_images_per_s", "img_s")):
+        files = specs[name]["y"]
+        assert len(files) == len(DECODERS) and specs[name]["x"] == x
+        for path, cols in files.items():
+            rows = _csv(Path(path))
+            assert rows and all(r[x] and r[cols[0]] for r in rows), path
+    steps = {Path(p).stem: [int(r["steps"]) for r in _csv(Path(p))] for p in specs["fid_vs_steps"]["y"]}
+    assert steps == {"fid_vs_steps-arpg": [2, 4], "fid_vs_steps-raster": [64]}
+    speed = {Path(p).stem: [float(r["img_s"]) for r in _csv(Path(p))] for p in specs["fid_vs_images_per_s"]["y"]}
+    assert speed == {"fid_vs_img_s-arpg": [25.0, 40.0], "fid_vs_img_s-raster": [2.5]}
+    assert str(out) in next(iter(specs["fid_vs_steps"]["y"]))
 
 
 def test_markdown_states_extractors_hardware_and_images(study):
@@ -348,7 +366,7 @@ def test_every_file_the_report_writes_has_a_caption_and_a_report_pattern(study):
     assert len(names) > 20 and "gallery/inpainting.png" in names
     shown = {name: describe(name) for name in names}  # KeyError names an uncaptioned file
     assert all(s.caption and s.category for s in shown.values())
-    assert {Path(n).suffix for n in names} <= {".png", ".csv", ".md"}  # workflow/rules/common.smk REPORT_PATTERNS
+    assert {Path(n).suffix for n in names} <= {".png", ".csv", ".md", ".json"}  # workflow/rules/common.smk REPORT_PATTERNS
     with pytest.raises(KeyError, match="report_catalog"):
         describe("new_table.csv")
 

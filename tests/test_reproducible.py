@@ -341,7 +341,7 @@ def test_snakemake_report_holds_every_table_and_figure_with_its_caption(study, t
     html = html_path.read_text()
     embedded = {m.group(1): (json.loads(m.group(2)), base64.b64decode(m.group(3))) for m in _REPORT_FILE.finditer(html)}
     report_dir = study / params["report"]["dir"]
-    files = sorted(p for p in report_dir.rglob("*") if p.is_file() and p.suffix in (".png", ".csv", ".md"))
+    files = sorted(p for p in report_dir.rglob("*") if p.is_file() and p.suffix in (".png", ".csv", ".md", ".json"))
     assert len(files) >= 30 and (report_dir / "stage_times.csv") in files
     for path in files:
         rel = path.relative_to(report_dir).as_posix()
@@ -484,25 +484,39 @@ def test_a_second_fresh_run_elsewhere_writes_the_same_bytes(study, tmp_path):
 
 # --------------------------------------------------------------------------- DVC
 
-@pytest.fixture(scope="module")
-def dvc_study(tmp_path_factory) -> Path:
-    """The smoke study run by `dvc repro` in a fresh git + DVC repository (dvc.yaml from the job list)."""
+DVC_ENV = {**ENV, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "arpg-test", "GIT_AUTHOR_EMAIL": "test@arpg",
+           "GIT_COMMITTER_NAME": "arpg-test", "GIT_COMMITTER_EMAIL": "test@arpg"}
+
+
+def _run_all(root: Path, *cmds: list[str]) -> None:
+    for cmd in cmds:
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=1500, env=DVC_ENV)
+        assert proc.returncode == 0, f"{cmd}: " + proc.stdout[-5000:] + proc.stderr[-5000:]
+
+
+def _dvc_repo(root: Path) -> None:
+    """git + DVC in `root`, dvc.yaml rendered from the job list of root/params.yaml."""
     from arpg.commands import export_dvc
 
-    root = tmp_path_factory.mktemp("dvc-study")
-    shutil.copy(SMOKE, root / "params.yaml")
     params = load_params(root / "params.yaml")
     (root / "dvc.yaml").write_text(export_dvc.dump(export_dvc.render(params, "params.yaml", root=root)))
-    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], [str(BIN / "dvc"), "repro"]):
-        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=1500,
-                              env={**ENV, "DVC_NO_ANALYTICS": "1"})
-        assert proc.returncode == 0, f"{cmd}: " + proc.stdout[-5000:] + proc.stderr[-5000:]
+    _run_all(root, ["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"])
+
+
+@pytest.fixture(scope="module")
+def dvc_study(tmp_path_factory) -> Path:
+    """The smoke study run by `dvc repro` in a fresh git + DVC repository (dvc.yaml from the job list),
+    committed (experiments start from a commit)."""
+    root = tmp_path_factory.mktemp("dvc-study")
+    shutil.copy(SMOKE, root / "params.yaml")
+    _dvc_repo(root)
+    _run_all(root, [str(BIN / "dvc"), "repro"], ["git", "add", "-A"], ["git", "commit", "-qm", "smoke study"])
     return root
 
 
 def _dvc(root: Path, *args: str) -> str:
-    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=root, capture_output=True, text=True, timeout=600,
-                          env={**ENV, "DVC_NO_ANALYTICS": "1"})
+    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=root, capture_output=True, text=True, timeout=1500,
+                          env=DVC_ENV)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     return proc.stdout + proc.stderr
 
@@ -591,11 +605,7 @@ def test_dvc_status_names_exactly_the_stages_that_read_a_changed_key(dvc_study, 
     assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
     status = json.loads(line[len("STATUS-JSON "):])
 
-    def job_name(stage: str) -> str:
-        """DVC's name -> pipeline.Job.name: foreach items are "<rule>@<key>" already, stages written
-        out item by item (export_dvc does so where items differ in their inputs) "<rule>-<key>"."""
-        rule = next((r for r in pipeline.RULES if stage.startswith(r + "-") and pipeline.RULES[r].wildcards), None)
-        return f"{rule}@{stage[len(rule) + 1:]}" if rule else stage
+    job_name = dvc_job_names(dvc_study).__getitem__
 
     wrong = [f"{key}: dvc status names {sorted(set(map(job_name, status[str(path)])) ^ want)} wrongly"
              for key, path, want in same_shape if set(map(job_name, status[str(path)])) != want]

@@ -111,11 +111,11 @@ SHELL = "{params.command} 3>&2 > {log:q} 2>&1"
 
 REPORT_DIR = PIPE.pattern(PARAMS, "report").output_dir
 # one wildcard name per extension, so a matched file's name is known whole (fid_vs_steps.png / .csv)
-REPORT_PATTERNS = ["{png}.png", "{csv}.csv", "{md}.md"]
+REPORT_PATTERNS = ["{png}.png", "{csv}.csv", "{md}.md", "{json}.json"]
 
 
 def _report_file(wildcards) -> str:
-    return next(f"{wildcards[ext]}.{ext}" for ext in ("png", "csv", "md") if ext in wildcards.keys())
+    return next(f"{wildcards[ext]}.{ext}" for ext in ("png", "csv", "md", "json") if ext in wildcards.keys())
 
 
 def report_category(wildcards):

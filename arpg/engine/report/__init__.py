@@ -13,8 +13,9 @@ the noise test is `noise`, the speed tables `speed`, the markdown helpers `text`
 """
 
 from arpg.engine.report.points import Point, extractor_of, numeric_leaves, point_of, read_points
-from arpg.engine.report.sections import EXTRACTOR_TEXT, PARETO_CSV, build, plot_specs
+from arpg.engine.report.sections import EXTRACTOR_TEXT, METRICS_JSON, PARETO_CSV, build, plot_specs
 from arpg.engine.report.speed import pareto_front, pareto_pairs
 
-__all__ = ["EXTRACTOR_TEXT", "PARETO_CSV", "Point", "build", "extractor_of", "numeric_leaves", "pareto_front", "pareto_pairs",
+__all__ = ["EXTRACTOR_TEXT", "METRICS_JSON", "PARETO_CSV", "Point", "build", "extractor_of", "numeric_leaves",
+           "pareto_front", "pareto_pairs",
            "plot_specs", "point_of", "read_points"]

@@ -162,10 +162,10 @@ def guidance_sweep(params, points: list[Point]) -> list[Point]:
 
 
 def order_sweep(params, points: list[Point]) -> list[Point]:
-    """Parallel decoders over sample.orders, at the default steps and cfg."""
+    """Parallel decoders over their native order and sample.orders (the others), at the default steps and cfg."""
     s = params["sample"]
     rows = [p for p in points if is_parallel(p) and p.point.steps == s["steps_default"]
-            and p.point.cfg == float(s["cfg_default"]) and p.point.order in s["orders"]]
+            and p.point.cfg == float(s["cfg_default"]) and (p.point.order in s["orders"] or _native(p))]
     return sorted(rows, key=lambda p: (list(DECODERS).index(p.point.model), p.point.order))
 
 

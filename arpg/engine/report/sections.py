@@ -27,7 +27,7 @@ from arpg.engine.report.speed import GAIN_COLUMNS, SPEED_COLUMNS, hardware, pare
 from arpg.engine.report.text import fmt, markdown_kv, markdown_table, signed
 from arpg.errors import ArpgError
 from arpg.paths import format_cfg
-from arpg.utils import atomic_path, atomic_write_text, write_csv
+from arpg.utils import atomic_path, atomic_write_text, write_csv, write_json
 
 # What each evaluate.extractors entry measures in (stated next to every metric).
 EXTRACTOR_TEXT = {
@@ -42,8 +42,21 @@ EXTRACTOR_TEXT = {
 FID_CSV, FID_PNG, SPEED_CSV = "fid_vs_steps.csv", "fid_vs_steps.png", "speed.csv"
 PARETO_CSV = "pareto.csv"  # the quality-vs-speed pairs (arpg report logs them onto MLflow runs too)
 STRATEGIES_CSV, STRATEGIES_PNG = "strategies.csv", "quality_vs_steps_strategies.png"
-# Folders of report.dir that hold only what one build copies.
-COPIED_DIRS = ("grids", "gallery")
+# The headline numbers (the report's MLflow metrics): DVC's `metrics:`, what `dvc exp show` compares.
+METRICS_JSON = "metrics.json"
+# Folders of report.dir that hold only what one build writes: copies, and the plot series.
+PLOTS_DIR = "plots"
+COPIED_DIRS = ("grids", "gallery", PLOTS_DIR)
+
+
+def fid_vs_steps_series(model: str) -> str:
+    """One decoder's step sweep (native order, cfg_default): a line of DVC's fid_vs_steps plot."""
+    return f"{PLOTS_DIR}/fid_vs_steps-{model}.csv"
+
+
+def fid_vs_img_s_series(model: str) -> str:
+    """The same points against their measured images/s (the profile's largest batch at sample.precision)."""
+    return f"{PLOTS_DIR}/fid_vs_img_s-{model}.csv"
 
 
 @dataclass
@@ -132,8 +145,11 @@ def build(params, out_dir: Path | None = None) -> dict[str, Any]:
     md += _zero_shot(rep, quality)
     md += _galleries(rep)
     md += _stage_times(rep)
+    _plot_series(rep, quality)
     rep.text("README.md", "\n".join(md))
     rep.headline.update(_fid_headline(quality))
+    write_json(rep.out / METRICS_JSON, rep.headline)
+    rep.written.append(rep.out / METRICS_JSON)
     return {"paths": rep.written, "metrics": rep.headline, "dir": rep.out}
 
 
@@ -442,16 +458,43 @@ def _stage_times(rep: Report) -> list[str]:
     return md
 
 
+def _plot_fid_columns(params) -> list[str]:
+    return [f"fid_{suffix(x)}" for x in params["evaluate"]["extractors"]]
+
+
+def _plot_series(rep: Report, q: Quality) -> None:
+    """The CSVs behind DVC's plots (plot_specs): one file per decoder, so each is its own line; every
+    file is written, header only where a decoder has no such points."""
+    fids = _plot_fid_columns(rep.params)
+    timed: dict[tuple, dict] = {}
+    if "profile" in rep.rules and q.fid_cols:
+        speed = speed_rows(read_output(rep.layout.profile_json, "profile"))
+        pairs = pareto_pairs(q.sweep, speed, q.fid_cols[0], rep.params["sample"]["precision"])
+        timed = {(r["model"], r["steps"]): r for r in pairs}
+    (rep.out / PLOTS_DIR).mkdir(exist_ok=True)
+    for model in DECODERS:
+        sweep = [p for p in q.sweep if p.point.model == model]
+        point_cols = {"steps": None, "cfg": None, "order": None}
+        rows = [{"steps": p.point.steps, "cfg": format_cfg(p.point.cfg), "order": p.point.order,
+                 **{c: p.metrics.get(c) for c in fids}} for p in sweep]
+        rep.csv(fid_vs_steps_series(model), rows, [*point_cols, *fids])
+        speed_of = [{**r, "img_s": timed[model, r["steps"]]["img_s"], "batch": timed[model, r["steps"]]["batch"]}
+                    for r in rows if (model, r["steps"]) in timed]
+        rep.csv(fid_vs_img_s_series(model), sorted(speed_of, key=lambda r: r["img_s"]),
+                ["img_s", "batch", *point_cols, *fids])
+
+
 def plot_specs(params) -> list[tuple[str, Any]]:
-    """DVC `plots:` entries for the report's CSV tables and PNG figures."""
+    """DVC `plots:` entries: one line per decoder (a file each), and the report's PNG figures."""
     out = Path(params["report"]["dir"])
-    fid = [f"fid_{suffix(x)}" for x in params["evaluate"]["extractors"]]
+    fid = _plot_fid_columns(params)
     return [
-        ("fid_vs_steps", {"template": "linear", "x": "steps", "y": {str(out / FID_CSV): fid},
-                          "title": f"FID vs decoding steps ({labels(parallel=True, short=True)} and "
-                                   f"{labels(parallel=False, short=True)})"}),
-        ("throughput_vs_steps", {"template": "linear", "x": "steps", "y": {str(out / SPEED_CSV): ["img_s"]},
-                                 "title": "images/s vs decoding steps"}),
+        ("fid_vs_steps", {"template": "linear", "x": "steps",
+                          "y": {str(out / fid_vs_steps_series(m)): fid for m in DECODERS},
+                          "title": "FID vs decoding steps (native order, cfg_default), one line per decoder"}),
+        ("fid_vs_images_per_s", {"template": "linear", "x": "img_s",
+                                 "y": {str(out / fid_vs_img_s_series(m)): fid for m in DECODERS},
+                                 "title": "FID vs images/s (the profile's largest batch), one line per decoder"}),
         ("fid_vs_steps_image", str(out / FID_PNG)),
         ("throughput_image", str(out / figures.THROUGHPUT)),
         ("memory_image", str(out / figures.MEMORY)),
