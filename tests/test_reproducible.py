@@ -188,7 +188,10 @@ def _candidates(dotted: str, value):
 # Changed values for leaves whose schema gives no enum to pick from.
 ALTERNATIVES = {"name": ["smokex"], "device": ["cpu"], "train.arpg_model": ["ARPG-S"],
                 "train.raster_model": ["LlamaGen-S"], "profile.models": [["default", "ARPG-T"]],
-                "profile.overrides": [[{"model": "default", "steps": [2], "batch_sizes": [4]}]]}
+                "profile.overrides": [[{"model": "default", "steps": [2], "batch_sizes": [4]}]],
+                # the sweep families stay disjoint (arpg.config): a guidance value besides cfg_default
+                # (the smoke list is empty), a default step count that sample.steps holds
+                "sample.cfg": [[1.0]], "sample.steps_default": [2]}
 # Keys that place or label work rather than compute it, or name user files: no mutation is tried.
 NOT_MUTATED = {"output_dir", "data.path", "report.dir", "tracking.enabled", "tracking.uri",
                "tracking.experiment"}
