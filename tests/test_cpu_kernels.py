@@ -10,10 +10,13 @@ import pytest
 import torch
 
 from arpg.errors import ArpgError
+from arpg.machine import cpu_flags
 from arpg.models import cpu_kernels as K
 from conftest import tiny_model
 
-NEEDS_ONEDNN = pytest.mark.skipif(not K._packing_available(), reason="this torch build has no oneDNN")
+NEEDS_ONEDNN = pytest.mark.skipif(not K.packing_available(), reason="this torch build has no oneDNN")
+# bf16-packed where oneDNN can prepack bf16 here, else bf16-plain (the same numbers: test_bf16_kernels_keep_the_head_in_fp32)
+BF16_KERNELS = ["bf16-plain", *(["bf16-packed"] if K.packing_available("bf16") else [])]
 
 
 def _args(name: str, gen: torch.Generator):
@@ -29,6 +32,16 @@ def _args(name: str, gen: torch.Generator):
 @pytest.mark.parametrize("name", ["ARPG-T", "LlamaGen-T"])
 def test_every_kernel_gives_plain_fp32_logits(name, kernel):
     model = tiny_model(name, codebook_size=32, num_classes=3, grid_size=4, head_std=0.5)
+    spec = K.KERNELS[kernel]
+    if spec.packed and not K.packing_available(spec.precision):  # bf16 prepacking, CPU without AVX512BW/VL/DQ
+        flags = cpu_flags()
+        assert not ({"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags)
+        if K.bf16_hardware():  # bf16 in hardware yet no prepacking: only bf16-plain is offered
+            assert K.kernels_for(spec.precision) == ["bf16-plain"]
+        with pytest.raises(ArpgError, match=f"{kernel} needs oneDNN prepacking.*use {spec.precision}-plain"):
+            K.use_kernel(model, kernel)
+        assert all("forward" not in vars(m) for m in model.modules())  # nothing half-applied
+        return
     args = _args(name, torch.Generator().manual_seed(0))
     with torch.inference_mode():
         want = model(*args)  # [B, N, V] fp32-plain
@@ -55,7 +68,7 @@ def test_bf16_kernels_keep_the_head_in_fp32():
     x = torch.randn(5, model.config.dim, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         want = torch.nn.functional.linear(x, model.head.weight)
-        for kernel in ("bf16-plain", "bf16-packed"):
+        for kernel in BF16_KERNELS:
             K.use_kernel(model, kernel)
             torch.testing.assert_close(model.head(x), want, rtol=1e-5, atol=1e-5)
             to_k = model.layers.to_k
@@ -180,8 +193,8 @@ def test_bf16_keeps_a_trained_models_greedy_tokens():
     orders_BN = torch.stack([torch.randperm(16, generator=gen) for _ in range(48)])
     greedy = {}
     with torch.inference_mode():
-        for kernel in ("fp32-plain", "bf16-packed"):
+        for kernel in ("fp32-plain", BF16_KERNELS[-1]):
             K.use_kernel(model, kernel)
             greedy[kernel] = model(_pattern(labels_B), labels_B, orders_BN).argmax(-1)  # [48, 16]
     assert (greedy["fp32-plain"] == _pattern(labels_B).gather(1, orders_BN)).float().mean() > 0.8  # it is right
-    assert torch.equal(greedy["bf16-packed"], greedy["fp32-plain"])
+    assert torch.equal(greedy[BF16_KERNELS[-1]], greedy["fp32-plain"])

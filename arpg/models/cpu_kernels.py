@@ -24,6 +24,7 @@ depend on which kernel a timing happened to favour.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -70,8 +71,19 @@ def bf16_hardware(flags: set[str] | None = None) -> str | None:
     return None
 
 
-def _packing_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+@functools.cache
+def packing_available(precision: str = "fp32") -> bool:
+    """Whether oneDNN can prepack a `precision` weight here: the torch build has it, and for bf16 the
+    CPU has the instructions oneDNN's reorder needs (AVX512BW/VL/DQ or AVX-NE-CONVERT; an AVX2-only
+    CPU has not). Asked of oneDNN itself with a tiny weight, not guessed from the CPU flags."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype))
+    except RuntimeError:
+        return False
+    return True
 
 
 def kernels_for(precision: str) -> list[str]:
@@ -82,7 +94,7 @@ def kernels_for(precision: str) -> list[str]:
         raise ArpgError("bf16 decoding on this CPU would be emulated (no AVX512-BF16 or AMX-BF16 in "
                         "/proc/cpuinfo, or no oneDNN bf16 in this torch build), slower than fp32; use "
                         "precision fp32 here (`arpg info` shows what the CPU has)")
-    return [k.name for k in KERNELS.values() if k.precision == precision and (_packing_available() or not k.packed)]
+    return [k.name for k in KERNELS.values() if k.precision == precision and (packing_available(precision) or not k.packed)]
 
 
 def head_of(model: nn.Module) -> nn.Linear:
@@ -102,8 +114,10 @@ def use_kernel(model: nn.Module, kernel: str) -> int:
     if any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32 for m in linears):
         raise ArpgError(f"linear kernel {kernel} runs an fp32 model on the CPU; this one is "
                         f"{linears[0].weight.dtype} on {linears[0].weight.device}")
-    if spec.packed and not _packing_available():
-        raise ArpgError(f"linear kernel {kernel} needs oneDNN, which this torch build lacks; use fp32-plain")
+    if spec.packed and not packing_available(spec.precision):
+        raise ArpgError(f"linear kernel {kernel} needs oneDNN prepacking of {spec.precision} weights, which this "
+                        f"torch build or CPU lacks (bf16 needs AVX512BW/VL/DQ or AVX-NE-CONVERT); use "
+                        f"{spec.precision}-plain")
     head = head_of(model)
     changed = 0
     with torch.no_grad():
