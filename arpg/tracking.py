@@ -16,7 +16,8 @@
   else FINISHED, ending when the last child ended). Snakemake's onsuccess / onerror close it too
   (partial targets, a failed DAG). A child whose process died without closing its run (SIGKILL,
   OOM) is found by its pid and host and marked FAILED when the study closes.
-* Each run gets its log (the file its stdout is redirected to, as Snakemake and SLURM do) and,
+* Each run gets its log (the file its stdout is redirected to, as Snakemake and SLURM do; where
+  stdout is a terminal or a pipe, as under `dvc repro`, a copy of what the stage printed) and,
   psutil permitting, MLflow's system metrics; the parent gets the params file and the
   experiment a description (`mlflow.note.content`). Nothing here writes into an output file.
 """
@@ -33,6 +34,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -337,15 +339,59 @@ def _stdout_file() -> Path | None:
     return path if path.is_file() else None
 
 
-def _attach_log(handle: StageRun) -> None:
-    log = _stdout_file()
-    if log is None:
+class _LineCopy:
+    """`stream` as it was, plus each finished line in `copy`; of a line that a progress bar redrew
+    with carriage returns, only its last state (so the copy reads like a log file)."""
+
+    def __init__(self, stream, copy):
+        self.stream, self.copy, self._line = stream, copy, ""
+
+    def write(self, text: str) -> int:
+        written = self.stream.write(text)
+        *done, self._line = (self._line + text).split("\n")
+        for line in done:
+            self.copy.write(next((part for part in reversed(line.split("\r")) if part.strip()), "") + "\n")
+        return written
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.copy.flush()
+
+    def __getattr__(self, name: str):  # isatty, fileno, encoding...: the stream's own
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _output_copy(name: str) -> Iterator[Path | None]:
+    """Where stdout is no file (a terminal; DVC's pipe), a copy of what the stage prints through
+    sys.stdout / sys.stderr meanwhile, in a temporary `<name>.log`; None where stdout is a log file
+    (that file is attached instead)."""
+    if _stdout_file() is not None:
+        yield None
         return
-    # the copy ends here; what the command prints after its run closed is only in the file
-    print(f"[arpg] log attached to MLflow run {handle.run_id} up to this line; the rest is in {log}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="arpg-log-") as folder:
+        path = Path(folder) / f"{name}.log"
+        with open(path, "w") as copy:
+            saved = sys.stdout, sys.stderr
+            sys.stdout, sys.stderr = _LineCopy(saved[0], copy), _LineCopy(saved[1], copy)
+            try:
+                yield path
+            finally:
+                sys.stdout, sys.stderr = saved
+
+
+def _attach_log(handle: StageRun, copied: Path | None) -> None:
+    """The stage's log file, or else the copy of its output, as the run's `logs/` artifact."""
+    log = _stdout_file()
+    if log is None and copied is None:
+        return
+    rest = f"the rest is in {log}" if log is not None else "the rest went to the terminal only"
+    # the attached copy ends here; what the command prints after its run closed is not in it
+    print(f"[arpg] log attached to MLflow run {handle.run_id} up to this line; {rest}", flush=True)
     sys.stderr.flush()
-    handle.set_tags({"arpg.log": str(log)})
-    handle.log_artifact(log, "logs")
+    if log is not None:
+        handle.set_tags({"arpg.log": str(log)})
+    handle.log_artifact(log or copied, "logs")
 
 
 def _system_metrics(run_id: str, uri: str):
@@ -474,7 +520,9 @@ def stage_run(params, stage: str, run_name: str | None = None,
         handle.log_params(run_params)
     monitor = _system_metrics(run.info.run_id, uri)
     status = "FAILED"
+    output, copied = contextlib.ExitStack(), None
     try:
+        copied = output.enter_context(_output_copy(run_name or stage))
         yield handle
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -484,11 +532,12 @@ def stage_run(params, stage: str, run_name: str | None = None,
         handle.set_tags({"arpg.error": f"{type(exc).__name__}: {exc}"})
         raise
     finally:
-        for extra in ((monitor.finish,) if monitor is not None else ()) + (lambda: _attach_log(handle),):
-            try:
-                extra()
-            except Exception as exc:  # noqa: BLE001 - the run's status below matters more than its extras
-                print(f"[arpg] MLflow run {handle.run_id}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        with output:  # the copy of the output lives until it is attached
+            for extra in ((monitor.finish,) if monitor is not None else ()) + (lambda: _attach_log(handle, copied),):
+                try:
+                    extra()
+                except Exception as exc:  # noqa: BLE001 - the run's status below matters more than its extras
+                    print(f"[arpg] MLflow run {handle.run_id}: {type(exc).__name__}: {exc}", file=sys.stderr)
         with_retry(client.set_terminated, run.info.run_id, status)
         if status != "FINISHED":
             with_retry(client.set_terminated, parent_id, "FAILED")

@@ -562,6 +562,16 @@ def test_dvc_repro_runs_every_job_and_then_has_nothing_to_do(dvc_study):
     assert len(lock) == len(jobs), sorted(lock)  # foreach stages lock as "<stage>@<item>"
     assert "Data and pipelines are up to date" in _dvc(dvc_study, "status")
     assert (dvc_study / params["report"]["dir"] / "README.md").is_file()
+    # DVC writes no log files: each stage's run holds a copy of the output the stage printed
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{dvc_study / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.`arpg.role` = 'stage'", max_results=1000)
+    assert len(runs) >= len(jobs)
+    unlogged = [r.info.run_name for r in runs
+                if [a.path for a in client.list_artifacts(r.info.run_id, "logs")] != [f"logs/{r.info.run_name}.log"]]
+    assert not unlogged
 
 
 _DVC_STATUS_SCRIPT = r"""

@@ -228,6 +228,42 @@ def test_a_stage_attaches_the_log_its_output_is_redirected_to(tmp_path, params_f
     assert "line after the end" in text
 
 
+_PIPED_SCRIPT = r"""
+import sys
+from arpg import tracking
+from arpg.config import load_params
+
+with tracking.stage_run(load_params(sys.argv[1]), "train", "train-arpg") as run:
+    print("RUN", run.run_id)
+    for step in range(1, 4):  # a progress bar redrawn in place
+        print(f"\rbar {step}/3", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    print("line before the end", file=sys.stderr)
+print("line after the end; streams restored:", sys.stdout is sys.__stdout__ and sys.stderr is sys.__stderr__)
+"""
+
+
+def test_a_stage_without_a_log_file_attaches_a_copy_of_its_output(tmp_path, params_file):
+    """Under `dvc repro` stdout is a pipe or a terminal: the run gets a copy of what the stage printed,
+    a redrawn bar as its last state, and the stage's output still reaches the pipe whole."""
+    import os
+    import subprocess
+    import sys
+
+    path = params_file()
+    proc = subprocess.run([sys.executable, "-c", _PIPED_SCRIPT, str(path)], capture_output=True, check=True,
+                          timeout=300, env=os.environ)  # bytes: text mode would turn each \r into \n
+    stdout, stderr = proc.stdout.decode(), proc.stderr.decode()
+    run_id = stdout.split("RUN ", 1)[1].split()[0]
+    assert "\rbar 1/3\rbar 2/3\rbar 3/3\n" in stderr  # the pipe gets the output untouched
+    assert "line after the end; streams restored: True" in stdout
+    client = _client(load_params(path))
+    assert "arpg.log" not in client.get_run(run_id).data.tags  # no file to name
+    attached = open(client.download_artifacts(run_id, "logs/train-arpg.log")).read().splitlines()
+    assert attached[:3] == [f"RUN {run_id}", "bar 3/3", "line before the end"]
+    assert attached[3].endswith("the rest went to the terminal only") and len(attached) == 4
+
+
 def test_system_metrics_are_sampled_unless_turned_off(params_file, monkeypatch):
     import time
 
