@@ -566,9 +566,11 @@ def test_dvc_repro_runs_every_job_and_then_has_nothing_to_do(dvc_study):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{dvc_study / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string="tags.`arpg.role` = 'stage'", max_results=1000)
-    assert len(runs) >= len(jobs)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string="tags.`arpg.role` = 'stage'", max_results=1000)
+    assert len(runs) >= len(jobs) and all(r.info.status == "FINISHED" for r in runs)
+    study_runs = client.search_runs(experiments, filter_string="tags.`arpg.role` = 'study'")
+    assert [r.info.status for r in study_runs] == ["FINISHED"]  # closed by the report: DVC has no hooks
     unlogged = [r.info.run_name for r in runs
                 if [a.path for a in client.list_artifacts(r.info.run_id, "logs")] != [f"logs/{r.info.run_name}.log"]]
     assert not unlogged
