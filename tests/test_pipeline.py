@@ -187,6 +187,9 @@ def test_committed_dvc_yaml_is_current():
     params = load_params(REPO_ROOT / "params.yaml")
     text = export_dvc.dump(export_dvc.render(params, "params.yaml"))
     assert (REPO_ROOT / "dvc.yaml").read_text() == text, "run `arpg export-dvc` and commit dvc.yaml"
+    assert "&id" not in text and "*id" not in text  # repeated values written out, no YAML anchors
+    assert yaml.safe_load(text)["plots"][0]["fid_vs_steps"]["y"] == {
+        f"reports/plots/fid_vs_steps-{name}.csv": ["fid_classifier"] for name in DECODERS}  # a series per decoder
 
 
 def test_export_dvc_never_writes_the_params_file(tmp_path, params_file, capsys):

@@ -182,9 +182,16 @@ def _plots(params, root: Path) -> list[Any]:
             for name, spec in plot_specs(params)]
 
 
+class _NoAliases(yaml.SafeDumper):
+    """Each repeated value written out again (a reader of dvc.yaml sees no &id001 / *id001)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def dump(content: dict[str, Any]) -> str:
     # Wildcard values stay strings ('2.0', '8'): DVC then interpolates them exactly as Snakemake spells them.
-    return HEADER + yaml.safe_dump(content, sort_keys=False, width=200, default_flow_style=False)
+    return HEADER + yaml.dump(content, Dumper=_NoAliases, sort_keys=False, width=200, default_flow_style=False)
 
 
 def _params_file_for_dvc(params) -> str:
