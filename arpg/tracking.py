@@ -362,12 +362,13 @@ class _LineCopy:
 
 
 @contextlib.contextmanager
-def _output_copy(name: str) -> Iterator[Path | None]:
-    """Where stdout is no file (a terminal; DVC's pipe), a copy of what the stage prints through
-    sys.stdout / sys.stderr meanwhile, in a temporary `<name>.log`; None where stdout is a log file
-    (that file is attached instead)."""
-    if _stdout_file() is not None:
-        yield None
+def _stage_log(name: str) -> Iterator[tuple[Path, bool]]:
+    """(the log to attach, whether it is a copy): the file stdout is redirected to, or where stdout
+    is no file (a terminal; DVC's pipe) a copy of what the stage prints through sys.stdout /
+    sys.stderr meanwhile, in a temporary `<name>.log`."""
+    log = _stdout_file()
+    if log is not None:
+        yield log, False
         return
     with tempfile.TemporaryDirectory(prefix="arpg-log-") as folder:
         path = Path(folder) / f"{name}.log"
@@ -375,23 +376,20 @@ def _output_copy(name: str) -> Iterator[Path | None]:
             saved = sys.stdout, sys.stderr
             sys.stdout, sys.stderr = _LineCopy(saved[0], copy), _LineCopy(saved[1], copy)
             try:
-                yield path
+                yield path, True
             finally:
                 sys.stdout, sys.stderr = saved
 
 
-def _attach_log(handle: StageRun, copied: Path | None) -> None:
-    """The stage's log file, or else the copy of its output, as the run's `logs/` artifact."""
-    log = _stdout_file()
-    if log is None and copied is None:
-        return
-    rest = f"the rest is in {log}" if log is not None else "the rest went to the terminal only"
+def _attach_log(handle: StageRun, log: Path, copied: bool) -> None:
+    """The stage's log file, or the copy of its output, as the run's `logs/` artifact."""
+    rest = "the rest went to the terminal only" if copied else f"the rest is in {log}"
     # the attached copy ends here; what the command prints after its run closed is not in it
     print(f"[arpg] log attached to MLflow run {handle.run_id} up to this line; {rest}", flush=True)
     sys.stderr.flush()
-    if log is not None:
+    if not copied:
         handle.set_tags({"arpg.log": str(log)})
-    handle.log_artifact(log or copied, "logs")
+    handle.log_artifact(log, "logs")
 
 
 def _system_metrics(run_id: str, uri: str):
@@ -520,9 +518,9 @@ def stage_run(params, stage: str, run_name: str | None = None,
         handle.log_params(run_params)
     monitor = _system_metrics(run.info.run_id, uri)
     status = "FAILED"
-    output, copied = contextlib.ExitStack(), None
+    output, log = contextlib.ExitStack(), None
     try:
-        copied = output.enter_context(_output_copy(run_name or stage))
+        log = output.enter_context(_stage_log(run_name or stage))
         yield handle
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -533,7 +531,7 @@ def stage_run(params, stage: str, run_name: str | None = None,
         raise
     finally:
         with output:  # the copy of the output lives until it is attached
-            for extra in ((monitor.finish,) if monitor is not None else ()) + (lambda: _attach_log(handle, copied),):
+            for extra in ((monitor.finish,) if monitor is not None else ()) + (lambda: log and _attach_log(handle, *log),):
                 try:
                     extra()
                 except Exception as exc:  # noqa: BLE001 - the run's status below matters more than its extras
