@@ -86,7 +86,18 @@ def _record_reads(argv: list[str], params) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console script: in the workflow's warm server when one answers (arpg/warm.py), else here."""
+    from arpg.warm import clear_usage, delegate
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    code = delegate(argv)
+    if code is None:
+        clear_usage()
+        return run_command(argv)
+    return code
+
+
+def run_command(argv: list[str]) -> int:
     selected = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(selected)
     args = parser.parse_args(argv)

@@ -260,7 +260,14 @@ def stage_threads(values: Mapping, command: str) -> int:
         return values["train"]["threads"]
     if command == "profile":
         return values["profile"]["threads"]
+    if command in POINT_COMMANDS:
+        return values["point_threads"]
     return values["threads"]
+
+
+# The commands of the many small jobs (per sweep point, and the zero-shot ones): at `point_threads`
+# each, so that on a small machine several run side by side.
+POINT_COMMANDS = ("sample", "evaluate", "zero-shot", "gallery")
 
 
 def token_grid(values: Mapping) -> int:

@@ -61,6 +61,11 @@ class Job:
         return str(Path(self.log).with_suffix(".tsv"))
 
     @property
+    def usage(self) -> str:
+        """Where a job forked by the warm server writes its CPU time and memory (arpg/warm.py)."""
+        return f"{self.log}.usage"
+
+    @property
     def all_outputs(self) -> tuple[str, ...]:
         return self.outputs + ((self.output_dir,) if self.output_dir else ())
 
@@ -136,6 +141,7 @@ DECODING_KEYS = tuple(f"sample.{k}" for k in ("schedule", "cfg_schedule", "tempe
 # models.checkpoint.load_study_models sets them up at
 STUDY_DECODING_KEYS = (*DECODING_KEYS, "sample.confidence_noise", "sample.precision")
 COMPUTE_KEYS = ("device", "threads")  # every computing stage: where and with how many threads
+POINT_COMPUTE_KEYS = ("device", "point_threads")  # the same for the commands of config.POINT_COMMANDS
 
 
 def _keys(*groups) -> tuple[str, ...]:
@@ -186,7 +192,8 @@ EVAL_METRIC_KEYS = tuple(f"evaluate.{k}" for k in ("batch_size", "kid_subset_siz
 
 
 def _evaluate_keys(params: Mapping) -> tuple[str, ...]:
-    keys = _keys(COMPUTE_KEYS, "seed", "sample.seed", _section(params, "evaluate", drop=("inception_weights",)))
+    keys = _keys(POINT_COMPUTE_KEYS, "seed", "sample.seed",
+                 _section(params, "evaluate", drop=("inception_weights",)))
     return keys + (("evaluate.inception_weights",) if "inception" in _extractors(params) else ())
 
 
@@ -277,8 +284,9 @@ def _sample(ctx: _Ctx, w) -> Job:
                (_s(lay.model_checkpoint(w["model"])), _s(lay.tokenizer_checkpoint)),
                (_point_path(lay.samples, w), _point_path(lay.sample_grid, w)),
                # sample.nproc only shards the work: every batch has its own seed, so it is not a result key
-               _keys(COMPUTE_KEYS, VQ_KEYS, TOKEN_SPACE_KEYS, _section(params, "sample", drop=(*SWEEP_KEYS, "nproc"))),
-               launcher=_torchrun(nproc), threads=params["threads"] * nproc, gpus=_gpus(params, nproc),
+               _keys(POINT_COMPUTE_KEYS, VQ_KEYS, TOKEN_SPACE_KEYS,
+                     _section(params, "sample", drop=(*SWEEP_KEYS, "nproc"))),
+               launcher=_torchrun(nproc), threads=params["point_threads"] * nproc, gpus=_gpus(params, nproc),
                log=_log(ctx, "sample", w, POINT_WILDCARDS))
 
 
@@ -303,7 +311,7 @@ def _evaluate(ctx: _Ctx, w) -> Job:
                ("evaluate", "--model", w["model"], "--steps", w["steps"], "--cfg", w["cfg"], "--order", w["order"]),
                (_point_path(lay.samples, w), *_point_inputs_eval(ctx, w)),
                (_point_path(lay.metrics, w),), _evaluate_keys(params),
-               external=_inception_external(params, _extractors(params)), threads=params["threads"],
+               external=_inception_external(params, _extractors(params)), threads=params["point_threads"],
                gpus=_gpus(params),
                log=_log(ctx, "evaluate", w, POINT_WILDCARDS))
 
@@ -327,8 +335,8 @@ def _gallery(ctx: _Ctx, w) -> Job:
               _s(lay.images("test")), _s(lay.labels("test")), _s(lay.data_manifest))  # + class names
     outputs = tuple(_s(lay.gallery_image(t)) for t in params["gallery"]["tasks"]) + (_s(lay.gallery_json),)
     return Job("gallery", {}, ("gallery",), inputs, outputs,
-               _keys(COMPUTE_KEYS, "gallery", STUDY_DECODING_KEYS, "seed", VQ_KEYS, TOKEN_SPACE_KEYS),
-               threads=params["threads"], gpus=_gpus(params), log=_log(ctx, "gallery", w, ()))
+               _keys(POINT_COMPUTE_KEYS, "gallery", STUDY_DECODING_KEYS, "seed", VQ_KEYS, TOKEN_SPACE_KEYS),
+               threads=params["point_threads"], gpus=_gpus(params), log=_log(ctx, "gallery", w, ()))
 
 
 def _zero_shot(ctx: _Ctx, w) -> Job:
@@ -337,12 +345,12 @@ def _zero_shot(ctx: _Ctx, w) -> Job:
     params, lay = ctx.params, ctx.layout
     inputs = (*(_s(lay.model_checkpoint(m)) for m in cell_models(params)), _s(lay.tokenizer_checkpoint),
               _s(lay.images("test")), _s(lay.labels("test")), *_point_inputs_eval(ctx, w))
-    keys = _keys(COMPUTE_KEYS, "zeroshot", "sample.cfg_default", STUDY_DECODING_KEYS, VQ_KEYS, TOKEN_SPACE_KEYS,
+    keys = _keys(POINT_COMPUTE_KEYS, "zeroshot", "sample.cfg_default", STUDY_DECODING_KEYS, VQ_KEYS, TOKEN_SPACE_KEYS,
                  [k for k in _evaluate_keys(params) if k != "sample.seed"])
     if EXPANSION in params["zeroshot"]["tasks"]:
         keys += ("gallery.expand_to", "gallery.expansion")
     return Job("zero_shot", {}, ("zero-shot",), inputs, (_s(lay.zeroshot_json), _s(lay.zeroshot_csv)), keys,
-               external=_inception_external(params, _extractors(params)), threads=params["threads"],
+               external=_inception_external(params, _extractors(params)), threads=params["point_threads"],
                gpus=_gpus(params), log=_log(ctx, "zero_shot", w, ()))
 
 

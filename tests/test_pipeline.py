@@ -72,6 +72,7 @@ def _abs(path: str, root: Path) -> str:
 
 def _cmd(text: str, params_path: str) -> str:
     text = re.sub(r"\s*3>&2\s+>\s*\S+\s+2>&1\s*$", "", text.strip())  # progress fd, then the log
+    text = re.sub(r"^ARPG_JOB_USAGE=\S+\s+", "", text)  # where a forked job reports its usage (arpg/warm.py)
     return text.replace(params_path, "PARAMS")
 
 

@@ -118,6 +118,19 @@ def _default_study(tmp_path, params_file):
     return params
 
 
+def test_strategies_are_planned_at_the_largest_batch_only(params_file):
+    """The report pairs a strategy's quality with its speed at the largest batch; its speed-ups are native."""
+    path = params_file(**{"profile.models": ["default"], "profile.steps": [8], "profile.batch_sizes": [64, 1],
+                          "profile.precisions": ["fp32"], "profile.overrides": [],
+                          "sample.strategies": ["locality"], "sample.strategy_steps": [2, 4]})
+    specs = P.plan(load_params(path))
+    by_batch = {b: sorted((s.kind, s.steps, s.order) for s in specs if s.batch == b) for b in (1, 64)}
+    assert by_batch[1] == [("arpg", 8, "random"), ("raster", 64, "raster")]
+    assert by_batch[64] == sorted([("arpg", 2, "random"), ("arpg", 4, "random"), ("arpg", 8, "random"),
+                                   ("arpg", 2, "locality"), ("arpg", 4, "locality"), ("raster", 64, "raster")])
+    assert len(specs) == 8
+
+
 def test_default_models_end_to_end_outputs(tmp_path, params_file):
     params = _default_study(tmp_path, params_file)
     specs = P.plan(params)

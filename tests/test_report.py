@@ -386,12 +386,19 @@ def test_stage_times_come_from_the_benchmark_files(study, tmp_path, monkeypatch)
         path = tmp_path / job.benchmark
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(BENCHMARK_HEADER + f"{wall}\t0:00:00\t{rss}\t1\t1\t1\t0\t0\t50\t{cpu}\n")
+    # a job forked by the warm server: Snakemake measured its client; the fork's own usage replaces that
+    (tmp_path / train[1].usage).write_text(json.dumps({"cpu_time": 480.0, "max_rss": 700.0}))
+    (tmp_path / train[1].benchmark).write_text(BENCHMARK_HEADER + "250.0\t0:00:00\t16\t1\t1\t1\t0\t0\t50\t0.05\n")
     out = report.build(study)["dir"]
     rows = {r["rule"]: r for r in _csv(out / "stage_times.csv")}
     assert (int(rows["train"]["jobs"]), int(rows["train"]["timed"])) == (2, 2)
     assert float(rows["train"]["wall_s"]) == 350.0 and float(rows["train"]["cpu_s"]) == 670.0
     assert (float(rows["train"]["longest_s"]), rows["train"]["longest_job"]) == (250.0, train[1].key)
     assert float(rows["train"]["max_rss_mib"]) == 700.0
+    steps = study["train"]["max_steps"]
+    assert rows["train"]["unit"] == "steps" and int(rows["train"]["units"]) == 2 * steps
+    assert float(rows["train"]["cpu_ms_per_unit"]) == round(670.0 * 1000 / (2 * steps), 1)
+    assert rows["sample"]["unit"] == "images" and rows["sample"]["cpu_ms_per_unit"] == ""  # its CPU time is NA
     assert int(rows["sample"]["timed"]) == 1 and float(rows["sample"]["wall_s"]) == 12.5
     assert int(rows["evaluate"]["timed"]) == 0 and rows["evaluate"]["wall_s"] == ""
     assert "report" not in rows

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from arpg import pipeline
+from arpg import pipeline, warm
 from arpg.cli import RECORD_READS_ENV
 from arpg.config import load_params, schema, unrecorded
 from arpg.decoders import DECODERS
@@ -57,10 +57,10 @@ print("NEEDRUN-JSON " + json.dumps(out))
 """
 
 
-def snakemake(root: Path, params_file: Path, *targets: str, timeout: int = 1500) -> str:
+def snakemake(root: Path, params_file: Path, *targets: str, timeout: int = 1500, env: dict | None = None) -> str:
     cmd = [str(BIN / "snakemake"), *targets, "--snakefile", str(REPO_ROOT / "Snakefile"), "--cores", "2",
            "--directory", str(root), "--config", f"params={params_file}"]
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout, env=ENV)
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout, env=env or ENV)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     return proc.stdout + proc.stderr
 
@@ -477,8 +477,12 @@ def _result_files(root: Path, params) -> list[Path]:
 def test_a_second_fresh_run_elsewhere_writes_the_same_bytes(study, tmp_path):
     params = load_params(study / "params.yaml")
     shutil.copy(study / "params.yaml", tmp_path / "params.yaml")
-    out = snakemake(tmp_path, tmp_path / "params.yaml", *result_targets(params))
+    # every job in its own process this time (no warm server): forking changes no byte
+    out = snakemake(tmp_path, tmp_path / "params.yaml", *result_targets(params), env={**ENV, warm.DISABLE_ENV: "0"})
     assert "train_tokenizer" in out and re.search(rf"^train\s+{len(DECODERS)}$", out, re.M)  # trained again
+    forked = {j.rule for j in pipeline.jobs(params) if (study / j.usage).exists()}
+    assert {"sample", "evaluate", "zero_shot"} <= forked, forked  # the first run forked them
+    assert not [j.usage for j in pipeline.jobs(params) if (tmp_path / j.usage).exists()]
     first, second = _result_files(study, params), _result_files(tmp_path, params)
     assert len(first) >= 30
     differ = [str(a.relative_to(study)) for a, b in zip(first, second) if a.read_bytes() != b.read_bytes()]

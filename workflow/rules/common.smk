@@ -6,7 +6,7 @@ from pathlib import Path
 sys.path.insert(0, workflow.basedir)  # the arpg package of this checkout
 
 from arpg import pipeline as PIPE
-from arpg.config import PARAMS_ENV, load_params
+from arpg.config import PARAMS_ENV, load_params, stage_threads
 from arpg.errors import ArpgError
 from arpg.progress import PROGRESS_FD_ENV
 from arpg.report_catalog import describe
@@ -37,11 +37,36 @@ for _name, _path in PIPE.missing_external(PARAMS):
     print(f"note: {_path} does not exist yet (needed by {_name})", file=sys.stderr)
 
 
+# Jobs start by fork from one warm process that has imported torch and MLflow (arpg/warm.py): a
+# sweep point's job no longer spends most of its time importing. Local runs only (a cluster job runs
+# elsewhere); ARPG_WARM=0 starts none, and every job then runs in its own process, with the same result.
+_WARM = {}
+
+
+def _start_warm():
+    import tempfile
+
+    from arpg import warm
+
+    if workflow.local_exec and os.environ.get(warm.DISABLE_ENV) != "0":
+        # it serves the sweep-point jobs (their thread count); the others run in their own process
+        threads = min(stage_threads(PARAMS, "sample"), workflow.cores)
+        _WARM["proc"], _ = warm.start(tempfile.mkdtemp(prefix="arpg-warm-"), threads)
+
+
+def _stop_warm():
+    from arpg import warm
+
+    if "proc" in _WARM:
+        warm.stop(_WARM.pop("proc"))
+
+
 onstart:
     try:
         PIPE.check_external(PARAMS)
     except ArpgError as exc:
         raise WorkflowError(str(exc)) from None
+    _start_warm()
 
 
 def _close_study(error):
@@ -59,9 +84,11 @@ def _close_study(error):
 
 
 onsuccess:
+    _stop_warm()
     _close_study(error=False)
 
 onerror:
+    _stop_warm()
     _close_study(error=True)
 
 wildcard_constraints:
@@ -88,6 +115,10 @@ def command(rule):
     return lambda wildcards: PIPE.job(PARAMS, rule, dict(wildcards)).command(None)
 
 
+def usage(rule):
+    return lambda wildcards: PIPE.job(PARAMS, rule, dict(wildcards)).usage
+
+
 def out(rule):
     return list(PIPE.pattern(PARAMS, rule).outputs)
 
@@ -104,7 +135,9 @@ def benchmark(rule):
 # A job's output goes to its log; its progress lines (arpg/progress.py) also go to fd 3, opened on
 # Snakemake's own stderr, so the console shows which long job runs and how far it is.
 os.environ[PROGRESS_FD_ENV] = "3"
-SHELL = "{params.command} 3>&2 > {log:q} 2>&1"
+# A job forked by the warm server reports its CPU time and memory beside the log (arpg/warm.py):
+# Snakemake's benchmark measures only the client process.
+SHELL = "ARPG_JOB_USAGE={params.usage:q} {params.command} 3>&2 > {log:q} 2>&1"
 
 
 # --------------------------------------------------------------------------- snakemake --report

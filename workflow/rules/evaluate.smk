@@ -13,6 +13,7 @@ rule reference_stats:
     params:
         fingerprint=fingerprint("reference_stats"),
         command=command("reference_stats"),
+        usage=usage("reference_stats"),
     threads: threads("reference_stats")
     resources:
         gpu=gpus("reference_stats"),
@@ -34,6 +35,7 @@ rule evaluate:
     params:
         fingerprint=fingerprint("evaluate"),
         command=command("evaluate"),
+        usage=usage("evaluate"),
     threads: threads("evaluate")
     resources:
         gpu=gpus("evaluate"),

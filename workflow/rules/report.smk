@@ -13,6 +13,7 @@ rule profile:
     params:
         fingerprint=fingerprint("profile"),
         command=command("profile"),
+        usage=usage("profile"),
     threads: threads("profile")
     resources:
         gpu=gpus("profile"),
@@ -34,6 +35,7 @@ rule gallery:
     params:
         fingerprint=fingerprint("gallery"),
         command=command("gallery"),
+        usage=usage("gallery"),
     threads: threads("gallery")
     resources:
         gpu=gpus("gallery"),
@@ -55,6 +57,7 @@ rule zero_shot:
     params:
         fingerprint=fingerprint("zero_shot"),
         command=command("zero_shot"),
+        usage=usage("zero_shot"),
     threads: threads("zero_shot")
     resources:
         gpu=gpus("zero_shot"),
@@ -86,6 +89,7 @@ rule report:
     params:
         fingerprint=fingerprint("report"),
         command=command("report"),
+        usage=usage("report"),
     conda:
         CONDA_ENV
     shell:

@@ -14,6 +14,7 @@ rule sample:
     params:
         fingerprint=fingerprint("sample"),
         command=command("sample"),
+        usage=usage("sample"),
     threads: threads("sample")
     resources:
         gpu=gpus("sample"),

@@ -14,6 +14,7 @@ rule train_classifier:
     params:
         fingerprint=fingerprint("train_classifier"),
         command=command("train_classifier"),
+        usage=usage("train_classifier"),
     threads: threads("train_classifier")
     resources:
         gpu=gpus("train_classifier"),
@@ -37,6 +38,7 @@ rule train:
     params:
         fingerprint=fingerprint("train"),
         command=command("train"),
+        usage=usage("train"),
     threads: threads("train")
     resources:
         gpu=gpus("train"),

@@ -74,7 +74,7 @@ def twin_of(name: str) -> str:
 def plan(params, models: Iterable[str] | None = None) -> list[RunSpec]:
     """Every configuration `profile.*` asks for, cheapest first within a model. The study's own models
     ("default") also decode with each of sample.strategies at sample.strategy_steps (their native
-    order at those steps too), so every strategy's cost sits beside its quality."""
+    order at those steps too) at the largest batch, so every strategy's cost sits beside its quality."""
     from arpg.config import token_grid
 
     prof, sample = params["profile"], params["sample"]
@@ -124,10 +124,13 @@ def plan(params, models: Iterable[str] | None = None) -> list[RunSpec]:
         strategy_steps = sorted(set(sample["strategy_steps"])) if strategies else []
         for precision in prof["precisions"]:
             for batch in batches:
+                # the strategies (and the native order at their steps) only at the largest batch: the
+                # report pairs their quality with that batch's speed, and its speed-ups are native
+                paired = batch == batches[-1]
                 for d in DECODERS.values():
                     net, ckpt = nets[d.name]
-                    runs = ([(s, d.native_order) for s in sorted(set(steps_list) | set(strategy_steps))]
-                            + [(s, o) for o in strategies for s in strategy_steps]) if d.parallel \
+                    runs = ([(s, d.native_order) for s in sorted(set(steps_list) | set(strategy_steps * paired))]
+                            + [(s, o) for o in strategies * paired for s in strategy_steps]) if d.parallel \
                         else [(grid * grid, d.native_order)]
                     for steps, order in runs:
                         specs.append(RunSpec(kind=d.name, net=net, checkpoint=ckpt, steps=steps, order=order,

@@ -6,6 +6,7 @@ already did not, or its first call ran over and was stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,25 +22,34 @@ from arpg.engine.profile.planning import RunSpec, dominated_by
 from arpg.errors import ArpgError
 from arpg.paths import REPO_ROOT
 
+CHILD_ENTRY = "arpg.engine.profile.child:main"
+# What the configurations' warm server imports: torch and every arpg module (the models, the sampler).
+CHILD_PRELOAD = ("torch", "arpg")
 # Time allowed for a child to import torch and build its model before its first call.
 LOAD_TIMEOUT_S = 900.0
 
 
-def run_isolated(spec: RunSpec, poll_s: float = 0.2) -> dict:
-    """Measure `spec` in a fresh child process; stop it if its first call runs past max_seconds."""
+def child_env(spec: RunSpec) -> dict:
+    """The environment of a configuration's process."""
+    from arpg.pipeline import python_path_with
+
+    # Spinning OpenMP workers stall whenever another process holds a core (40x slower small matmuls
+    # measured on a busy 2-core machine); passive waiting keeps shared-machine timings meaningful.
+    # The child runs in this working directory (relative checkpoint paths) with this arpg package.
+    return dict(os.environ, OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads),
+                OMP_WAIT_POLICY=spec.omp_wait_policy.upper(), PYTHONPATH=python_path_with(str(REPO_ROOT)))
+
+
+def run_isolated(spec: RunSpec, poll_s: float = 0.05, server: str | None = None) -> dict:
+    """Measure `spec` in a process of its own (a fork of the warm `server` when given, which has
+    imported torch and arpg already); stop it if its first call runs past max_seconds."""
     with tempfile.TemporaryDirectory(prefix="arpg-profile-") as tmp:
         tmp = Path(tmp)
         (tmp / "spec.json").write_text(json.dumps(dataclasses.asdict(spec)))
-        # Spinning OpenMP workers stall whenever another process holds a core (40x slower small matmuls
-        # measured on a busy 2-core machine); passive waiting keeps shared-machine timings meaningful.
-        # The child runs in this working directory (relative checkpoint paths) with this arpg package.
-        from arpg.pipeline import python_path_with
-
-        env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads),
-                   OMP_WAIT_POLICY=spec.omp_wait_policy.upper(),
-                   PYTHONPATH=python_path_with(str(REPO_ROOT)))
-        cmd = [sys.executable, "-m", "arpg.engine.profile", "--one", str(tmp / "spec.json"),
-               "--out", str(tmp / "row.json"), "--markers", str(tmp)]
+        env = child_env(spec)
+        args = ["--one", str(tmp / "spec.json"), "--out", str(tmp / "row.json"), "--markers", str(tmp)]
+        cmd = ([sys.executable, "-m", "arpg.warm", "run", server, CHILD_ENTRY, *args] if server
+               else [sys.executable, "-m", "arpg.engine.profile", *args])
         with open(tmp / "stderr.txt", "w") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
             started = time.monotonic()
@@ -73,27 +83,39 @@ def run_isolated(spec: RunSpec, poll_s: float = 0.2) -> dict:
 
 def run_profile(specs: list[RunSpec], *, isolate: bool = True,
                 log: Callable[[str], None] = print) -> list[dict]:
-    """Measure every spec (skipping those a skipped cheaper one rules out); rows in spec order."""
+    """Measure every spec (skipping those a skipped cheaper one rules out); rows in spec order.
+    Isolated, each configuration runs in a fork of a warm server (one per child environment), so
+    none pays for importing torch."""
+    from arpg import warm
+
     rows: list[dict] = []
     skipped: list[RunSpec] = []
-    for spec in specs:
-        cheaper = dominated_by(spec, skipped)
-        lacking = _precision_unavailable(spec)
-        if lacking or cheaper is not None:
-            row = base_row(spec)
-            row.update(status="skipped", device=spec.device,
-                       skip_reason=lacking or f"cheaper configuration ({cheaper.label()}) exceeded "
-                                              "profile.max_seconds")
-        else:
-            row = run_isolated(spec) if isolate else measure(spec)
-        if row["status"] == "skipped":
-            skipped.append(spec)
-            log(f"  {spec.label()}: skipped ({row['skip_reason']})")
-        else:
-            log(f"  {spec.label()}: {row['gen_img_s_median']:.4g} img/s "
-                f"({row['gen_s_median']:.3g} s/call, min {row['gen_s_min']:.3g}, max {row['gen_s_max']:.3g}), "
-                f"gen mem {row['gen_mem_bytes'] / 2**20:.1f} MiB, kv {row['kv_cache_bytes'] / 2**20:.1f} MiB")
-        rows.append(row)
+    servers: dict[tuple, str] = {}
+    with contextlib.ExitStack() as stack:
+        for spec in specs:
+            cheaper = dominated_by(spec, skipped)
+            lacking = _precision_unavailable(spec)
+            if lacking or cheaper is not None:
+                row = base_row(spec)
+                row.update(status="skipped", device=spec.device,
+                           skip_reason=lacking or f"cheaper configuration ({cheaper.label()}) exceeded "
+                                                  "profile.max_seconds")
+            elif isolate:
+                env = child_env(spec)
+                key = tuple(sorted(warm.load_time_env(env).items()))
+                if key not in servers:
+                    servers[key] = stack.enter_context(warm.serving(env, CHILD_PRELOAD))
+                row = run_isolated(spec, server=servers[key])
+            else:
+                row = measure(spec)
+            if row["status"] == "skipped":
+                skipped.append(spec)
+                log(f"  {spec.label()}: skipped ({row['skip_reason']})")
+            else:
+                log(f"  {spec.label()}: {row['gen_img_s_median']:.4g} img/s "
+                    f"({row['gen_s_median']:.3g} s/call, min {row['gen_s_min']:.3g}, max {row['gen_s_max']:.3g}), "
+                    f"gen mem {row['gen_mem_bytes'] / 2**20:.1f} MiB, kv {row['kv_cache_bytes'] / 2**20:.1f} MiB")
+            rows.append(row)
     return rows
 
 

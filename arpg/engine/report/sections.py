@@ -6,6 +6,7 @@ through `Report`, which records every written path.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -404,11 +405,36 @@ def _galleries(rep: Report) -> list[str]:
     return md
 
 
-STAGE_TIME_COLUMNS = ["rule", "jobs", "timed", "wall_s", "longest_s", "longest_job", "cpu_s", "max_rss_mib"]
+STAGE_TIME_COLUMNS = ["rule", "jobs", "timed", "wall_s", "longest_s", "longest_job", "cpu_s", "max_rss_mib",
+                      "unit", "units", "cpu_ms_per_unit"]
 
 
-def _benchmark(path: Path) -> dict[str, float] | None:
-    """Snakemake's benchmark record of one job (its last line: the last run), or None."""
+def _work_unit(params, rule: str) -> tuple[str, int] | None:
+    """What one job of `rule` does, counted (so a cost regression shows per unit, not per study size)."""
+    from arpg.zeroshot_plan import cells
+
+    images = params["data"]["num_classes"] * params["sample"]["num_per_class"]
+    gallery = params["gallery"]
+    units = {
+        "train_tokenizer": ("steps", params["tokenizer"]["max_steps"]),
+        "train": ("steps", params["train"]["max_steps"]),
+        "train_classifier": ("epochs", params["classifier"]["epochs"]),
+        "sample": ("images", images),
+        "evaluate": ("images", images),
+        "zero_shot": ("cells", len(cells(params))),
+        "gallery": ("images", len(gallery["tasks"]) * gallery["num_images"] * gallery["samples"]),
+    }
+    if rule == "profile":
+        from arpg.engine.profile.planning import plan
+
+        return "configurations", len(plan(params))
+    return units.get(rule)
+
+
+def _benchmark(path: Path, usage: Path | None = None) -> dict[str, float] | None:
+    """Snakemake's benchmark record of one job (its last line: the last run), or None. A job forked
+    by the warm server (arpg/warm.py) wrote its CPU time and peak memory to `usage`: they replace
+    the benchmark's, which measured only the client process."""
     if not path.is_file():
         return None
     lines = [line.split("\t") for line in path.read_text().splitlines() if line.strip()]
@@ -422,8 +448,12 @@ def _benchmark(path: Path) -> dict[str, float] | None:
         except ValueError:  # "NA" where psutil could not measure
             return float("nan")
 
-    return {"s": number("s"), "cpu_time": number("cpu_time"), "max_rss": number("max_rss")} \
-        if math.isfinite(number("s")) else None
+    if not math.isfinite(number("s")):
+        return None
+    record = {"s": number("s"), "cpu_time": number("cpu_time"), "max_rss": number("max_rss")}
+    if usage is not None and usage.is_file():
+        record.update({k: float(v) for k, v in json.loads(usage.read_text()).items() if k in record})
+    return record
 
 
 def _stage_times(rep: Report) -> list[str]:
@@ -433,7 +463,7 @@ def _stage_times(rep: Report) -> list[str]:
         jobs = [j for j in all_jobs if j.rule == rule and rule != "report"]
         if not jobs:
             continue
-        timed = [(j, b) for j in jobs if (b := _benchmark(Path(j.benchmark))) is not None]
+        timed = [(j, b) for j in jobs if (b := _benchmark(Path(j.benchmark), Path(j.usage))) is not None]
         longest = max(timed, key=lambda jb: jb[1]["s"], default=None)
         rows.append({"rule": rule, "jobs": len(jobs), "timed": len(timed),
                      "wall_s": round(sum(b["s"] for _, b in timed), 1) if timed else None,
@@ -441,13 +471,21 @@ def _stage_times(rep: Report) -> list[str]:
                      "longest_job": longest[0].key if longest else None,
                      "cpu_s": round(sum(b["cpu_time"] for _, b in timed), 1) if timed else None,
                      "max_rss_mib": round(max(b["max_rss"] for _, b in timed)) if timed else None})
+        unit = _work_unit(rep.params, rule)
+        if unit and timed and unit[1]:
+            units, cpu_s = unit[1] * len(timed), rows[-1]["cpu_s"]
+            rows[-1].update(unit=unit[0], units=units,
+                            cpu_ms_per_unit=round(1000 * cpu_s / units, 1) if math.isfinite(cpu_s) else None)
     rep.csv("stage_times.csv", rows, STAGE_TIME_COLUMNS)
     md = ["## Stage times\n",
           "Read from Snakemake's `benchmark:` files (`" + pipeline.log_dir(rep.params) + "/<rule>/...tsv`, beside the logs; "
           "one per job, written where the job ran; the report's own job is not in it). `wall_s` and `cpu_s` "
           "sum the rule's jobs; jobs of one rule may have run in parallel. `max_rss_mib`: the largest job's "
-          "peak resident memory. These are wall-clock readings of the machine that ran the study; no "
-          "result depends on them.\n"]
+          "peak resident memory. A job forked by the warm server (arpg/warm.py) reports its own CPU time and "
+          "memory beside its log (`.usage`), since Snakemake measures only the process that handed it over. "
+          "`cpu_ms_per_unit`: CPU milliseconds per unit of work (training step, image, zero-shot cell, "
+          "profiled configuration) over the timed jobs. These are wall-clock readings of the machine that "
+          "ran the study; no result depends on them.\n"]
     if not any(r["timed"] for r in rows):
         md.append("No benchmark files were found: the study was not run by Snakemake here (`dvc repro` "
                   "writes none), so there are no stage times.\n")
