@@ -180,12 +180,24 @@ def test_default_models_end_to_end_outputs(tmp_path, params_file):
     assert any(k.startswith("speedup.default.b1.s2") for k in P.metrics(doc))
 
 
-def test_isolated_child_measures_the_kv_cache_growth():
+@pytest.fixture(scope="module", params=["fresh process", "fork of a warm server"])
+def server(request):
+    """None (each configuration in a fresh process) or a warm server's socket, as run_profile uses."""
+    if request.param == "fresh process":
+        yield None
+        return
+    from arpg import warm
+
+    with warm.serving(P.child_env(tiny()), P.CHILD_PRELOAD) as path:
+        yield path
+
+
+def test_isolated_child_measures_the_kv_cache_growth(server):
     # Raster S (8 layers, width 96) on an 8x8 grid keeps 0.38 MiB of fp32 K/V per row (65 slots):
     # batch 64 (CFG: 128 rows) 49 MiB, batch 1 (2 rows) 0.8 MiB.
     small = tiny(kind="raster", net="LlamaGen-S", grid=8, steps=64, batch=1, repeats=1, warmup=0)
     big = dataclasses.replace(small, batch=64)
-    rows = [P.run_isolated(s) for s in (small, big)]
+    rows = [P.run_isolated(s, server=server) for s in (small, big)]
     assert all(r["status"] == "ok" and r["mem_kind"] == "rss" for r in rows)
     kv_growth = rows[1]["kv_cache_bytes"] - rows[0]["kv_cache_bytes"]
     assert kv_growth > 40 * 2**20
@@ -214,16 +226,16 @@ def test_dominated_by_needs_same_model_kind_and_no_larger_cost():
     assert P.dominated_by(tiny(model="ARPG-S", steps=16, batch=2), skipped) is None
 
 
-def test_isolated_child_is_stopped_when_its_first_call_overruns():
+def test_isolated_child_is_stopped_when_its_first_call_overruns(server):
     slow = tiny(kind="raster", net="LlamaGen-T", grid=16, steps=256, batch=32, codebook_size=4096,
                 max_seconds=0.05, repeats=1, warmup=0)
-    row = P.run_isolated(slow)
+    row = P.run_isolated(slow, server=server)
     assert row["status"] == "skipped" and "still running" in row["skip_reason"]
 
 
-def test_child_failure_is_an_arpg_error_with_the_cause():
+def test_child_failure_is_an_arpg_error_with_the_cause(server):
     with pytest.raises(ArpgError, match="profile.compile runs on CUDA only"):
-        P.run_isolated(tiny(compile=True, device="cpu"))
+        P.run_isolated(tiny(compile=True, device="cpu"), server=server)
 
 
 def test_bf16_is_skipped_with_the_reason_where_the_cpu_lacks_it(monkeypatch):

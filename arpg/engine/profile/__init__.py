@@ -13,10 +13,10 @@ from arpg.engine.profile.planning import (PUBLISHED_CLASSES, PUBLISHED_CODEBOOK,
                                           dominated_by, plan, twin_of)
 from arpg.engine.profile.results import (CSV_COLUMNS, GOAL_FRACTION_OF_STEP_RATIO, SPEEDUP_COLUMNS, environment,
                                          metrics, speedups, summary, write_outputs)
-from arpg.engine.profile.sweep import LOAD_TIMEOUT_S, run_isolated, run_profile
+from arpg.engine.profile.sweep import CHILD_PRELOAD, LOAD_TIMEOUT_S, child_env, run_isolated, run_profile
 
-__all__ = ["ANCHOR_CONDITIONS", "CSV_COLUMNS", "GOAL_FRACTION_OF_STEP_RATIO", "LOAD_TIMEOUT_S", "MemoryMeter",
+__all__ = ["ANCHOR_CONDITIONS", "CHILD_PRELOAD", "CSV_COLUMNS", "GOAL_FRACTION_OF_STEP_RATIO", "LOAD_TIMEOUT_S", "MemoryMeter",
            "PUBLISHED_CLASSES", "PUBLISHED_CODEBOOK", "RANDOM_VQ16", "RASTER_TWIN", "REFERENCE_ANCHORS",
-           "RunSpec", "SPEEDUP_COLUMNS", "backbone", "dominated_by", "environment", "measure", "metrics", "plan",
+           "RunSpec", "SPEEDUP_COLUMNS", "backbone", "child_env", "dominated_by", "environment", "measure", "metrics", "plan",
            "random_vq", "reference_comparison", "run_isolated", "run_profile", "speedups", "summary", "twin_of",
            "write_outputs"]
