@@ -32,7 +32,7 @@ DISABLE_ENV = "ARPG_WARM"  # "0": the workflow starts no server
 # Variables a library reads once, when it loads (OpenMP, BLAS, the allocator, Python itself), and
 # torchrun's: a job whose values differ from the server's runs in its own process.
 LOAD_TIME_PREFIXES = ("OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "DNNL_", "ONEDNN_", "LD_", "MALLOC_",
-                      "PYTHON", "CUDA_", "NCCL_", "TORCH_", "PYTORCH_")
+                      "PYTHON", "CUDA_", "NCCL_", "TORCH_", "PYTORCH_", "LANG", "LC_", "MLFLOW_", "DO_NOT_TRACK")
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID")
 _STREAMS = (0, 1, 2, 3)  # stdin, stdout, stderr and the progress fd (arpg.progress)
 _HEADER = struct.Struct("!I")
@@ -78,7 +78,10 @@ def delegate(argv: list[str], path: str | None = None, entry: str = CLI_ENTRY) -
     fds = [fd for fd in _STREAMS if _is_open(fd)]
     with sock:
         try:
-            _send(sock, {"argv": argv, "entry": entry, "env": dict(os.environ), "cwd": os.getcwd(), "fds": fds}, fds)
+            umask = os.umask(0)
+            os.umask(umask)
+            _send(sock, {"argv": argv, "entry": entry, "env": dict(os.environ), "cwd": os.getcwd(), "fds": fds,
+                         "umask": umask}, fds)
             answer = sock.recv(1)
         except OSError:
             return None
@@ -98,7 +101,10 @@ def delegate(argv: list[str], path: str | None = None, entry: str = CLI_ENTRY) -
         except (OSError, ConnectionError):
             print("arpg: the warm server went away while running the command; rerun it", file=sys.stderr)
             return 1
-        _write_usage({"cpu_time": cpu_time, "max_rss": max_rss})
+        try:
+            _write_usage({"cpu_time": cpu_time, "max_rss": max_rss})
+        except OSError as exc:  # the job's own status matters more than its stage-time record
+            print(f"arpg: could not write the job's usage to ${USAGE_ENV}: {exc}", file=sys.stderr)
         return code
 
 
@@ -152,17 +158,48 @@ def preload(modules: tuple[str, ...] = CLI_PRELOAD) -> None:
                     importlib.import_module(info.name)
 
 
-def _child(doc: dict, fds: list[int], inherited: list) -> None:
-    """In the forked child: become the client's process, then run the command. Never returns."""
+def _die_with_parent() -> None:
+    """Linux: SIGTERM when the server dies (an orphaned job must not go on writing its outputs)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _streams() -> None:
+    """New sys.stdin / stdout / stderr on fds 0-2, made as the interpreter makes them at start."""
+    import io
+
+    def text(fd: int, mode: str, like, errors: str):
+        if mode == "r":
+            return io.TextIOWrapper(io.FileIO(fd, "r", closefd=False), encoding=like.encoding, errors=errors)
+        raw = io.FileIO(fd, "w", closefd=False)
+        tty, unbuffered = os.isatty(fd), bool(os.environ.get("PYTHONUNBUFFERED"))  # the client's -u
+        return io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw), encoding=like.encoding,
+                                errors=errors, line_buffering=tty or fd == 2, write_through=unbuffered)
+
+    sys.stdin = text(0, "r", sys.__stdin__ or sys.__stdout__, "strict") if _is_open(0) else None
+    sys.stdout = text(1, "w", sys.__stdout__, sys.__stdout__.errors)
+    sys.stderr = text(2, "w", sys.__stderr__, "backslashreplace")
+
+
+def _child(doc: dict, fds: list[int], inherited: list) -> int:
+    """In the forked child: become the client's process, then run the command; its exit status."""
     code = 1
     try:
-        for obj in inherited:  # the server's sockets and selector
+        for obj in inherited:  # the server's sockets, selector and wake-up pipe
             obj.close()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh interpreter
+        _die_with_parent()
         for target, fd in zip(doc["fds"], fds):
-            os.dup2(fd, target)
-            os.close(fd)
+            if fd != target:
+                os.dup2(fd, target)
+                os.close(fd)
         for fd in set(_STREAMS) - set(doc["fds"]):
             try:
                 os.close(fd)
@@ -171,56 +208,82 @@ def _child(doc: dict, fds: list[int], inherited: list) -> None:
         os.chdir(doc["cwd"])
         os.environ.clear()
         os.environ.update(doc["env"])
+        os.umask(doc["umask"])
         sys.argv = ["arpg", *doc["argv"]]
-        sys.stdin = open(0, closefd=False) if 0 in doc["fds"] else None
-        sys.stdout = open(1, "w", closefd=False, buffering=1 if os.isatty(1) else -1)
-        sys.stderr = open(2, "w", closefd=False, buffering=1)
+        _streams()
         import random
+        import tempfile
 
         random.seed()  # the retry jitter of concurrent jobs must not be one sequence
+        tempfile.tempdir = None  # found again from this job's TMPDIR
 
         import importlib
 
         module, function = doc["entry"].split(":")
         code = getattr(importlib.import_module(module), function)(doc["argv"])
+        code = 0 if code is None else code
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except KeyboardInterrupt:
+        code = 130
     except BaseException:  # noqa: BLE001 - a traceback, as the process itself would print
         import traceback
 
         traceback.print_exc()
         code = 1
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+    try:
+        import atexit
+
+        atexit._run_exitfuncs()  # what a fresh interpreter runs on its way out
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:  # noqa: BLE001 - the job's status stands
+        pass
+    return int(code) if isinstance(code, int) else 1
 
 
 def serve(path: str, parent: int | None = None, modules: tuple[str, ...] = CLI_PRELOAD) -> None:
     """Accept jobs on `path` until SIGTERM or until `parent` (the workflow) is gone."""
     import selectors
 
+    me = os.getpid()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)  # clients queue here while the imports run
     preload(modules)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    wake_r, wake_w = os.pipe()  # a finished child wakes the loop (SIGCHLD), no polling
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ)
+    sel.register(wake_r, selectors.EVENT_READ)
     children: dict[int, socket.socket] = {}  # pid -> connection to its client
     by_conn: dict[socket.socket, int] = {}
+    wake = _Fd(wake_r), _Fd(wake_w)
     try:
         while not stopping and (parent is None or os.getppid() == parent):
-            for key, _ in sel.select(timeout=0.05):
+            for key, _ in sel.select(timeout=1.0):
                 if key.fileobj is listener:
-                    conn, _ = listener.accept()
-                    pid = _start(conn, [listener, sel, conn, *by_conn])
+                    try:
+                        conn, _ = listener.accept()
+                    except OSError:
+                        continue
+                    pid = _start(conn, [listener, sel, *wake, *by_conn])
                     if pid is not None:
                         children[pid], by_conn[conn] = conn, pid
                         sel.register(conn, selectors.EVENT_READ)
+                elif key.fileobj == wake_r:
+                    try:
+                        os.read(wake_r, 512)
+                    except OSError:
+                        pass
                 else:  # a signal forwarded by a client, or a client gone: pass it to its child
                     conn = key.fileobj
                     try:
@@ -256,46 +319,62 @@ def serve(path: str, parent: int | None = None, modules: tuple[str, ...] = CLI_P
     except ChildProcessError:
         pass
     finally:
-        for pid in children:
+        if os.getpid() == me:
+            for pid in children:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            listener.close()
             try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
+                os.unlink(path)
+            except OSError:
                 pass
-        listener.close()
+
+
+class _Fd:
+    """A bare file descriptor with close(), so the child closes it with the server's sockets."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def close(self) -> None:
         try:
-            os.unlink(path)
+            os.close(self.fd)
         except OSError:
             pass
 
 
 def _start(conn: socket.socket, inherited: list) -> int | None:
-    """Read a job from a new connection and fork its child; None if declined or unreadable."""
+    """Read a job from a new connection and fork its child: the child's pid, or None where declined
+    or unreadable (the connection then closed). Never raises: one bad client must not stop the rest."""
+    fds: list[int] = []
+    pid = None
     try:
+        conn.settimeout(30)  # a stalled client must not block the server
         msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 8)
         (size,) = _HEADER.unpack(msg[:4])
         body = msg[4:]
         if len(body) < size:
             body += _recv_exact(conn, size - len(body))
         doc = json.loads(body)
-    except (OSError, ConnectionError, ValueError, struct.error):
-        conn.close()
-        return None
-    if (load_time_env(doc["env"]) != load_time_env(dict(os.environ))
-            or len(fds) != len(doc["fds"])):
+        if load_time_env(doc["env"]) == load_time_env(dict(os.environ)) and len(fds) == len(doc["fds"]):
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    code = _child(doc, fds, [*inherited, conn])
+                finally:
+                    os._exit(code)
+        conn.settimeout(None)
+        conn.sendall(b"-" if pid is None else b"+")
+    except Exception:  # noqa: BLE001 - a client gone: its child, if forked, is stopped and reaped as usual
+        pass
+    finally:
         for fd in fds:
             os.close(fd)
-        try:
-            conn.sendall(b"-")
-        except OSError:
-            pass
-        conn.close()
-        return None
-    conn.sendall(b"+")
-    pid = os.fork()
-    if pid == 0:
-        _child(doc, fds, inherited)
-    for fd in fds:
-        os.close(fd)
+        if pid is None:
+            conn.close()
     return pid
 
 

@@ -55,6 +55,15 @@ def params_file(tmp_path):
     return lambda base="params.yaml", **overrides: write_params(tmp_path, base, **overrides)
 
 
+@pytest.fixture(scope="session")
+def study(tmp_path_factory) -> Path:
+    """The smoke study, run once per session (tests/test_reproducible.py, then tests/test_slurm.py,
+    whose last test retrains one model in it)."""
+    from test_reproducible import run_smoke_study
+
+    return run_smoke_study(tmp_path_factory.mktemp("study-a"))
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Tiny test tensors: two intra-op threads only contend with each other (and with

@@ -80,10 +80,10 @@ def needrun(root: Path, params_files: list[Path]) -> dict[str, set[str]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory) -> Path:
-    """The smoke study run from scratch in a folder of its own, every command recording its reads."""
-    root = tmp_path_factory.mktemp("study-a")
+def run_smoke_study(root: Path) -> Path:
+    """The smoke study run from scratch in `root`, every command recording its reads. The `study`
+    fixture (tests/conftest.py: one run for the whole session, which tests/test_slurm.py compares with
+    the same study on SLURM)."""
     shutil.copy(SMOKE, root / "params.yaml")  # relative output_dir, report.dir and MLflow store
     env_before = ENV.get(RECORD_READS_ENV)
     ENV[RECORD_READS_ENV] = str(root / "reads")

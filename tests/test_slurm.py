@@ -27,7 +27,7 @@ from arpg import pipeline
 from arpg.config import load_params
 from arpg.paths import REPO_ROOT
 from slurm_cluster import PARTITION, missing_requirements, one_node_cluster
-from test_reproducible import BIN, ENV, SMOKE, _result_files, result_targets, snakemake
+from test_reproducible import BIN, ENV, SMOKE, _result_files, snakemake
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(3600)]
 
@@ -88,15 +88,11 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def studies(cluster, tmp_path_factory):
-    """The smoke study submitted to the cluster, and its result jobs run locally (`--cores`)."""
-    roots = {}
-    for kind in ("slurm", "local"):
-        roots[kind] = tmp_path_factory.mktemp(f"study-{kind}")
-        shutil.copy(SMOKE, roots[kind] / "params.yaml")  # relative output_dir, report.dir and MLflow store
+def studies(cluster, study, tmp_path_factory):
+    """The smoke study submitted to the cluster, and the session's local run of it (`--cores`)."""
+    roots = {"slurm": tmp_path_factory.mktemp("study-slurm"), "local": study}
+    shutil.copy(SMOKE, roots["slurm"] / "params.yaml")  # relative output_dir, report.dir and MLflow store
     out = submit(cluster, roots["slurm"], roots["slurm"] / "params.yaml")
-    params = load_params(roots["local"] / "params.yaml")
-    snakemake(roots["local"], roots["local"] / "params.yaml", *result_targets(params))
     return roots, out
 
 

@@ -115,10 +115,6 @@ def command(rule):
     return lambda wildcards: PIPE.job(PARAMS, rule, dict(wildcards)).command(None)
 
 
-def usage(rule):
-    return lambda wildcards: PIPE.job(PARAMS, rule, dict(wildcards)).usage
-
-
 def out(rule):
     return list(PIPE.pattern(PARAMS, rule).outputs)
 
@@ -136,8 +132,9 @@ def benchmark(rule):
 # Snakemake's own stderr, so the console shows which long job runs and how far it is.
 os.environ[PROGRESS_FD_ENV] = "3"
 # A job forked by the warm server reports its CPU time and memory beside the log (arpg/warm.py):
-# Snakemake's benchmark measures only the client process.
-SHELL = "ARPG_JOB_USAGE={params.usage:q} {params.command} 3>&2 > {log:q} 2>&1"
+# Snakemake's benchmark measures only the client process. Its path follows the log's (stages.Job.usage):
+# a Snakemake param would put the log's place (the study's name) in every job's rerun triggers.
+SHELL = "ARPG_JOB_USAGE={log:q}.usage {params.command} 3>&2 > {log:q} 2>&1"
 
 
 # --------------------------------------------------------------------------- snakemake --report

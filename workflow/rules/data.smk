@@ -13,7 +13,6 @@ rule prepare_data:
     params:
         fingerprint=fingerprint("prepare_data"),
         command=command("prepare_data"),
-        usage=usage("prepare_data"),
     threads: threads("prepare_data")
     conda:
         CONDA_ENV
@@ -33,7 +32,6 @@ rule train_tokenizer:
     params:
         fingerprint=fingerprint("train_tokenizer"),
         command=command("train_tokenizer"),
-        usage=usage("train_tokenizer"),
     threads: threads("train_tokenizer")
     resources:
         gpu=gpus("train_tokenizer"),
@@ -55,7 +53,6 @@ rule tokenize:
     params:
         fingerprint=fingerprint("tokenize"),
         command=command("tokenize"),
-        usage=usage("tokenize"),
     threads: threads("tokenize")
     resources:
         gpu=gpus("tokenize"),

@@ -13,7 +13,6 @@ rule reference_stats:
     params:
         fingerprint=fingerprint("reference_stats"),
         command=command("reference_stats"),
-        usage=usage("reference_stats"),
     threads: threads("reference_stats")
     resources:
         gpu=gpus("reference_stats"),
@@ -35,7 +34,6 @@ rule evaluate:
     params:
         fingerprint=fingerprint("evaluate"),
         command=command("evaluate"),
-        usage=usage("evaluate"),
     threads: threads("evaluate")
     resources:
         gpu=gpus("evaluate"),

@@ -13,7 +13,6 @@ rule profile:
     params:
         fingerprint=fingerprint("profile"),
         command=command("profile"),
-        usage=usage("profile"),
     threads: threads("profile")
     resources:
         gpu=gpus("profile"),
@@ -35,7 +34,6 @@ rule gallery:
     params:
         fingerprint=fingerprint("gallery"),
         command=command("gallery"),
-        usage=usage("gallery"),
     threads: threads("gallery")
     resources:
         gpu=gpus("gallery"),
@@ -57,7 +55,6 @@ rule zero_shot:
     params:
         fingerprint=fingerprint("zero_shot"),
         command=command("zero_shot"),
-        usage=usage("zero_shot"),
     threads: threads("zero_shot")
     resources:
         gpu=gpus("zero_shot"),
@@ -89,7 +86,6 @@ rule report:
     params:
         fingerprint=fingerprint("report"),
         command=command("report"),
-        usage=usage("report"),
     conda:
         CONDA_ENV
     shell:

@@ -14,7 +14,6 @@ rule sample:
     params:
         fingerprint=fingerprint("sample"),
         command=command("sample"),
-        usage=usage("sample"),
     threads: threads("sample")
     resources:
         gpu=gpus("sample"),

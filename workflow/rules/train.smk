@@ -14,7 +14,6 @@ rule train_classifier:
     params:
         fingerprint=fingerprint("train_classifier"),
         command=command("train_classifier"),
-        usage=usage("train_classifier"),
     threads: threads("train_classifier")
     resources:
         gpu=gpus("train_classifier"),
@@ -38,7 +37,6 @@ rule train:
     params:
         fingerprint=fingerprint("train"),
         command=command("train"),
-        usage=usage("train"),
     threads: threads("train")
     resources:
         gpu=gpus("train"),

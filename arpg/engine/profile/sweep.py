@@ -36,8 +36,13 @@ def child_env(spec: RunSpec) -> dict:
     # Spinning OpenMP workers stall whenever another process holds a core (40x slower small matmuls
     # measured on a busy 2-core machine); passive waiting keeps shared-machine timings meaningful.
     # The child runs in this working directory (relative checkpoint paths) with this arpg package.
-    return dict(os.environ, OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads),
-                OMP_WAIT_POLICY=spec.omp_wait_policy.upper(), PYTHONPATH=python_path_with(str(REPO_ROOT)))
+    from arpg import warm
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads),
+               OMP_WAIT_POLICY=spec.omp_wait_policy.upper(), PYTHONPATH=python_path_with(str(REPO_ROOT)))
+    for var in (warm.USAGE_ENV, warm.SOCKET_ENV):  # the stage's own: Snakemake's benchmark measures these
+        env.pop(var, None)                         # processes as part of the profile job
+    return env
 
 
 def run_isolated(spec: RunSpec, poll_s: float = 0.05, server: str | None = None) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from arpg import figures, pipeline
-from arpg.config import token_count
+from arpg.config import token_count, unrecorded
 from arpg.decoders import DECODERS, labels, native_orders, zero_shot_decoder
 from arpg.engine.report.noise import (DIFFERENCE_COLUMNS, Bootstrap, bootstrap_of, difference, interval_text,
                                      judged, noise_section)
@@ -409,10 +409,14 @@ STAGE_TIME_COLUMNS = ["rule", "jobs", "timed", "wall_s", "longest_s", "longest_j
                       "unit", "units", "cpu_ms_per_unit"]
 
 
-def _work_unit(params, rule: str) -> tuple[str, int] | None:
-    """What one job of `rule` does, counted (so a cost regression shows per unit, not per study size)."""
+def _work_unit(rep: Report, rule: str) -> tuple[str, int] | None:
+    """What one job of `rule` does, counted (so a cost regression shows per unit, not per study size).
+    It annotates wall-clock readings, which no result depends on: like placing work, no read of inputs."""
     from arpg.zeroshot_plan import cells
 
+    if rule == "profile":  # the configurations the profile measured
+        return "configurations", len(read_output(rep.layout.profile_json, "profile")["rows"])
+    params = unrecorded(rep.params)
     images = params["data"]["num_classes"] * params["sample"]["num_per_class"]
     gallery = params["gallery"]
     units = {
@@ -424,10 +428,6 @@ def _work_unit(params, rule: str) -> tuple[str, int] | None:
         "zero_shot": ("cells", len(cells(params))),
         "gallery": ("images", len(gallery["tasks"]) * gallery["num_images"] * gallery["samples"]),
     }
-    if rule == "profile":
-        from arpg.engine.profile.planning import plan
-
-        return "configurations", len(plan(params))
     return units.get(rule)
 
 
@@ -471,7 +471,7 @@ def _stage_times(rep: Report) -> list[str]:
                      "longest_job": longest[0].key if longest else None,
                      "cpu_s": round(sum(b["cpu_time"] for _, b in timed), 1) if timed else None,
                      "max_rss_mib": round(max(b["max_rss"] for _, b in timed)) if timed else None})
-        unit = _work_unit(rep.params, rule)
+        unit = _work_unit(rep, rule)
         if unit and timed and unit[1]:
             units, cpu_s = unit[1] * len(timed), rows[-1]["cpu_s"]
             rows[-1].update(unit=unit[0], units=units,
