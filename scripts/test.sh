@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ARPG_EXTRAS=test,slurm bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
-exec python -m pytest "$@"
+exec python -m pytest --durations=30 "$@"
