@@ -132,10 +132,10 @@ class Layout:
     gallery_dir = _OUT / "gallery"
     gallery_json = gallery_dir / "gallery.json"
     zeroshot_dir = _OUT / "zeroshot"
-    zeroshot_json = zeroshot_dir / "metrics.json"  # one record per measured edit (arpg zero-shot)
-    zeroshot_csv = zeroshot_dir / "metrics.csv"
     report_index = (_OUT / "report_index.json").doc(
         "What `arpg report` wrote into report.dir. The pipeline's report target: report.dir itself is "
         "committed for the default study, so its existence proves nothing.")
 
     gallery_image = gallery_dir.each("{}.png")  # layout.gallery_image(task)
+    zeroshot_json = zeroshot_dir.each("{}.json")  # layout.zeroshot_json(task): one record per edit measured
+    zeroshot_csv = zeroshot_dir.each("{}.csv")  # layout.zeroshot_csv(task)

@@ -27,6 +27,7 @@ from arpg.decoders import DECODERS
 from arpg.errors import ConfigError
 from arpg.paths import Layout
 from arpg.stages import POINT_WILDCARDS, RULES, Job, Rule, _Ctx, point_folders, point_wildcards, report_inputs  # noqa: F401 - the public names
+from arpg.zeroshot_plan import TASKS
 
 
 # --------------------------------------------------------------------------- public API
@@ -70,7 +71,7 @@ def pattern(params: Mapping, rule: str) -> Job:
 def wildcard_constraints() -> dict[str, str]:
     """Regexes that keep Snakemake from splitting paths at the wrong place."""
     return {"model": "|".join(DECODERS), "steps": r"[0-9]+", "cfg": r"[0-9]+(\.[0-9]+)?",
-            "order": r"[a-z]+(-[a-z0-9]+)?", "extractor": r"[a-z]+(-[a-z]+)?"}
+            "order": r"[a-z]+(-[a-z0-9]+)?", "extractor": r"[a-z]+(-[a-z]+)?", "task": "|".join(TASKS)}
 
 
 def param_values(params: Mapping, keys: tuple[str, ...]) -> dict[str, Any]:

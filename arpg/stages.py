@@ -340,25 +340,30 @@ def _gallery(ctx: _Ctx, w) -> Job:
 
 
 def _zero_shot(ctx: _Ctx, w) -> Job:
-    from arpg.zeroshot_plan import EXPANSION, cell_models
+    """One task's cells (a job per task: the tasks run side by side)."""
+    from arpg.zeroshot_plan import EXPANSION, TASKS, cell_models
 
-    params, lay = ctx.params, ctx.layout
-    inputs = (*(_s(lay.model_checkpoint(m)) for m in cell_models(params)), _s(lay.tokenizer_checkpoint),
+    params, lay, task = ctx.params, ctx.layout, w["task"]
+    # a name of no task is a placeholder (Snakemake's "{task}" pattern: outputs and log only)
+    models = cell_models(params, task) if task in TASKS else []
+    inputs = (*(_s(lay.model_checkpoint(m)) for m in models), _s(lay.tokenizer_checkpoint),
               _s(lay.images("test")), _s(lay.labels("test")), *_point_inputs_eval(ctx, w))
-    keys = _keys(POINT_COMPUTE_KEYS, "zeroshot", "sample.cfg_default", STUDY_DECODING_KEYS, VQ_KEYS, TOKEN_SPACE_KEYS,
+    keys = _keys(POINT_COMPUTE_KEYS, "zeroshot.num_images", "zeroshot.batch_size", "zeroshot.steps",
+                 "sample.cfg_default", STUDY_DECODING_KEYS, VQ_KEYS, TOKEN_SPACE_KEYS,
                  [k for k in _evaluate_keys(params) if k != "sample.seed"])
-    if EXPANSION in params["zeroshot"]["tasks"]:
-        keys += ("gallery.expand_to", "gallery.expansion")
-    return Job("zero_shot", {}, ("zero-shot",), inputs, (_s(lay.zeroshot_json), _s(lay.zeroshot_csv)), keys,
+    keys += ("gallery.expand_to", "gallery.expansion") if task == EXPANSION else ("zeroshot.fractions",
+                                                                                  "zeroshot.masks")
+    return Job("zero_shot", dict(w), ("zero-shot", "--task", task), inputs,
+               (_s(lay.zeroshot_json(task)), _s(lay.zeroshot_csv(task))), keys,
                external=_inception_external(params, _extractors(params)), threads=params["point_threads"],
-               gpus=_gpus(params), log=_log(ctx, "zero_shot", w, ()))
+               gpus=_gpus(params), log=_log(ctx, "zero_shot", w, ("task",)))
 
 
 def _report(ctx: _Ctx, w) -> Job:
     inputs = report_inputs(ctx.params, ctx.layout, ctx.log_dir)
     # what the text and tables show besides the stage outputs: titles, sweep defaults, the grid
     keys = _keys("threads", "report", "name", "data.source", "data.num_classes", "data.resolution",
-                 "tokenizer.channel_mult", "evaluate.extractors", "gallery.tasks", "sample.cfg_default",
+                 "tokenizer.channel_mult", "evaluate.extractors", "gallery.tasks", "zeroshot.tasks", "sample.cfg_default",
                  "sample.steps_default", "sample.orders", "sample.strategies", "sample.strategy_steps",
                  "sample.precision")  # sample.precision: the profile rows the quality-vs-speed pairs use
     return Job("report", {}, ("report",), tuple(inputs), (_s(ctx.layout.report_index),), keys,
@@ -427,8 +432,9 @@ RULES: dict[str, Rule] = {r.name: r for r in (
          desc="Time decoding and measure its memory, per model, step count, batch and precision."),
     Rule("gallery", (), _gallery, lambda p: [{}] if zero_shot_decoder() else [],
          desc="Draw the zero-shot editing galleries (inpainting, outpainting, continuation, expansion)."),
-    Rule("zero_shot", (), _zero_shot, lambda p: [{}] if zero_shot_decoder() else [],
-         desc="Measure the zero-shot edits' quality over tasks, known fractions and masks."),
+    Rule("zero_shot", ("task",), _zero_shot,
+         lambda p: [{"task": t} for t in p["zeroshot"]["tasks"]] if zero_shot_decoder() else [],
+         desc="Measure one zero-shot task's edits' quality over its known fractions, masks and step counts."),
     Rule("report", (), _report, lambda p: [{}],
          desc="Write the study report (markdown, CSV tables, figures, plot series) from every stage output."),
 )}

@@ -240,7 +240,8 @@ def test_sweep_change_touches_only_the_jobs_it_feeds(params_file):
     assert all(more[name] == fp for name, fp in base.items())  # nothing existing reruns (report: input set)
     hotter = _prints(params_file("configs/smoke.yaml", **{"sample.temperature": 0.9}))
     changed = {n for n in base if hotter[n] != base[n]}
-    assert changed == {n for n in base if n.startswith("sample@")} | {"gallery", "zero_shot", "profile"}
+    assert changed == {n for n in base if n.startswith(("sample@", "zero_shot@"))} | {"gallery", "profile"}
+    assert sum(n.startswith("zero_shot@") for n in changed) == 4  # one job per task
     raster = _prints(params_file("configs/smoke.yaml", **{"train.raster_model": "LlamaGen-S"}))
     assert {n for n in base if raster[n] != base[n]} == {"train@raster", "profile"}  # profile labels rows
 
@@ -272,8 +273,8 @@ def test_paper_dry_run_lists_jobs_and_resources(tmp_path):
                  f"params={REPO_ROOT / 'configs/paper.yaml'}"], REPO_ROOT)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    assert _job_counts(out) == {"prepare_data": 1, "train_tokenizer": 1, "train": len(DECODERS), "sample": 24, "reference_stats": 1, "evaluate": 24, "profile": 1, "gallery": 1, "zero_shot": 1,
-                                "report": 1, "all": 1, "total": 58}
+    assert _job_counts(out) == {"prepare_data": 1, "train_tokenizer": 1, "train": len(DECODERS), "sample": 24, "reference_stats": 1, "evaluate": 24, "profile": 1, "gallery": 1, "zero_shot": 4,
+                                "report": 1, "all": 1, "total": 61}
     assert "note: weights/arpg_300m.pt does not exist yet (needed by train@arpg)" in out
     assert re.search(r"torchrun --standalone --nproc_per_node=8 --no-python arpg sample .*--steps 256", out)
     sample_blocks = re.findall(r"rule sample:\n(?:    .*\n)+", out)

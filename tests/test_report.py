@@ -81,8 +81,7 @@ def study(params_file):
     for task in params["gallery"]["tasks"]:
         _png(lay.gallery_image(task), 3)
     _json(lay.gallery_json, {"tasks": {"inpainting": {"unknown_cells": 12}}})
-    _json(lay.zeroshot_json, zero_shot_doc(params))
-    lay.zeroshot_csv.write_text("key\n")  # the stage's own table (the report writes its zeroshot.csv anew)
+    write_zero_shot(params)
     return params
 
 
@@ -95,14 +94,21 @@ def _zs_value(cell) -> dict[str, float]:
     return values
 
 
-def zero_shot_doc(params, se: float = 0.5, bootstrap=BOOTSTRAP):
-    """What `arpg zero-shot` writes, for the smoke params' cells, with known values and intervals (PSNR's:
-    a mean's, always there; the others bootstrap ones, there when it has replicates)."""
+def write_zero_shot(params, bootstrap=BOOTSTRAP) -> None:
+    """What the `zero_shot` jobs write, one per task (the report writes its zeroshot.csv anew)."""
+    for task in params["zeroshot"]["tasks"]:
+        _json(params.layout.zeroshot_json(task), zero_shot_doc(params, task, bootstrap=bootstrap))
+        params.layout.zeroshot_csv(task).write_text("key\n")
+
+
+def zero_shot_doc(params, task: str, se: float = 0.5, bootstrap=BOOTSTRAP):
+    """What `arpg zero-shot --task` writes, for the smoke params' cells of `task`, with known values and
+    intervals (PSNR's: a mean's, always there; the others bootstrap ones, there when it has replicates)."""
     from arpg.zeroshot_plan import cells
 
     z = 1.959963984540054
     out = []
-    for cell in cells(params):
+    for cell in cells(params, task):
         metrics = _zs_value(cell)
         spread = {k: se if k.startswith("fid") else 0.01 for k in metrics
                   if bootstrap["replicates"] or k.startswith("psnr")}
@@ -111,7 +117,7 @@ def zero_shot_doc(params, se: float = 0.5, bootstrap=BOOTSTRAP):
                     "known_tokens": 32, "generated_tokens": 32, "known_tokens_kept": True, "psnr_against": "hidden",
                     "metrics": metrics, "intervals": {k: {"se": v, "lo": metrics[k] - z * v, "hi": metrics[k] + z * v}
                                                       for k, v in spread.items()}})
-    return {"num_images": 20, "cfg": 2.0, "bootstrap": bootstrap, "cells": out,
+    return {"task": task, "num_images": 20, "cfg": 2.0, "bootstrap": bootstrap, "cells": out,
             "psnr": {"hidden": "PSNR of the generated region", "bicubic": "PSNR against bicubic"}}
 
 
@@ -141,7 +147,7 @@ def _with_intervals(params, bootstrap=BOOTSTRAP):
             if doc["order"] == "raster" and doc["model"] == "arpg":  # a non-finite se is written as null
                 intervals["accuracy_classifier"] = {"se": None, "lo": None, "hi": None, "replicates": 0}
         path.write_text(json.dumps({**doc, "bootstrap": bootstrap, "intervals": intervals}))
-    _json(params.layout.zeroshot_json, zero_shot_doc(params, bootstrap=bootstrap))
+    write_zero_shot(params, bootstrap=bootstrap)
     return params
 
 
@@ -334,13 +340,13 @@ def test_zero_shot_section_holds_the_cells_and_judges_them(study):
     """Every cell in zeroshot.csv with its numbers; the findings: the context against the unconditional
     step-sweep point (FID 27 -> 5.5, beyond the noise), expansion accuracy against 0.8 x unconditional,
     ARPG against the raster baseline from the top rows."""
-    from arpg.zeroshot_plan import cells
+    from arpg.zeroshot_plan import all_cells
 
     _with_intervals(study)
     out = report.build(study)["dir"]
     rows = _csv(out / "zeroshot.csv")
-    assert [r["key"] for r in rows] == [c.key for c in cells(study)]
-    for row, cell in zip(rows, cells(study)):
+    assert [r["key"] for r in rows] == [c.key for c in all_cells(study)]
+    for row, cell in zip(rows, all_cells(study)):
         assert float(row["fid_classifier"]) == _zs_value(cell)["fid_classifier"]
         assert float(row["fid_classifier_hi"]) - float(row["fid_classifier"]) == pytest.approx(1.959964 * 0.5)
     text = (out / "README.md").read_text()
@@ -354,7 +360,7 @@ def test_zero_shot_section_holds_the_cells_and_judges_them(study):
     raster = [ln for ln in section.splitlines() if ln.startswith("- Random order vs raster")]
     assert len(raster) == 3 and "`fid_classifier`" in raster[0] and "+-24.5" not in raster[0]
     assert "-24.5" in raster[0] and "better, beyond the noise" in raster[0]  # 5.5 vs 30 (se 0.5 each)
-    assert "every cell returned every known token unchanged" in section and "`zero-shot` child run" in section
+    assert "every cell returned every known token unchanged" in section and "`zero-shot-<task>` child runs" in section
     assert "| inpainting | centre | 50% | ARPG | 4 | yes | 5.5 ± 0.98 |" in section
 
 

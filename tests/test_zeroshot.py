@@ -231,16 +231,26 @@ def test_raster_completion_keeps_the_top_rows_and_reads_them():
 
 def test_cells_follow_the_params(params_file):
     from arpg.config import load_params
-    from arpg.zeroshot_plan import cell_models, cells
+    from arpg import pipeline
+    from arpg.zeroshot_plan import all_cells, cell_models, cells
 
     params = load_params(params_file())
-    keys = [c.key for c in cells(params)]
+    keys = [c.key for c in all_cells(params)]
     assert len(keys) == len(set(keys)) == 2 * 3 * 2 * 2 + 3 * 3 + 2  # in/outpaint, continuation, expansion
     assert "continuation-top-rows-50-raster-seq" in keys and "inpainting-top-rows-50-arpg-s8" not in keys
-    assert "resolution-expansion-interpolate-25-arpg-s8" in keys and cell_models(params) == ["arpg", "raster"]
+    assert "resolution-expansion-interpolate-25-arpg-s8" in keys
+    assert {c.task for c in cells(params, "outpainting")} == {"outpainting"}
+    assert cell_models(params, "continuation") == ["arpg", "raster"] and cell_models(params, "inpainting") == ["arpg"]
+    # one job per task, each reading only the checkpoints its cells decode with
+    jobs = {j.wildcards["task"]: j for j in pipeline.jobs(params) if j.rule == "zero_shot"}
+    assert list(jobs) == list(params["zeroshot"]["tasks"])
+    assert [any(str(params.layout.model_checkpoint("raster")) == i for i in j.inputs) for j in jobs.values()] == [
+        t == "continuation" for t in jobs]
     only = load_params(params_file(**{"zeroshot.tasks": ["continuation"], "zeroshot.masks": ["centre"]}))
     with pytest.raises(ArpgError, match="zeroshot.masks"):
-        cells(only)
+        cells(only, "continuation")
+    with pytest.raises(ArpgError, match="unknown zero-shot task 'painting'"):
+        cells(params, "painting")
 
 
 def _measured_study(params_file, **extra):
@@ -268,12 +278,14 @@ def test_zero_shot_command_writes_every_cell_with_intervals(params_file):
     from arpg.zeroshot_plan import cells
 
     params = _measured_study(params_file)
-    assert main(["zero-shot", "--params", str(params.path)]) == 0
-    written = params.layout.zeroshot_json.read_bytes()
-    doc = json.loads(written)
-    assert doc["num_images"] == 6 and doc["bootstrap"]["replicates"] == 5 and doc["cfg"] == 4.0
-    assert [c["key"] for c in doc["cells"]] == [c.key for c in cells(params)]
-    for cell in doc["cells"]:
+    for task in params["zeroshot"]["tasks"]:
+        assert main(["zero-shot", "--params", str(params.path), "--task", task]) == 0
+    written = {t: params.layout.zeroshot_json(t).read_bytes() for t in params["zeroshot"]["tasks"]}
+    docs = {t: json.loads(b) for t, b in written.items()}
+    for task, doc in docs.items():
+        assert doc["task"] == task and [c["key"] for c in doc["cells"]] == [c.key for c in cells(params, task)]
+        assert doc["num_images"] == 6 and doc["bootstrap"]["replicates"] == 5 and doc["cfg"] == 4.0
+    for cell in (c for doc in docs.values() for c in doc["cells"]):
         assert cell["known_tokens_kept"] is True
         assert cell["known_tokens"] + cell["generated_tokens"] == (64 if cell["task"] == "resolution-expansion"
                                                                    else 16)
@@ -281,14 +293,14 @@ def test_zero_shot_command_writes_every_cell_with_intervals(params_file):
             band = cell["intervals"][name]
             assert band["lo"] <= cell["metrics"][name] <= band["hi"], (cell["key"], name)
         assert ("psnr_tokenizer" in cell["metrics"]) is (cell["task"] != "resolution-expansion")
-    raster = next(c for c in doc["cells"] if c["model"] == "raster")
+    raster = next(c for c in docs["continuation"]["cells"] if c["model"] == "raster")
     assert raster["steps"] == raster["generated_tokens"] == 8 and not raster["parallel"]
-    with open(params.layout.zeroshot_csv) as fh:
+    with open(params.layout.zeroshot_csv("continuation")) as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["key"] for r in rows] == [c["key"] for c in doc["cells"]]
+    assert [r["key"] for r in rows] == [c["key"] for c in docs["continuation"]["cells"]]
     assert {"fid_classifier_se", "psnr_lo", "psnr_hi"} <= set(rows[0]) and "kid_std_classifier_se" not in rows[0]
-    assert main(["zero-shot", "--params", str(params.path)]) == 0
-    assert params.layout.zeroshot_json.read_bytes() == written  # same params: the same bytes
+    assert main(["zero-shot", "--params", str(params.path), "--task", "continuation"]) == 0
+    assert params.layout.zeroshot_json("continuation").read_bytes() == written["continuation"]  # the same bytes
 
 
 def test_zero_shot_command_without_reference_names_the_fix(params_file):
@@ -296,7 +308,7 @@ def test_zero_shot_command_without_reference_names_the_fix(params_file):
 
     params = _measured_study(params_file)
     params.layout.reference_stats("classifier", "test").unlink()
-    assert main(["zero-shot", "--params", str(params.path)]) == 2
+    assert main(["zero-shot", "--params", str(params.path), "--task", "inpainting"]) == 2
 
 
 def test_masked_psnr_counts_only_the_mask():

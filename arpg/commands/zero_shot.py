@@ -1,14 +1,18 @@
-"""`arpg zero-shot`: inpainting, outpainting, completion from the top rows and resolution expansion,
-measured on `zeroshot.num_images` test images (arpg/zeroshot_plan.py says what each cell is).
+"""`arpg zero-shot --task T`: one task of inpainting, outpainting, completion from the top rows and
+resolution expansion, measured on `zeroshot.num_images` test images (arpg/zeroshot_plan.py says what
+each cell is).
 
-Writes the zero-shot metrics JSON (one record per cell: the point estimates under `metrics`, their
-intervals under `intervals` as in a sweep point's metrics file) and the same as a CSV table."""
+Writes the task's zero-shot metrics JSON (one record per cell: the point estimates under `metrics`,
+their intervals under `intervals` as in a sweep point's metrics file) and the same as a CSV table."""
 
 from __future__ import annotations
 
+from arpg.zeroshot_plan import TASKS
+
 
 def configure(parser) -> None:
-    parser.epilog = ("Tasks, known fractions, masks, step counts and the image count come from `zeroshot:`; "
+    parser.add_argument("--task", required=True, choices=TASKS, help="the edit measured")
+    parser.epilog = ("Known fractions, masks, step counts and the image count come from `zeroshot:`; "
                      "guidance from sample.cfg_default; the expansion from gallery.expand_to / expansion.")
 
 
@@ -16,7 +20,7 @@ def run(args, params) -> None:
     from arpg import dist
 
     with dist.session(params["device"]) as (_, device):
-        _zero_shot(params, device)
+        _zero_shot(params, args.task, device)
 
 
 def csv_rows(doc: dict) -> tuple[list[dict], list[str]]:
@@ -34,7 +38,7 @@ def csv_rows(doc: dict) -> tuple[list[dict], list[str]]:
     return rows, head + list(metric_cols)
 
 
-def _zero_shot(params, device) -> None:
+def _zero_shot(params, task: str, device) -> None:
     import time
 
     from arpg.decoders import zero_shot_decoder
@@ -48,20 +52,20 @@ def _zero_shot(params, device) -> None:
     from arpg.utils import write_csv, write_json
 
     layout, zs = params.layout, params["zeroshot"]
-    todo = cells(params)
+    todo = cells(params, task)
     models, tokenizer = {}, None
-    for name in cell_models(params):
+    for name in cell_models(params, task):
         models[name], tokenizer = load_study_models(params, name, device)
     src = load_sources(params, tokenizer, device)
-    doc = {"seed": params["seed"], "num_images": len(src.index), "cfg": params["sample"]["cfg_default"],
+    doc = {"task": task, "seed": params["seed"], "num_images": len(src.index), "cfg": params["sample"]["cfg_default"],
            "zero_shot_decoder": zero_shot_decoder().name, "reference_split": params["evaluate"]["reference_split"],
            "extractors": list(params["evaluate"]["extractors"]),
            "bootstrap": BootstrapConfig.from_params(params).record(),
            "psnr": {**PSNR_TEXT, "mse_floor": QUANTISATION_MSE}, "cells": []}
-    run_params = {"seed": params["seed"], "num_images": len(src.index), "cfg": doc["cfg"],
+    run_params = {"task": task, "seed": params["seed"], "num_images": len(src.index), "cfg": doc["cfg"],
                   "steps": ",".join(map(str, zs["steps"])), "cells": len(todo)}
-    bar = Progress(len(todo), "zero-shot", unit="cell")
-    with stage_run(params, "zero-shot", run_params=run_params) as run:
+    bar = Progress(len(todo), f"zero-shot {task}", unit="cell")
+    with stage_run(params, "zero-shot", run_name=f"zero-shot-{task}", run_params=run_params) as run:
         for cell in todo:
             start = time.monotonic()  # the log only, never the metrics file
             record = measure(cell, run_cell(cell, params, models, tokenizer, src, device), params, src, device)
@@ -74,9 +78,9 @@ def _zero_shot(params, device) -> None:
             bar.update(1)
             bar.report(cell=cell.key)
         bar.close()
-        write_json(layout.zeroshot_json, doc)
+        write_json(layout.zeroshot_json(task), doc)
         rows, cols = csv_rows(doc)
-        write_csv(layout.zeroshot_csv, rows, cols)
-        run.log_artifact(layout.zeroshot_json)
-        run.log_artifact(layout.zeroshot_csv)
-    print(f"wrote {layout.zeroshot_json} and {layout.zeroshot_csv}")
+        write_csv(layout.zeroshot_csv(task), rows, cols)
+        run.log_artifact(layout.zeroshot_json(task))
+        run.log_artifact(layout.zeroshot_csv(task))
+    print(f"wrote {layout.zeroshot_json(task)} and {layout.zeroshot_csv(task)}")

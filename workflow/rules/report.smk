@@ -43,7 +43,10 @@ rule gallery:
         SHELL
 
 
+# One job per task: the longest jobs of the sweep phase (minutes each), so they start first and the
+# short sample and evaluate jobs fill the cores at the end instead of one long job running alone.
 rule zero_shot:
+    priority: 10
     input:
         inputs("zero_shot"),
     output:

@@ -18,7 +18,7 @@ from arpg.config import token_count, unrecorded
 from arpg.decoders import DECODERS, labels, native_orders, zero_shot_decoder
 from arpg.engine.report.noise import (DIFFERENCE_COLUMNS, Bootstrap, bootstrap_of, difference, interval_text,
                                      judged, noise_section)
-from arpg.engine.report.zeroshot import zero_shot_section
+from arpg.engine.report.zeroshot import read_tasks, zero_shot_section
 from arpg.engine.report.points import (POINT_COLUMNS, Point, csv_row, extractor_of, guidance_sweep,
                                        headline_columns, half_width, interval_columns, md_row, metric_columns,
                                        numeric_leaves, order_sweep, point_of, read_output, read_points,
@@ -384,8 +384,7 @@ def _grids(rep: Report, q: Quality) -> list[str]:
 def _zero_shot(rep: Report, q: Quality) -> list[str]:
     if "zero_shot" not in rep.rules:
         return []
-    doc = read_output(rep.layout.zeroshot_json, "zero-shot")
-    md, rows, cols, headline = zero_shot_section(rep.params, doc, q.sweep, q.boot)
+    md, rows, cols, headline = zero_shot_section(rep.params, read_tasks(rep.params, rep.layout), q.sweep, q.boot)
     rep.csv("zeroshot.csv", rows, cols)
     rep.headline.update(headline)
     return md
@@ -409,26 +408,25 @@ STAGE_TIME_COLUMNS = ["rule", "jobs", "timed", "wall_s", "longest_s", "longest_j
                       "unit", "units", "cpu_ms_per_unit"]
 
 
-def _work_unit(rep: Report, rule: str) -> tuple[str, int] | None:
-    """What one job of `rule` does, counted (so a cost regression shows per unit, not per study size).
-    It annotates wall-clock readings, which no result depends on: like placing work, no read of inputs."""
+def _work_unit(rep: Report, job) -> tuple[str, int] | None:
+    """What `job` does, counted (so a cost regression shows per unit, not per study size). It
+    annotates wall-clock readings, which no result depends on: like placing work, no read of inputs."""
     from arpg.zeroshot_plan import cells
 
-    if rule == "profile":  # the configurations the profile measured
+    if job.rule == "profile":  # the configurations the profile measured
         return "configurations", len(read_output(rep.layout.profile_json, "profile")["rows"])
     params = unrecorded(rep.params)
-    images = params["data"]["num_classes"] * params["sample"]["num_per_class"]
     gallery = params["gallery"]
-    units = {
+    if job.rule in ("sample", "evaluate"):
+        return "images", params["data"]["num_classes"] * params["sample"]["num_per_class"]
+    if job.rule == "zero_shot":
+        return "cells", len(cells(params, job.wildcards["task"]))
+    return {
         "train_tokenizer": ("steps", params["tokenizer"]["max_steps"]),
         "train": ("steps", params["train"]["max_steps"]),
         "train_classifier": ("epochs", params["classifier"]["epochs"]),
-        "sample": ("images", images),
-        "evaluate": ("images", images),
-        "zero_shot": ("cells", len(cells(params))),
         "gallery": ("images", len(gallery["tasks"]) * gallery["num_images"] * gallery["samples"]),
-    }
-    return units.get(rule)
+    }.get(job.rule)
 
 
 def _benchmark(path: Path, usage: Path | None = None) -> dict[str, float] | None:
@@ -471,10 +469,10 @@ def _stage_times(rep: Report) -> list[str]:
                      "longest_job": longest[0].key if longest else None,
                      "cpu_s": round(sum(b["cpu_time"] for _, b in timed), 1) if timed else None,
                      "max_rss_mib": round(max(b["max_rss"] for _, b in timed)) if timed else None})
-        unit = _work_unit(rep, rule)
-        if unit and timed and unit[1]:
-            units, cpu_s = unit[1] * len(timed), rows[-1]["cpu_s"]
-            rows[-1].update(unit=unit[0], units=units,
+        counted = [u for j, _ in timed if (u := _work_unit(rep, j)) is not None]
+        if counted and len(counted) == len(timed) and (units := sum(n for _, n in counted)):
+            cpu_s = rows[-1]["cpu_s"]
+            rows[-1].update(unit=counted[0][0], units=units,
                             cpu_ms_per_unit=round(1000 * cpu_s / units, 1) if math.isfinite(cpu_s) else None)
     rep.csv("stage_times.csv", rows, STAGE_TIME_COLUMNS)
     md = ["## Stage times\n",

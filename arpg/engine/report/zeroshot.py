@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from arpg.decoders import DECODERS, zero_shot_decoder
 from arpg.engine.report.noise import Bootstrap, difference, judged
-from arpg.engine.report.points import Point, with_interval
+from arpg.engine.report.points import Point, read_output, with_interval
 from arpg.engine.report.text import fmt, markdown_table, signed
 from arpg.paths import SweepPoint, format_cfg
 from arpg.tracking import experiment_name
@@ -38,6 +38,16 @@ def _label(cell: Mapping) -> str:
     return f"{d.short_label} {cell['task']} ({cell['mask']}, {cell['fraction']:.0%} known, {steps})"
 
 
+def read_tasks(params, layout) -> dict:
+    """The `zero_shot` jobs' outputs as one document: the shared settings once, every task's cells in
+    `zeroshot.tasks` order."""
+    docs = [read_output(layout.zeroshot_json(task), f"zero-shot --task {task}")
+            for task in params["zeroshot"]["tasks"]]
+    merged = {k: v for k, v in docs[0].items() if k not in ("task", "cells")}
+    merged["cells"] = [c for d in docs for c in d["cells"]]
+    return merged
+
+
 def zero_shot_section(params, doc: Mapping, sweep: list[Point], boot: Bootstrap
                       ) -> tuple[list[str], list[dict], list[str], dict[str, float]]:
     """Markdown, CSV rows and columns, and MLflow headline metrics of the zero-shot section."""
@@ -66,10 +76,10 @@ def zero_shot_section(params, doc: Mapping, sweep: list[Point], boot: Bootstrap
           markdown_table(table, TABLE_HEAD + shown),
           "Table: `zeroshot.csv` (every metric with `_se`, `_lo`, `_hi`).\n"]
     md += _findings(params, cells, points, sweep, boot)
-    md.append(f"MLflow: the `zero-shot` child run of the study run in experiment `{experiment_name(params)}` "
-              "(tag `arpg.stage` = `zero-shot`): metric `<cell>.<metric>` per cell (cell names as in "
-              "`zeroshot.csv`'s `key`), the metrics JSON and CSV as artifacts. The galleries below show "
-              "single edits.\n")
+    md.append(f"MLflow: the `zero-shot-<task>` child runs of the study run in experiment "
+              f"`{experiment_name(params)}` (tag `arpg.stage` = `zero-shot`), one per task: metric "
+              "`<cell>.<metric>` per cell (cell names as in `zeroshot.csv`'s `key`), the task's metrics JSON "
+              "and CSV as artifacts. The galleries below show single edits.\n")
     headline = {f"zeroshot.{c['key']}.{m}": c["metrics"][m] for c in cells for m in shown
                 if m.startswith(("fid_", "accuracy_")) and isinstance(c["metrics"][m], float)
                 and math.isfinite(c["metrics"][m])}
