@@ -15,7 +15,7 @@ from arpg.engine.bootstrap import (BOOTSTRAP_LEVEL, BootstrapConfig, ResampledPr
 from arpg.engine.evaluate import (SPECS, ImageArrayDataset, adm_array, compute_reference, default_inception_fid_path,
                                   export_adm_npz, extractor_weights, file_digest, load_reference,
                                   reference_from_features, save_reference)
-from arpg.engine.metrics import EvalConfig, compute_metrics, metrics_from_features, prc_features_to_metric
+from arpg.engine.metrics import EvalConfig, KidKernels, compute_metrics, metrics_from_features, prc_features_to_metric
 from arpg.errors import ArpgError, DataError
 from arpg.models.classifier import ClassifierConfig, save_classifier
 
@@ -84,9 +84,27 @@ def test_equals_torch_fidelity_calculate_metrics(setup):
         prc_batch_size=1000)
     assert ours["fid_classifier"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)
     assert ours["kid_classifier"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-6)
+    assert ours["kid_std_classifier"] == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-6)
     assert ours["isc_classifier"] == pytest.approx(theirs["inception_score_mean"], rel=1e-6)
     assert ours["precision_classifier"] == theirs["precision"]
     assert ours["recall_classifier"] == theirs["recall"]
+
+
+def test_kid_from_cached_kernels_equals_torch_fidelity_on_the_resampled_rows():
+    """KidKernels reads a subset's kernels out of matrices computed once; torch-fidelity recomputes
+    them on the rows it is given (a bootstrap resample repeats rows)."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    g = torch.Generator().manual_seed(3)
+    gen_ND, ref_MD = torch.randn(300, 16, generator=g), torch.randn(900, 16, generator=g) * 1.2 + 0.3
+    kernels = KidKernels(gen_ND, ref_MD)
+    resample_N = torch.randint(0, 300, (300,), generator=g)
+    for rows_N in (torch.arange(300), resample_N, resample_N):  # twice: the second reuses the reference sums
+        theirs = kid_features_to_metric(gen_ND[rows_N], ref_MD, kid_subsets=10, kid_subset_size=120, rng_seed=5,
+                                        verbose=False)
+        mean, std = kernels.kid(rows_N.numpy(), 10, 120, 5)
+        assert mean == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-6)
+        assert std == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:Matrix is singular")  # dead ReLU units: singular covariances

@@ -18,7 +18,7 @@ import torch
 
 from arpg.compat import ensure_torchvision_importable
 from arpg.engine.evaluate import spec
-from arpg.engine.metrics import PRC_BATCH, EvalConfig, metrics_from_features, prc_reference
+from arpg.engine.metrics import PRC_BATCH, EvalConfig, KidKernels, kid_subset, metrics_from_features, prc_reference
 from arpg.errors import DataError
 from arpg.utils import make_generator
 
@@ -171,14 +171,16 @@ def _finite_or_none(value: float) -> float | None:
 
 def bootstrap_intervals(feats: Mapping[str, torch.Tensor], labels_N: np.ndarray | None, reference: Mapping,
                         extractor: str, config: EvalConfig, bootstrap: BootstrapConfig,
-                        point: Mapping[str, float]) -> dict[str, dict[str, float | int | None]]:
+                        point: Mapping[str, float], kernels: KidKernels | None = None,
+                        ) -> dict[str, dict[str, float | int | None]]:
     """{metric: {"se", "lo", "hi", "replicates"}} for the headline figures in `point` ({} when
     `bootstrap.replicates` is 0).
 
     Each replicate resamples the generated set's feature rows with replacement (within each class
-    when labels are given: `bootstrap_indices`) and recomputes every metric with
-    `metrics_from_features` on those rows; the reference set stays fixed and no image goes through
-    the extractor again. KID within a replicate averages BOOTSTRAP_KID_SUBSETS subsets instead of
+    when labels are given: `bootstrap_indices`) and recomputes every metric on those rows
+    (`metrics_from_features`; KID from `kernels`, the full set's, precision / recall from
+    `ResampledPrecisionRecall`); the reference set stays fixed and no image goes through the
+    extractor again. KID within a replicate averages BOOTSTRAP_KID_SUBSETS subsets instead of
     the headline's `config.kid_subsets`; the replicates' spread then also holds that smaller
     average's subset noise, so KID's se is somewhat conservative (12% above the se with 100 subsets
     in a measured case: 1000 rows, subsets of 500).
@@ -200,18 +202,20 @@ def bootstrap_intervals(feats: Mapping[str, torch.Tensor], labels_N: np.ndarray 
     num_rows = len(feats[s.fid_layer])
     idx_BN = bootstrap_indices(num_rows, bootstrap.replicates, bootstrap.seed, labels_N)
     labels_N = None if labels_N is None else np.asarray(labels_N)
-    # precision / recall come from ResampledPrecisionRecall (the same figures without a k-NN pass each)
-    replicate_config = dataclasses.replace(config, kid_subsets=BOOTSTRAP_KID_SUBSETS, precision_recall=False)
+    replicate_config = dataclasses.replace(config, kid_subsets=0, precision_recall=False)
+    gen_ND, ref_MD = feats[s.fid_layer], torch.from_numpy(np.asarray(reference["features"]))
+    kernels = kernels if kernels is not None else KidKernels(gen_ND, ref_MD)
+    subset = kid_subset(config, num_rows, len(ref_MD))
     prc = None
     if config.precision_recall:
-        gen_ND = feats[s.fid_layer]
-        ref_MD = prc_reference(torch.from_numpy(np.asarray(reference["features"])), num_rows, config.seed)
-        prc = ResampledPrecisionRecall(gen_ND, ref_MD, config.prc_neighborhood)
+        prc = ResampledPrecisionRecall(gen_ND, prc_reference(ref_MD, num_rows, config.seed), config.prc_neighborhood)
     values_BM = np.empty((bootstrap.replicates, len(names)))
     for b, idx_N in enumerate(idx_BN):
         resampled = {layer: feats[layer][idx_N] for layer in layers}
         replicate = metrics_from_features(resampled, None if labels_N is None else labels_N[idx_N.numpy()],
                                           reference, extractor, replicate_config)
+        if f"kid_{s.suffix}" in names:
+            replicate[f"kid_{s.suffix}"], _ = kernels.kid(idx_N.numpy(), BOOTSTRAP_KID_SUBSETS, subset, config.seed)
         if prc is not None:
             replicate[f"precision_{s.suffix}"], replicate[f"recall_{s.suffix}"] = prc(idx_N)
         values_BM[b] = [replicate[name] for name in names]
@@ -243,9 +247,11 @@ def evaluate_images(params, images_NHWC: np.ndarray, labels_N: np.ndarray, devic
         weights = extractor_weights(params, extractor)
         reference = load_reference(params.layout.reference_stats(extractor, split), extractor, file_digest(weights))
         feats = extract_features(images_NHWC, extractor, weights, config.batch_size, device)  # once per extractor
-        values = metrics_from_features(feats, labels_N, reference, extractor, config)
+        kernels = KidKernels(feats[spec(extractor).fid_layer], torch.from_numpy(np.asarray(reference["features"])))
+        values = metrics_from_features(feats, labels_N, reference, extractor, config, kernels)
         start = time.monotonic()
-        intervals.update(bootstrap_intervals(feats, labels_N, reference, extractor, config, bootstrap, values))
+        intervals.update(bootstrap_intervals(feats, labels_N, reference, extractor, config, bootstrap, values,
+                                             kernels))
         seconds += time.monotonic() - start
         metrics.update(values)
     return metrics, intervals, seconds

@@ -20,7 +20,7 @@ from arpg.utils import make_generator
 ensure_torchvision_importable()
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric  # noqa: E402
 from torch_fidelity.metric_isc import isc_features_to_metric  # noqa: E402
-from torch_fidelity.metric_kid import kid_features_to_metric  # noqa: E402
+from torch_fidelity.metric_kid import kernel_poly  # noqa: E402
 from torch_fidelity.metric_prc import prc_features_to_metric  # noqa: E402
 
 PRC_BATCH = 1000  # rows of the pairwise-distance blocks in precision-recall (bounds memory)
@@ -43,6 +43,48 @@ class EvalConfig:
                    precision_recall=e["precision_recall"], seed=params["seed"])
 
 
+class KidKernels:
+    """KID (torch-fidelity's: unbiased MMD^2 of its polynomial kernel, averaged over random subsets) of
+    any rows of one generated set against one reference set, from kernel values computed once.
+
+    torch-fidelity computes three subset-by-subset kernel matrices for every subset; the bootstrap asks
+    for KID of 21 resamples of the same rows, so here the generated x generated and reference x generated
+    kernels are computed once and a subset's matrices read out of them, then summed in torch-fidelity's
+    order (float32 matrix products of other shapes round differently: KID agrees to ~1e-7). A reference
+    subset's kernel sum is kept: every call with one seed and one generated-set size draws the same ones."""
+
+    def __init__(self, gen_ND: torch.Tensor, ref_MD: torch.Tensor):
+        self.ref_MD = ref_MD.cpu().numpy()
+        gen_ND = gen_ND.cpu().numpy()
+        self.k_gen_NN = kernel_poly(gen_ND, gen_ND)  # [N, N]
+        self.k_ref_gen_MN = kernel_poly(self.ref_MD, gen_ND)  # [M, N]: a reference subset's rows are contiguous
+        self._ref_sums: dict[bytes, np.floating] = {}
+
+    def _ref_sum(self, cols_S: np.ndarray) -> np.floating:
+        key = cols_S.tobytes()
+        if key not in self._ref_sums:
+            ref_SD = self.ref_MD[cols_S]
+            k_SS = kernel_poly(ref_SD, ref_SD)
+            self._ref_sums[key] = (k_SS.sum(axis=1) - np.diagonal(k_SS)).sum()
+        return self._ref_sums[key]
+
+    def kid(self, rows_N: np.ndarray, subsets: int, subset_size: int, seed: int) -> tuple[float, float]:
+        """(mean, std) over `subsets` subsets of `subset_size` of the generated rows `rows_N` (indices,
+        repeats allowed) and of the reference, drawn as torch-fidelity's kid_features_to_metric draws them."""
+        rng = np.random.RandomState(seed)
+        m = subset_size
+        mmd_K = np.zeros(subsets)
+        for i in range(subsets):
+            rows_S = rows_N[rng.choice(len(rows_N), m, replace=False)]
+            cols_S = rng.choice(len(self.ref_MD), m, replace=False)
+            k_gen_SS = np.take(self.k_gen_NN[rows_S], rows_S, axis=1)
+            gen_sum = (k_gen_SS.sum(axis=1) - np.diagonal(k_gen_SS)).sum()
+            k_cross_SS = np.ascontiguousarray(np.take(self.k_ref_gen_MN[cols_S], rows_S, axis=1).T)  # [gen, ref]
+            cross_sum = k_cross_SS.sum(axis=0).sum()
+            mmd_K[i] = (gen_sum + self._ref_sum(cols_S)) / (m * (m - 1)) - 2 * cross_sum / (m * m)
+        return float(np.mean(mmd_K)), float(np.std(mmd_K))
+
+
 def compute_metrics(images_NHWC: np.ndarray, labels_N: np.ndarray | None, reference: Mapping,
                     extractor: str, weights: str | os.PathLike | None, config: EvalConfig,
                     device: torch.device) -> dict[str, float]:
@@ -53,8 +95,10 @@ def compute_metrics(images_NHWC: np.ndarray, labels_N: np.ndarray | None, refere
 
 
 def metrics_from_features(feats: Mapping[str, torch.Tensor], labels_N: np.ndarray | torch.Tensor | None,
-                          reference: Mapping, extractor: str, config: EvalConfig) -> dict[str, float]:
-    """The metrics of `compute_metrics` from already-extracted features ({layer: [N, D]})."""
+                          reference: Mapping, extractor: str, config: EvalConfig,
+                          kernels: KidKernels | None = None) -> dict[str, float]:
+    """The metrics of `compute_metrics` from already-extracted features ({layer: [N, D]}); KID from
+    `kernels` when given (built on these features), none when config.kid_subsets is 0."""
     s = spec(extractor)
     sfx = s.suffix
     gen_ND = feats[s.fid_layer]  # [N, D]
@@ -66,13 +110,12 @@ def metrics_from_features(feats: Mapping[str, torch.Tensor], labels_N: np.ndarra
                                    {"mu": reference["mu"], "sigma": reference["sigma"]}, verbose=False)
     out[f"fid_{sfx}"] = fid["frechet_inception_distance"]
 
-    # KID subsets cannot exceed either set; smaller sets use all of the smaller one.
-    subset = min(config.kid_subset_size, n, m)
-    kid = kid_features_to_metric(gen_ND, ref_MD, kid_subsets=config.kid_subsets, kid_subset_size=subset,
-                                 rng_seed=config.seed, verbose=False)
-    out[f"kid_{sfx}"] = kid["kernel_inception_distance_mean"]
-    out[f"kid_std_{sfx}"] = kid["kernel_inception_distance_std"]
-    out[f"kid_subset_size_{sfx}"] = subset
+    if config.kid_subsets:
+        subset = kid_subset(config, n, m)
+        kernels = kernels if kernels is not None else KidKernels(gen_ND, ref_MD)
+        out[f"kid_{sfx}"], out[f"kid_std_{sfx}"] = kernels.kid(np.arange(n), config.kid_subsets, subset,
+                                                               config.seed)
+        out[f"kid_subset_size_{sfx}"] = subset
 
     if s.isc_layer is not None:
         isc = isc_features_to_metric(feats[s.isc_layer], splits=config.isc_splits, shuffle=True,
@@ -92,6 +135,11 @@ def metrics_from_features(feats: Mapping[str, torch.Tensor], labels_N: np.ndarra
 
         out[f"accuracy_{sfx}"] = accuracy(feats["logits"], labels_N)
     return out
+
+
+def kid_subset(config: EvalConfig, num_generated: int, num_reference: int) -> int:
+    """KID subsets cannot exceed either set; smaller sets use all of the smaller one."""
+    return min(config.kid_subset_size, num_generated, num_reference)
 
 
 def prc_reference(ref_MD: torch.Tensor, num_generated: int, seed: int) -> torch.Tensor:
