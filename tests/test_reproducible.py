@@ -621,13 +621,22 @@ def test_dvc_status_names_exactly_the_stages_that_read_a_changed_key(dvc_study, 
                 for j in jobs):
             same_shape.append((key, path, {j.name for j in jobs if key in declared_leaves(after, j)}))
     assert len(same_shape) >= 60
-    listing = tmp_path / "listing.json"
-    listing.write_text(json.dumps([str(p) for _, p, _ in same_shape]))
-    proc = subprocess.run([sys.executable, "-c", _DVC_STATUS_SCRIPT, str(dvc_study), str(listing)], cwd=dvc_study,
-                          capture_output=True, text=True, timeout=1500, env={**ENV, "DVC_NO_ANALYTICS": "1"})
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("STATUS-JSON ")), None)
-    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
-    status = json.loads(line[len("STATUS-JSON "):])
+    # half of the params files each in the study and in a copy of it: two `dvc status` loops side by side
+    roots = [dvc_study, tmp_path / "copy"]
+    shutil.copytree(dvc_study, roots[1], symlinks=True)
+    procs = []
+    for i, root in enumerate(roots):
+        listing = tmp_path / f"listing{i}.json"
+        listing.write_text(json.dumps([str(p) for _, p, _ in same_shape[i::len(roots)]]))
+        procs.append(subprocess.Popen([sys.executable, "-c", _DVC_STATUS_SCRIPT, str(root), str(listing)], cwd=root,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**ENV, "DVC_NO_ANALYTICS": "1"}))
+    status = {}
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=1500)
+        line = next((x for x in stdout.splitlines() if x.startswith("STATUS-JSON ")), None)
+        assert line, stdout[-3000:] + stderr[-3000:]
+        status.update(json.loads(line[len("STATUS-JSON "):]))
 
     job_name = dvc_job_names(dvc_study).__getitem__
 
