@@ -225,6 +225,9 @@ def test_commands_end_to_end(tmp_path, params_file):
     assert main(["train-classifier", "--params", str(path)]) == 0
     stats = json.loads(layout.classifier_metrics.read_text())
     assert 0 <= stats["test_accuracy"] <= 1 and "fid_classifier" in stats["real_test_halves"]
+    acc, band = stats["test_accuracy"], stats["intervals"]["test_accuracy"]  # a proportion of 200 images
+    assert band["n"] == 200 and band["se"] == pytest.approx((acc * (1 - acc) / 199) ** 0.5, rel=1e-6)
+    assert band["lo"] == pytest.approx(acc - 1.959964 * band["se"]) and band["hi"] > acc
 
     point = SweepPoint("arpg", 8, 2.0, "random")
     assert main(["evaluate", "--params", str(path), "--model", "arpg", "--steps", "8", "--cfg", "2.0",

@@ -256,6 +256,12 @@ def test_tokenize_writes_grids_labels_metrics_and_grid(tiny_params):
         test = torch.from_numpy(np.load(layout.images("test"))).permute(0, 3, 1, 2)
         recon = engine.reconstruct_pixels(model, test, 5, "cpu")
     assert saved["psnr"] == pytest.approx(psnr(recon, test).mean().item())
+    psnr_N = psnr(recon, test).numpy()  # the mean's normal interval, from the per-image values
+    se = psnr_N.std(ddof=1) / np.sqrt(12)
+    band = saved["intervals"]["psnr"]
+    assert band["se"] == pytest.approx(se) and band["n"] == 12
+    assert band["lo"] == pytest.approx(saved["psnr"] - 1.959964 * se) and band["hi"] == pytest.approx(
+        saved["psnr"] + 1.959964 * se)
     from PIL import Image
     with Image.open(layout.reconstructions) as png:  # 1 column-block of 6 pairs: 2 rows of 16 px + gaps
         assert png.size == (2 * (6 * 18 + 2), 2 * (2 * 18 + 2))

@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from arpg.data.arrays import load_images_NCHW, load_labels
+from arpg.engine.bootstrap import mean_interval
 from arpg.engine.image_metrics import psnr, ssim
 from arpg.engine.tokenizer import codebook_stats, encode_pixels, reconstruct_pixels, save_grid, token_dtype
 from arpg.models.vq import TRAIN_COMMAND, VQConfig, load_tokenizer
@@ -27,7 +28,9 @@ def run(args, params) -> None:
         m = tokenize_dataset(params, tracker)
     h, w = m["token_grid"]
     print(f"token grids {h}x{w} ({m['token_dtype']}) in {layout.tokens_dir}")
-    print(f"test reconstruction ({m['eval_images']} images): PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}")
+    band = m["intervals"]["psnr"]
+    print(f"test reconstruction ({m['eval_images']} images): PSNR {m['psnr']:.2f} dB "
+          f"(95% [{band['lo']:.2f}, {band['hi']:.2f}]), SSIM {m['ssim']:.4f}")
     print(f"codebook (train tokens): {m['codes_used']}/{m['codebook_size']} codes used ({m['codebook_usage']:.1%}), "
           f"perplexity {m['codebook_perplexity']:.1f}")
     print(f"wrote {layout.tokenize_metrics} and {layout.reconstructions}")
@@ -68,13 +71,16 @@ def tokenize_dataset(params, run=None, batch_size: int = TOKENIZE_BATCH, grid_im
     recon = reconstruct_pixels(model, test, batch_size, device)
     psnr_N, ssim_N = psnr(recon, test), ssim(recon, test)
     save_grid(test[:grid_images], recon[:grid_images], layout.reconstructions)
+    psnr_N = psnr_N.clamp(max=100)  # a perfect image (inf dB) counts as 100 dB
     metrics = {
-        "psnr": psnr_N.clamp(max=100).mean().item(),  # a perfect image (inf dB) counts as 100 dB
+        "psnr": psnr_N.mean().item(),
         "ssim": ssim_N.mean().item(),
         "eval_images": int(test.shape[0]),
         "codebook_usage": stats["usage"], "codebook_perplexity": stats["perplexity"],
         "codes_used": stats["codes_used"], "codebook_size": vq_cfg.codebook_size,
         "token_grid": list(tokens_Nhw.shape[1:]), "token_dtype": np.dtype(dtype).name,
+        # the eval images as a sample of the test split: normal intervals of the means
+        "intervals": {"psnr": mean_interval(psnr_N)[1], "ssim": mean_interval(ssim_N)[1]},
     }
     write_json(layout.tokenize_metrics, metrics)
     if run is not None:

@@ -15,12 +15,14 @@ def configure(parser) -> None:
 def run(args, params) -> None:
     import time
 
+    import numpy as np
     import torch
 
     from arpg.config import unrecorded
     from arpg.data.arrays import load_images, load_labels
     from arpg.engine.classifier import (ClassifierTrainConfig, accuracy, model_config_from_params, predict,
                                         train_classifier)
+    from arpg.engine.bootstrap import mean_interval
     from arpg.engine.evaluate import compute_reference
     from arpg.engine.metrics import EvalConfig, compute_metrics
     from arpg.models.classifier import save_classifier
@@ -40,6 +42,8 @@ def run(args, params) -> None:
         model, stats = train_classifier(train_x, train_y, model_cfg, train_cfg, device, log=run.log_metrics)
         logits_NK, _ = predict(model, test_x, params["evaluate"]["batch_size"], device)
         stats["test_accuracy"] = accuracy(logits_NK, test_y)
+        correct_N = logits_NK.argmax(dim=1).numpy() == np.asarray(test_y)
+        stats["intervals"] = {"test_accuracy": mean_interval(correct_N)[1]}  # the test images as a sample
         seconds = time.monotonic() - start  # the log and MLflow only: the metrics file holds results
         save_classifier(model, layout.classifier_checkpoint)
 
@@ -58,7 +62,9 @@ def run(args, params) -> None:
         run.log_metrics({f"real_{k}": v for k, v in stats["real_test_halves"].items()})
         run.log_artifact(layout.classifier_metrics)
     real = stats["real_test_halves"]
-    print(f"classifier: test accuracy {stats['test_accuracy']:.4f} after {stats['steps']} steps "
+    band = stats["intervals"]["test_accuracy"]
+    print(f"classifier: test accuracy {stats['test_accuracy']:.4f} (95% [{band['lo']:.4f}, {band['hi']:.4f}]) "
+          f"after {stats['steps']} steps "
           f"({stats['epochs']} epochs) in {seconds:.1f} s")
     print(f"real test halves: accuracy_classifier {real['accuracy_classifier']:.4f}, "
           f"isc_classifier {real['isc_classifier']:.3f}, fid_classifier {real['fid_classifier']:.4f}")
