@@ -97,14 +97,16 @@ def test_kid_from_cached_kernels_equals_torch_fidelity_on_the_resampled_rows():
 
     g = torch.Generator().manual_seed(3)
     gen_ND, ref_MD = torch.randn(300, 16, generator=g), torch.randn(900, 16, generator=g) * 1.2 + 0.3
-    kernels = KidKernels(gen_ND, ref_MD)
     resample_N = torch.randint(0, 300, (300,), generator=g)
-    for rows_N in (torch.arange(300), resample_N, resample_N):  # twice: the second reuses the reference sums
-        theirs = kid_features_to_metric(gen_ND[rows_N], ref_MD, kid_subsets=10, kid_subset_size=120, rng_seed=5,
-                                        verbose=False)
-        mean, std = kernels.kid(rows_N.numpy(), 10, 120, 5)
-        assert mean == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-6)
-        assert std == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-6)
+    # cached kernels, and (a set too large for the cache) each subset's kernels computed on their own
+    for kernels, cached in ((KidKernels(gen_ND, ref_MD), True), (KidKernels(gen_ND, ref_MD, cache_bytes=0), False)):
+        assert kernels.cached is cached
+        for rows_N in (torch.arange(300), resample_N, resample_N):  # twice: the second reuses the reference sums
+            theirs = kid_features_to_metric(gen_ND[rows_N], ref_MD, kid_subsets=10, kid_subset_size=120,
+                                            rng_seed=5, verbose=False)
+            mean, std = kernels.kid(rows_N.numpy(), 10, 120, 5)
+            assert mean == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-6)
+            assert std == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:Matrix is singular")  # dead ReLU units: singular covariances

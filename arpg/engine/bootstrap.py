@@ -204,7 +204,9 @@ def bootstrap_intervals(feats: Mapping[str, torch.Tensor], labels_N: np.ndarray 
     labels_N = None if labels_N is None else np.asarray(labels_N)
     replicate_config = dataclasses.replace(config, kid_subsets=0, precision_recall=False)
     gen_ND, ref_MD = feats[s.fid_layer], torch.from_numpy(np.asarray(reference["features"]))
-    kernels = kernels if kernels is not None else KidKernels(gen_ND, ref_MD)
+    kid_name = f"kid_{s.suffix}"
+    if kernels is None and kid_name in names:
+        kernels = KidKernels(gen_ND, ref_MD)
     subset = kid_subset(config, num_rows, len(ref_MD))
     prc = None
     if config.precision_recall:
@@ -214,8 +216,8 @@ def bootstrap_intervals(feats: Mapping[str, torch.Tensor], labels_N: np.ndarray 
         resampled = {layer: feats[layer][idx_N] for layer in layers}
         replicate = metrics_from_features(resampled, None if labels_N is None else labels_N[idx_N.numpy()],
                                           reference, extractor, replicate_config)
-        if f"kid_{s.suffix}" in names:
-            replicate[f"kid_{s.suffix}"], _ = kernels.kid(idx_N.numpy(), BOOTSTRAP_KID_SUBSETS, subset, config.seed)
+        if kid_name in names:
+            replicate[kid_name], _ = kernels.kid(idx_N.numpy(), BOOTSTRAP_KID_SUBSETS, subset, config.seed)
         if prc is not None:
             replicate[f"precision_{s.suffix}"], replicate[f"recall_{s.suffix}"] = prc(idx_N)
         values_BM[b] = [replicate[name] for name in names]

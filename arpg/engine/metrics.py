@@ -43,21 +43,28 @@ class EvalConfig:
                    precision_recall=e["precision_recall"], seed=params["seed"])
 
 
+KID_CACHE_BYTES = 1 << 28  # largest kernel cache KidKernels keeps (the default study's: 44 MB; ImageNet's: 20 GB)
+
+
 class KidKernels:
     """KID (torch-fidelity's: unbiased MMD^2 of its polynomial kernel, averaged over random subsets) of
-    any rows of one generated set against one reference set, from kernel values computed once.
+    any rows of one generated set against one reference set.
 
     torch-fidelity computes three subset-by-subset kernel matrices for every subset; the bootstrap asks
-    for KID of 21 resamples of the same rows, so here the generated x generated and reference x generated
-    kernels are computed once and a subset's matrices read out of them, then summed in torch-fidelity's
-    order (float32 matrix products of other shapes round differently: KID agrees to ~1e-7). A reference
-    subset's kernel sum is kept: every call with one seed and one generated-set size draws the same ones."""
+    for KID of 21 resamples of the same rows, so where they fit in KID_CACHE_BYTES the generated x
+    generated and reference x generated kernels are computed once and a subset's matrices read out of
+    them (float32 products of other shapes round differently: KID agrees to ~1e-7); larger sets get
+    each subset's matrices computed as torch-fidelity does. Either way they are summed in
+    torch-fidelity's order. A reference subset's kernel sum is kept: every call with one seed and one
+    generated-set size draws the same subsets."""
 
-    def __init__(self, gen_ND: torch.Tensor, ref_MD: torch.Tensor):
-        self.ref_MD = ref_MD.cpu().numpy()
-        gen_ND = gen_ND.cpu().numpy()
-        self.k_gen_NN = kernel_poly(gen_ND, gen_ND)  # [N, N]
-        self.k_ref_gen_MN = kernel_poly(self.ref_MD, gen_ND)  # [M, N]: a reference subset's rows are contiguous
+    def __init__(self, gen_ND: torch.Tensor, ref_MD: torch.Tensor, cache_bytes: int = KID_CACHE_BYTES):
+        self.gen_ND, self.ref_MD = gen_ND.cpu().numpy(), ref_MD.cpu().numpy()
+        n, m = len(self.gen_ND), len(self.ref_MD)
+        self.cached = n * (n + m) * self.gen_ND.itemsize <= cache_bytes
+        if self.cached:
+            self.k_gen_NN = kernel_poly(self.gen_ND, self.gen_ND)  # [N, N]
+            self.k_ref_gen_MN = kernel_poly(self.ref_MD, self.gen_ND)  # [M, N]: a reference subset's rows contiguous
         self._ref_sums: dict[bytes, np.floating] = {}
 
     def _ref_sum(self, cols_S: np.ndarray) -> np.floating:
@@ -68,6 +75,14 @@ class KidKernels:
             self._ref_sums[key] = (k_SS.sum(axis=1) - np.diagonal(k_SS)).sum()
         return self._ref_sums[key]
 
+    def _subset_kernels(self, rows_S: np.ndarray, cols_S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[S, S] generated x generated and generated x reference kernels of one subset."""
+        if not self.cached:
+            gen_SD = self.gen_ND[rows_S]
+            return kernel_poly(gen_SD, gen_SD), kernel_poly(gen_SD, self.ref_MD[cols_S])
+        k_gen_SS = np.take(self.k_gen_NN[rows_S], rows_S, axis=1)
+        return k_gen_SS, np.ascontiguousarray(np.take(self.k_ref_gen_MN[cols_S], rows_S, axis=1).T)
+
     def kid(self, rows_N: np.ndarray, subsets: int, subset_size: int, seed: int) -> tuple[float, float]:
         """(mean, std) over `subsets` subsets of `subset_size` of the generated rows `rows_N` (indices,
         repeats allowed) and of the reference, drawn as torch-fidelity's kid_features_to_metric draws them."""
@@ -77,9 +92,8 @@ class KidKernels:
         for i in range(subsets):
             rows_S = rows_N[rng.choice(len(rows_N), m, replace=False)]
             cols_S = rng.choice(len(self.ref_MD), m, replace=False)
-            k_gen_SS = np.take(self.k_gen_NN[rows_S], rows_S, axis=1)
+            k_gen_SS, k_cross_SS = self._subset_kernels(rows_S, cols_S)
             gen_sum = (k_gen_SS.sum(axis=1) - np.diagonal(k_gen_SS)).sum()
-            k_cross_SS = np.ascontiguousarray(np.take(self.k_ref_gen_MN[cols_S], rows_S, axis=1).T)  # [gen, ref]
             cross_sum = k_cross_SS.sum(axis=0).sum()
             mmd_K[i] = (gen_sum + self._ref_sum(cols_S)) / (m * (m - 1)) - 2 * cross_sum / (m * m)
         return float(np.mean(mmd_K)), float(np.std(mmd_K))
