@@ -146,6 +146,17 @@ def test_default_models_end_to_end_outputs(tmp_path, params_file):
             continue
         assert row["status"] == "ok" and row["e2e_s_median"] > row["gen_s_median"] > 0
         assert row["kernel"] in cpu_kernels.kernels_for(row["precision"]) and row["kernel"] in row["kernel_seconds"]
+        # VQ decoding is timed once per precision (one batch size here), in its first configuration, and
+        # added to each timed generation call of every configuration
+        assert row["decode_timed_in"] == "arpg steps=2 order=random"
+        assert row["decode_s_min"] <= row["decode_s_median"] <= row["decode_s_max"]
+        e2e_s = sorted(g + row["decode_s_median"] for g in row["gen_s_all"])
+        assert (row["e2e_s_min"], row["e2e_s_max"]) == pytest.approx((e2e_s[0], e2e_s[-1]))
+        assert row["e2e_s_median"] == pytest.approx(sum(e2e_s) / 2)  # median of 2
+        assert row["e2e_img_s_median"] == pytest.approx(sum(row["batch"] / s for s in e2e_s) / 2)
+    for precision in ("fp32", "bf16"):
+        assert len({r["decode_s_median"] for r in rows if r["precision"] == precision and r["status"] == "ok"}) \
+            == (1 if precision == "fp32" or bf16 else 0)
     layout = params.layout
     doc = P.write_outputs(rows, layout.profile_csv, layout.profile_json, P.environment())
     with open(layout.profile_csv) as fh:

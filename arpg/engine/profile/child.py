@@ -4,9 +4,12 @@
 __main__.py), so the peak RSS on CPU belongs to that configuration alone and no allocator state
 leaks from one configuration into the next. Fixed thread count, model built (random weights for
 registry sizes, the study checkpoints for `default`), peak-memory mark reset after loading, warm-up
-calls, then `repeats` timed calls of the sampler; each call is timed for generation alone and for
-generation plus VQ decoding (end to end). On CUDA, timing uses CUDA events and memory is the peak
-allocated by torch; on CPU, perf_counter and the RSS high-water mark.
+calls, then `repeats` timed calls of the sampler. With `time_decode` (one configuration per
+tokenizer and batch: decoding a batch of token grids costs the same whatever produced them), VQ
+decoding of the last call's tokens is then warmed up and timed `repeats` times; the sweep adds that
+time to every configuration of the group for the end-to-end figures (results.attach_end_to_end).
+On CUDA, timing uses CUDA events and memory is the peak allocated by torch; on CPU, perf_counter
+and the RSS high-water mark.
 """
 
 from __future__ import annotations
@@ -255,7 +258,7 @@ def measure(spec: RunSpec, marker_dir: Path | None = None) -> dict:
             row["kernel_seconds"] = " ".join(f"{k}:{v:.4g}" for k, v in choice["seconds"].items())
         else:
             row["kernel"] = f"{spec.precision} ({device.type})"
-        decode = _build_decoder(spec, device)
+        decode = _build_decoder(spec, device) if spec.time_decode else None
         dtype = next(model.parameters()).dtype
         row["params"] = sum(p.numel() for p in model.parameters())
         row["backbone"] = backbone(model)
@@ -266,44 +269,41 @@ def measure(spec: RunSpec, marker_dir: Path | None = None) -> dict:
         timer = _timer(device)
         meter = MemoryMeter(device)
 
-        def call(first: bool = False) -> tuple[float, float | None]:
+        def call() -> tuple[float, torch.Tensor]:
             stop = timer()
             tokens_BN = sample(model, labels_B, gen)  # [B, N]
-            gen_s = stop()
-            if first:
-                # Generation's own peak, read before any VQ decoding touches memory.
-                row["peak_mem_bytes"] = meter.peak()
-                row["gen_mem_bytes"] = row["peak_mem_bytes"] - row["loaded_mem_bytes"]
-            if decode is None:
-                return gen_s, None
-            decode(tokens_BN)  # [B, C, H, W]
-            return gen_s, stop()
+            return stop(), tokens_BN
 
         row["loaded_mem_bytes"] = meter.start()
         row["mem_kind"] = meter.kind
         _mark(marker_dir, "loaded")
-        first = call(first=True)
+        first_s, tokens_BN = call()
+        row["peak_mem_bytes"] = meter.peak()  # generation's own peak
+        row["gen_mem_bytes"] = row["peak_mem_bytes"] - row["loaded_mem_bytes"]
         _mark(marker_dir, "first")
-        row["first_call_s"] = first[0]
-        if first[0] > spec.max_seconds:
-            row.update(status="skipped", skip_reason=f"first call took {first[0]:.1f} s > profile.max_seconds "
+        row["first_call_s"] = first_s
+        if first_s > spec.max_seconds:
+            row.update(status="skipped", skip_reason=f"first call took {first_s:.1f} s > profile.max_seconds "
                                                      f"{spec.max_seconds:g}")
             return row
-        timed = [first] if spec.warmup == 0 else []
+        gen_s = [first_s] if spec.warmup == 0 else []
         for _ in range(spec.warmup - 1):
             call()
-        while len(timed) < spec.repeats:
-            timed.append(call())
+        while len(gen_s) < spec.repeats:
+            seconds, tokens_BN = call()
+            gen_s.append(seconds)
+        if decode is not None:
+            decode(tokens_BN)  # warm-up: [B, C, H, W]
+            decode_s = []
+            for _ in range(spec.repeats):
+                stop = timer()
+                decode(tokens_BN)
+                decode_s.append(stop())
+            row["decode_s_median"], row["decode_s_min"], row["decode_s_max"] = _spread(decode_s)
 
     row.update(status="ok", skip_reason="", load_avg_1m_after=os.getloadavg()[0])
-    gen_s = [g for g, _ in timed]
     row["gen_s_median"], row["gen_s_min"], row["gen_s_max"] = _spread(gen_s)
     row["gen_img_s_median"], row["gen_img_s_min"], row["gen_img_s_max"] = _spread([spec.batch / s for s in gen_s])
-    if decode is not None:
-        e2e_s = [e for _, e in timed]
-        row["e2e_s_median"], row["e2e_s_min"], row["e2e_s_max"] = _spread(e2e_s)
-        row["e2e_img_s_median"], row["e2e_img_s_min"], row["e2e_img_s_max"] = _spread(
-            [spec.batch / s for s in e2e_s])
     row["gen_s_all"] = gen_s
     return row
 

@@ -48,6 +48,11 @@ class RunSpec:
     max_seconds: float
     seed: int
     kernel_cache: str | None = None  # CPU: the measured kernel choices (per machine, model size, row plan)
+    time_decode: bool = False        # also time VQ decoding (once per decode_group; the sweep sets it)
+
+    def decode_group(self) -> tuple:
+        """Configurations whose VQ decoding costs the same: one tokenizer, one batch of token grids."""
+        return self.model, self.tokenizer, self.grid, self.batch, self.precision, self.device
 
     @property
     def tokens(self) -> int:

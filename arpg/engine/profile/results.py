@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ CSV_COLUMNS = [
     "skip_reason",
     "gen_s_median", "gen_s_min", "gen_s_max", "gen_img_s_median", "gen_img_s_min", "gen_img_s_max",
     "e2e_s_median", "e2e_s_min", "e2e_s_max", "e2e_img_s_median", "e2e_img_s_min", "e2e_img_s_max",
+    "decode_s_median", "decode_s_min", "decode_s_max", "decode_timed_in",
     "first_call_s", "peak_mem_bytes", "loaded_mem_bytes", "gen_mem_bytes", "mem_kind", "kv_cache_bytes",
     "repeats", "warmup", "device", "device_name", "threads", "precision", "kernel", "kernel_cached", "kernel_seconds",
     "compile", "torch", "cpu",
@@ -36,6 +38,29 @@ SPEEDUP_COLUMNS = [
 PRECISION_SPEEDUP_COLUMNS = ["model", "kind", "net", "steps", "order", "batch", "fp32_kernel", "bf16_kernel",
                              "fp32_img_s", "bf16_img_s", "speedup"]
 BEST = "best"  # the speed-ups' precision label for each decoder at its fastest precision and kernel
+
+
+def attach_end_to_end(rows: list[dict], groups: list[tuple]) -> None:
+    """End to end = each timed generation call + the median VQ decoding time of its decode group
+    (groups[i]: rows[i]'s RunSpec.decode_group(); the one row of a group that timed decoding carries
+    decode_s_*). Rows of a group without a timed decoding (no tokenizer) get no end-to-end figures."""
+    timed = {}
+    for row, group in zip(rows, groups):
+        if row["status"] == "ok" and "decode_s_median" in row:
+            timed[group] = row
+    for row, group in zip(rows, groups):
+        source = timed.get(group)
+        if row["status"] != "ok" or source is None:
+            continue
+        decode_s = source["decode_s_median"]
+        row.update({k: source[k] for k in ("decode_s_median", "decode_s_min", "decode_s_max")})
+        row["decode_timed_in"] = f"{source['kind']} steps={source['steps']} order={source['order']}"
+        e2e_s = [g + decode_s for g in row["gen_s_all"]]
+        row["e2e_s_median"], row["e2e_s_min"], row["e2e_s_max"] = (
+            statistics.median(e2e_s), min(e2e_s), max(e2e_s))
+        img_s = [row["batch"] / s for s in e2e_s]
+        row["e2e_img_s_median"], row["e2e_img_s_min"], row["e2e_img_s_max"] = (
+            statistics.median(img_s), min(img_s), max(img_s))
 
 
 def speedups(rows: list[dict]) -> list[dict]:

@@ -19,6 +19,7 @@ from typing import Callable
 
 from arpg.engine.profile.child import base_row, measure
 from arpg.engine.profile.planning import RunSpec, dominated_by
+from arpg.engine.profile.results import attach_end_to_end
 from arpg.errors import ArpgError
 from arpg.paths import REPO_ROOT
 
@@ -89,15 +90,19 @@ def run_isolated(spec: RunSpec, poll_s: float = 0.05, server: str | None = None)
 def run_profile(specs: list[RunSpec], *, isolate: bool = True,
                 log: Callable[[str], None] = print) -> list[dict]:
     """Measure every spec (skipping those a skipped cheaper one rules out); rows in spec order.
-    Isolated, each configuration runs in a fork of a warm server (one per child environment), so
+    VQ decoding is timed in the first measured configuration of each decode group and added to
+    every row of the group (end to end). Isolated, each configuration runs in a fork of a warm server (one per child environment), so
     none pays for importing torch."""
     from arpg import warm
 
     rows: list[dict] = []
     skipped: list[RunSpec] = []
     servers: dict[tuple, str] = {}
+    decoded: set[tuple] = set()  # decode groups whose VQ decoding is timed already
     with contextlib.ExitStack() as stack:
         for spec in specs:
+            if spec.tokenizer is not None and spec.decode_group() not in decoded:
+                spec = dataclasses.replace(spec, time_decode=True)
             cheaper = dominated_by(spec, skipped)
             lacking = _precision_unavailable(spec)
             if lacking or cheaper is not None:
@@ -121,6 +126,9 @@ def run_profile(specs: list[RunSpec], *, isolate: bool = True,
                     f"({row['gen_s_median']:.3g} s/call, min {row['gen_s_min']:.3g}, max {row['gen_s_max']:.3g}), "
                     f"gen mem {row['gen_mem_bytes'] / 2**20:.1f} MiB, kv {row['kv_cache_bytes'] / 2**20:.1f} MiB")
             rows.append(row)
+            if "decode_s_median" in row:
+                decoded.add(spec.decode_group())
+    attach_end_to_end(rows, [s.decode_group() for s in specs])
     return rows
 
 

@@ -292,7 +292,9 @@ def _speed(rep: Report, q: Quality) -> list[str]:
     rep.csv("speedups.csv", gains, GAIN_COLUMNS)
     par, seq = labels(parallel=True, short=True), labels(parallel=False, short=True)
     md = ["## Throughput and memory\n", f"Timings from: {hardware(profile_doc)}.\n",
-          "`img_s`: generated token grids per second (median over repeats); `peak_mem_mib`: peak memory "
+          "`img_s`: generated token grids per second (median over repeats); `img_s_e2e`: images per second "
+          "with VQ decoding to pixels (its time measured once per batch size: it does not depend on the "
+          "decoder); `peak_mem_mib`: peak memory "
           f"of the run; speed-ups are {par} over the {seq} twin of the same backbone and batch.\n",
           markdown_table(speed, SPEED_COLUMNS), f"### Speed-up of {par} over {seq} decoding\n",
           "Each decoder at each precision runs the linear kernel measured fastest for its own row counts "
