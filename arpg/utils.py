@@ -231,7 +231,11 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
 
 
 def set_threads(n: int) -> None:
-    """torch intra-op threads (params' value for the stage: see arpg.config.stage_threads)."""
+    """torch intra-op threads and numpy's BLAS threads (params' value for the stage: see
+    arpg.config.stage_threads). Both are part of the result: a BLAS sums in another order at another
+    thread count (e.g. KID's kernel matrices), so neither may come from the environment."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(int(n))
+    threadpool_limits(limits=int(n), user_api="blas")

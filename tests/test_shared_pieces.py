@@ -184,3 +184,25 @@ def test_session_destroys_the_group_also_on_error(monkeypatch, tmp_path):
             assert total.item() == 3.0
             raise RuntimeError("boom")
     assert not tdist.is_initialized()
+
+
+@pytest.mark.parametrize("env_threads, params_threads", [(2, 1), (1, 2)])
+def test_set_threads_sets_numpys_blas_from_params_not_the_environment(env_threads, params_threads):
+    """A BLAS sums in another order at another thread count, so the params value must win over
+    whatever OPENBLAS_NUM_THREADS / OMP_NUM_THREADS the process started with."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, numpy, torch; from threadpoolctl import threadpool_info; "
+            "from arpg.utils import set_threads; "
+            f"set_threads({params_threads}); "
+            "print(json.dumps([torch.get_num_threads()] + "
+            "[i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas']))")
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(env_threads), OMP_NUM_THREADS=str(env_threads),
+               MKL_NUM_THREADS=str(env_threads))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    counts = json.loads(out.stdout)
+    assert len(counts) >= 2  # torch, and numpy's BLAS at least
+    assert counts == [params_threads] * len(counts)
