@@ -125,6 +125,18 @@ def _write_usage(usage: dict | None) -> None:
     os.replace(tmp, path)
 
 
+def record_own_usage() -> None:
+    """For a job that runs processes of its own (the profile's configurations, each a few seconds):
+    its CPU time and peak memory with all of theirs, from the kernel's accounting of the waited-for
+    descendants. Snakemake's benchmark samples the process tree now and then and misses such
+    short-lived processes. Call it after every such process has ended and been waited for."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    _write_usage({"cpu_time": own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime,
+                  "max_rss": max(own.ru_maxrss, kids.ru_maxrss) / 1024})  # KiB -> MiB
+
+
 def clear_usage() -> None:
     """A job run in its own process: Snakemake's benchmark file has it all."""
     _write_usage(None)

@@ -111,3 +111,21 @@ def test_no_server_or_a_dead_socket_runs_the_command_here(tmp_path):
     write_params(tmp_path, "configs/smoke.yaml")
     out = _arpg(["info"], env, cwd=tmp_path)
     assert out.returncode == 0 and str(tmp_path) in out.stdout
+
+
+def test_record_own_usage_counts_the_cpu_of_waited_for_grandchildren(tmp_path):
+    """The profile's configurations run as forks of its own warm server (grandchildren of the job):
+    their CPU time must be in the job's usage record, which the report's stage times read."""
+    import json
+
+    burn = ("import time\nt = time.process_time()\n"
+            "while time.process_time() - t < 0.6:\n    pass\n")
+    middle = f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {burn!r}], check=True)\n"
+    job = (f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {middle!r}], check=True)\n"
+           "from arpg.warm import record_own_usage\nrecord_own_usage()\n")
+    usage = tmp_path / "job.usage"
+    subprocess.run([sys.executable, "-c", job], env=dict(os.environ, **{warm.USAGE_ENV: str(usage)}),
+                   check=True, timeout=120)
+    record = json.loads(usage.read_text())
+    assert 0.6 <= record["cpu_time"] < 30
+    assert 1 < record["max_rss"] < 4096  # MiB, as the warm server reports a forked job's

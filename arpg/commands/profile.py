@@ -19,6 +19,7 @@ def run(args, params) -> None:
     from arpg.figures import profile_figures
     from arpg.progress import Progress
     from arpg.tracking import stage_run
+    from arpg.warm import record_own_usage
 
     layout = params.layout
     specs = prof.plan(params, args.model)
@@ -33,7 +34,8 @@ def run(args, params) -> None:
             bar.update(1)
             bar.report(last=line.strip())
 
-        rows = prof.run_profile(specs, log=log)
+        rows = prof.run_profile(specs, log=log)  # every configuration's process has ended here
+        record_own_usage()  # the stage times' CPU of this job includes its configurations'
         bar.close()
         if args.model and layout.profile_json.is_file():
             kept = [r for r in json.loads(layout.profile_json.read_text())["rows"] if r["model"] not in args.model]
