@@ -1,4 +1,5 @@
-"""The one checkpoint reader (every torch.load in arpg goes through here) and the one strict key check.
+"""The artifact readers (every torch.load and every .npz read in arpg goes through here) and the one
+strict key check.
 
 Unpickling runs with weights_only=True: it may rebuild tensors, containers, numbers and strings, plus
 argparse.Namespace (released LlamaGen / ARPG training files pickle their `args`). A file that needs any
@@ -50,6 +51,28 @@ def read_checkpoint(path: str | os.PathLike, what: str, *, written_by: str | Non
         ) from None
     except Exception as exc:  # noqa: BLE001 - truncated, not a torch file, unreadable: one message
         raise CheckpointError(_unreadable(path, what, written_by, exc)) from exc
+
+
+def read_npz(path: str | os.PathLike, what: str, *, written_by: str, keys: tuple[str, ...] = ()) -> dict:
+    """Every array of a .npz archive the pipeline wrote (no pickles), read into memory; a missing,
+    truncated or incomplete one (lacking one of `keys`) is named with the command that remakes it."""
+    import numpy as np
+
+    from arpg.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found at {path}; run `{written_by}` first")
+    try:
+        with np.load(path, allow_pickle=False) as blob:
+            arrays = {k: blob[k] for k in blob.files}
+    except Exception as exc:  # noqa: BLE001 - truncated zip, damaged member, not an archive: one message
+        raise DataError(_unreadable(path, what, written_by, exc)) from exc
+    lacking = [k for k in keys if k not in arrays]
+    if lacking:
+        raise DataError(f"{what} {path} lacks {', '.join(lacking)} (has {', '.join(arrays) or 'nothing'}); "
+                        f"delete it and rerun `{written_by}`")
+    return arrays
 
 
 def _unreadable(path: Path, what: str, written_by: str | None, exc: Exception) -> str:

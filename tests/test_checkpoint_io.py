@@ -176,3 +176,24 @@ def test_inception_weights_load_bit_exactly_and_misshaped_keys_are_named(tmp_pat
     with pytest.raises(CheckpointError, match=r"mis-shaped keys \(1\): fc.weight \(checkpoint \(10, 2048\), "
                                               r"model \(1008, 2048\)\)"):
         InceptionExtractor("arpg-inception", ["2048"], feature_extractor_weights_path=good)
+
+
+def test_npz_reader_names_a_missing_truncated_or_pickled_archive(tmp_path):
+    import numpy as np
+
+    from arpg.checkpoint_io import read_npz
+    from arpg.errors import DataError
+
+    path = tmp_path / "stats.npz"
+    with pytest.raises(DataError, match=r"stats not found at .*stats.npz; run `arpg make-it` first"):
+        read_npz(path, "stats", written_by="arpg make-it")
+    np.savez(path, mu=np.arange(3.0), names=np.array(["a", "b"]))
+    blob = read_npz(path, "stats", written_by="arpg make-it", keys=("mu",))
+    assert np.array_equal(blob["mu"], np.arange(3.0)) and list(blob["names"]) == ["a", "b"]
+    np.savez(path, mu=np.array([{"runs": "code"}], dtype=object))  # an object array is a pickle: refused
+    with pytest.raises(DataError, match=r"stats .*stats.npz is unreadable \(ValueError: .*pickle"):
+        read_npz(path, "stats", written_by="arpg make-it")
+    np.savez(path, mu=np.arange(1000.0))
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(DataError, match=r"is unreadable \(\w+: .*\); delete it and rerun `arpg make-it`$"):
+        read_npz(path, "stats", written_by="arpg make-it")

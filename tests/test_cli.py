@@ -89,3 +89,24 @@ def test_sigterm_marks_the_stage_run_killed(params_file):
 
     run_id = proc.stdout.split()[0]
     assert MlflowClient(tracking.tracking_uri(load_params(path))).get_run(run_id).info.status == "KILLED"
+
+
+def test_a_truncated_samples_archive_is_named_with_the_command_that_remakes_it(params_file, capsys):
+    import numpy as np
+
+    from arpg.config import load_params
+    from arpg.paths import SweepPoint
+
+    path = params_file(**{"tracking.enabled": False})
+    samples = load_params(path).layout.samples(SweepPoint("arpg", 4, 2.0, "random"))
+    samples.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(samples, arr_0=np.zeros((8, 4, 4, 1), np.uint8), labels=np.arange(8))
+    samples.write_bytes(samples.read_bytes()[:300])  # a copy cut short
+    argv = ["evaluate", "--params", str(path), "--model", "arpg", "--steps", "4", "--cfg", "2.0", "--order", "random"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"samples of arpg steps4_cfg2.0_random {samples} is unreadable" in err and "Traceback" not in err
+    assert err.rstrip().endswith("delete it and rerun `arpg sample --model arpg --steps 4 --cfg 2 --order random`")
+    np.savez(samples, arr_0=np.zeros((8, 4, 4, 1), np.uint8))  # complete, but without its labels
+    assert main(argv) == 2
+    assert "lacks labels (has arr_0); delete it and rerun `arpg sample" in capsys.readouterr().err

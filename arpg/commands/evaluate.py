@@ -22,24 +22,20 @@ def configure(parser) -> None:
 
 
 def run(args, params) -> None:
-    import numpy as np
-
+    from arpg.checkpoint_io import read_npz
     from arpg.engine.bootstrap import BootstrapConfig, evaluate_images
     from arpg.engine.evaluate import export_adm_npz
-    from arpg.errors import DataError
     from arpg.paths import SweepPoint
     from arpg.tracking import METRICS_TAG, copy_point_speed, file_sha256, stage_run
-    from arpg.utils import require_file, resolve_device, write_json
+    from arpg.utils import resolve_device, write_json
 
     layout = params.layout
     point = SweepPoint(args.model, args.steps, args.cfg, args.order)
-    path = require_file(layout.samples(point), f"samples of {point.model} {point.tag}",
-                        f"run `arpg sample --model {point.model} --steps {point.steps} --cfg {args.cfg:g} "
-                        f"--order {point.order}` first")
-    with np.load(path) as blob:
-        if "arr_0" not in blob.files or "labels" not in blob.files:
-            raise DataError(f"{path} lacks arr_0 / labels (has {blob.files}); rerun `arpg sample`")
-        images, labels = blob["arr_0"], blob["labels"]
+    path = layout.samples(point)
+    blob = read_npz(path, f"samples of {point.model} {point.tag}", keys=("arr_0", "labels"),
+                    written_by=f"arpg sample --model {point.model} --steps {point.steps} --cfg {args.cfg:g} "
+                               f"--order {point.order}")
+    images, labels = blob["arr_0"], blob["labels"]
     device = resolve_device(params["device"])
     bootstrap = BootstrapConfig.from_params(params)
     split = params["evaluate"]["reference_split"]

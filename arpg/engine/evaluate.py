@@ -29,7 +29,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from arpg.checkpoint_io import check_state_dict, in_memory_copy, read_checkpoint
+from arpg.checkpoint_io import check_state_dict, in_memory_copy, read_checkpoint, read_npz
 from arpg.compat import ensure_torchvision_importable
 from arpg.errors import ArpgError, CheckpointError, DataError
 from arpg.utils import atomic_save_npz
@@ -297,10 +297,8 @@ def load_reference(path: str | os.PathLike, extractor: str, weights_digest: str 
     """Cached reference; refuses one made by another extractor or other weights."""
     path = Path(path)
     fix = f"run `arpg reference-stats --extractor {extractor}`"
-    if not path.is_file():
-        raise DataError(f"reference statistics for {extractor} not found at {path}; {fix}")
-    with np.load(path) as blob:
-        ref = {k: blob[k] for k in blob.files}
+    ref = read_npz(path, f"reference statistics for {extractor}", keys=("extractor", "weights_digest"),
+                   written_by=f"arpg reference-stats --extractor {extractor}")
     if str(ref.get("extractor")) != extractor:
         raise DataError(f"{path} holds statistics of {ref.get('extractor')!s}, not {extractor}; {fix}")
     if weights_digest is not None and str(ref["weights_digest"]) != weights_digest:
