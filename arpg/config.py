@@ -25,6 +25,13 @@ from arpg.sizes import sizes_of
 PARAMS_ENV = "ARPG_PARAMS"
 
 
+# Keys that set how often a training logs or saves its state, or ask for a compiler that changes no
+# weights: no result depends on them, so they are read unrecorded and are in no job's fingerprint
+# (changing one reruns nothing). A resumed training checks every other key of its section.
+NOT_RESULT_KEYS = {"tokenizer": ("checkpoint_every", "log_every"),
+                   "train": ("checkpoint_every", "log_every", "compile")}
+
+
 def unrecorded(params: Mapping) -> Mapping:
     """The plain values behind `params` (for placing and labelling work, not computing it)."""
     return params.values if isinstance(params, Params) else params
@@ -279,10 +286,6 @@ def token_count(values: Mapping) -> int:
     return token_grid(values) ** 2
 
 
-# The wildcards of a sweep point, in the order its job key and stage names spell them.
-POINT_FIELDS = ("model", "steps", "cfg", "order")
-
-
 @dataclass(frozen=True)
 class SweepFamily:
     """One sweep of one decoder: each wildcard of its points is a literal, one params value (`Param`)
@@ -292,7 +295,7 @@ class SweepFamily:
     exactly the new points."""
 
     name: str                      # "steps", "cfg", "orders", "strategies", "default"
-    fields: tuple[tuple[str, Any], ...]  # (wildcard, literal | Param | Swept) in POINT_FIELDS order
+    fields: tuple[tuple[str, Any], ...]  # (wildcard, literal | Param | Swept) in SweepPoint's field order
 
     def points(self, values: Mapping) -> list[SweepPoint]:
         choices = [[_dotted(values, v.key)] if isinstance(v, Param) else

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from arpg.config import sweep_points, unrecorded
+from arpg.config import NOT_RESULT_KEYS, sweep_points, unrecorded
 from arpg.decoders import DECODERS, zero_shot_decoder
 from arpg.errors import ConfigError
 from arpg.paths import Layout, SweepPoint, format_cfg
@@ -221,7 +221,8 @@ def _train_tokenizer(ctx: _Ctx, w) -> Job:
     inputs = () if pretrained else (_s(lay.images("train")),)
     keys = _keys(COMPUTE_KEYS, VQ_KEYS, "tokenizer.pretrained")
     if not pretrained:
-        keys += _keys(_section(ctx.params, "tokenizer", drop=("eval_images", "tokenize_flip")), "seed")
+        keys += _keys(_section(ctx.params, "tokenizer", drop=("eval_images", "tokenize_flip",
+                                                              *NOT_RESULT_KEYS["tokenizer"])), "seed")
     return Job("train_tokenizer", {}, ("train-tokenizer",), inputs,
                (_s(lay.tokenizer_checkpoint), _s(lay.tokenizer_metrics)), _keys(keys),
                external=(pretrained,) if pretrained else (), threads=ctx.params["threads"],
@@ -260,7 +261,7 @@ def _train(ctx: _Ctx, w) -> Job:
     pretrained = _pretrained(params, model) if model in DECODERS else None
     outputs = (_s(lay.model_checkpoint(model)), _s(lay.model_metrics(model)))
     others = tuple(k for d in DECODERS.values() if d.name != model for k in (d.model_key, d.pretrained_key))
-    keys = _keys("device", "seed", TOKEN_SPACE_KEYS, _section(params, "train", drop=others))
+    keys = _keys("device", "seed", TOKEN_SPACE_KEYS, _section(params, "train", drop=others + NOT_RESULT_KEYS["train"]))
     args, log = ("train", "--model", model), _log(ctx, "train", w, ("model",))
     if pretrained:
         # Released weights: the command loads them strictly and re-saves model.pt; no training.
@@ -380,11 +381,11 @@ def report_inputs(params: Mapping, layout: Layout, log_dir: str = "logs") -> lis
             continue
         for w in rule.instances(params):
             job = rule.build(ctx, w)
-            inputs += [o for o in job.outputs if _report_reads(rule.name, o)]
+            inputs += [o for o in job.outputs if _report_reads(o)]
     return inputs
 
 
-def _report_reads(rule: str, output: str) -> bool:
+def _report_reads(output: str) -> bool:
     """The report reads metrics, tables and images, not checkpoints, arrays or stats."""
     return not output.endswith((".pt", ".npy", ".npz"))
 

@@ -246,6 +246,18 @@ def test_sweep_change_touches_only_the_jobs_it_feeds(params_file):
     assert {n for n in base if raster[n] != base[n]} == {"train@raster", "profile"}  # profile labels rows
 
 
+def test_keys_no_result_depends_on_change_no_fingerprint(params_file):
+    from arpg.config import NOT_RESULT_KEYS
+
+    base = _prints(params_file("configs/smoke.yaml"))
+    changed = {"tokenizer.log_every": 7, "tokenizer.checkpoint_every": 9, "train.log_every": 7,
+               "train.checkpoint_every": 9, "train.compile": True}
+    assert set(changed) == {f"{s}.{k}" for s, keys in NOT_RESULT_KEYS.items() for k in keys}
+    assert _prints(params_file("configs/smoke.yaml", **changed)) == base
+    lr = _prints(params_file("configs/smoke.yaml", **{"train.lr": 0.002}))
+    assert {n for n in base if lr[n] != base[n]} == {"train@arpg", "train@raster"}  # a result key still counts
+
+
 def test_weights_file_identity_enters_the_fingerprint(params_file, tmp_path):
     weights = tmp_path / "arpg_300m.pt"
     weights.write_bytes(b"1234")

@@ -223,6 +223,17 @@ def test_resume_with_other_sizes_is_refused(tiny_params, params_file):
         train_from_params(other, progress=False)
 
 
+def test_resume_checks_the_training_settings_but_not_the_logging_cadence(tiny_params, params_file):
+    params = tiny_params(**{"tokenizer.max_steps": 2})
+    train_from_params(params, progress=False)
+    faster = load_params(params_file(**(TINY | {"tokenizer.lr": 2e-3, "tokenizer.max_steps": 2})))
+    with pytest.raises(CheckpointError, match="other tokenizer settings; delete it"):
+        train_from_params(faster, progress=False)
+    relogged = load_params(params_file(**(TINY | {"tokenizer.log_every": 2, "tokenizer.checkpoint_every": 1,
+                                                  "tokenizer.max_steps": 2})))
+    assert train_from_params(relogged, progress=False)["steps"] == 2
+
+
 def test_adversarial_loss_trains_the_discriminator(tiny_params):
     params = tiny_params(**{"tokenizer.adversarial_weight": 0.1, "tokenizer.adversarial_start": 1})
     train_from_params(params, progress=False)

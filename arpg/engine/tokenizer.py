@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from arpg.checkpoint_io import load_state_strict
+from arpg.config import NOT_RESULT_KEYS, unrecorded
 from arpg.data.batches import EpochBatches
 from arpg.data.pixels import from_uint8, to_uint8
 from arpg.engine.image_metrics import psnr
@@ -65,8 +66,13 @@ class TokenizerTrainConfig:
 
     @classmethod
     def from_params(cls, params: Mapping) -> "TokenizerTrainConfig":
-        tok = params["tokenizer"]
-        return cls(**{k: tok[k] for k in cls.__dataclass_fields__ if k != "seed"}, seed=params["seed"])
+        tok, plain = params["tokenizer"], unrecorded(params)["tokenizer"]  # keys that set no result: unrecorded
+        return cls(**{k: (plain if k in NOT_RESULT_KEYS["tokenizer"] else tok)[k]
+                      for k in cls.__dataclass_fields__ if k != "seed"}, seed=params["seed"])
+
+    def trajectory(self) -> dict:
+        """The fields that determine the weights: a resume must match them exactly."""
+        return {k: v for k, v in asdict(self).items() if k not in NOT_RESULT_KEYS["tokenizer"]}
 
 
 # --- codebook statistics ---------------------------------------------------------------
@@ -139,7 +145,8 @@ def train_tokenizer(vq_cfg: VQConfig, cfg: TokenizerTrainConfig, images_NCHW: to
     if state_path.is_file():
         state = read_tokenizer_checkpoint(state_path, "tokenizer train state", TRAIN_COMMAND)
         fresh = "delete it to train from scratch"
-        if VQConfig.from_dict(state["config"]) != vq_cfg or bool(state.get("discriminator")) != (disc is not None):
+        if (VQConfig.from_dict(state["config"]) != vq_cfg or state.get("trajectory") != cfg.trajectory()
+                or bool(state.get("discriminator")) != (disc is not None)):
             raise CheckpointError(f"{state_path} was written with other tokenizer settings; {fresh}")
         load_state_strict(model, state["model"], str(state_path), fresh)
         opt.load_state_dict(state["optimizer"])
@@ -154,6 +161,7 @@ def train_tokenizer(vq_cfg: VQConfig, cfg: TokenizerTrainConfig, images_NCHW: to
     def save_state() -> None:
         atomic_torch_save({
             "model": model.state_dict(), "optimizer": opt.state_dict(), "config": asdict(vq_cfg),
+            "trajectory": cfg.trajectory(),
             "discriminator": disc.state_dict() if disc is not None else None,
             "disc_optimizer": disc_opt.state_dict() if disc is not None else None,
             "stream": {"rng": gen.get_state(), **batches.state_dict()}, "step": step, "history": history,

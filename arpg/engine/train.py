@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from arpg.config import NOT_RESULT_KEYS, unrecorded
 from arpg.data.batches import EpochBatches
 from arpg.data.tokens import TokenData
 from arpg.decoders import decoder
@@ -66,15 +67,16 @@ class TrainConfig:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "TrainConfig":
-        t = params["train"]
-        values = {f.name: t[f.name] for f in fields(cls) if f.name in t}
+        t, plain = params["train"], unrecorded(params)["train"]  # keys that set no result: unrecorded
+        values = {f.name: (plain if f.name in NOT_RESULT_KEYS["train"] else t)[f.name] for f in fields(cls)
+                  if f.name in t}
         values["betas"] = tuple(float(b) for b in t["betas"])
         return cls(**values, seed=int(params["seed"]))
 
     def trajectory(self) -> dict[str, Any]:
         """The fields that determine the weights: a resume must match them exactly."""
-        skip = {"checkpoint_every", "log_every", "compile"}
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k not in skip}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()
+                if k not in NOT_RESULT_KEYS["train"]}
 
     def lr_at(self, step: int) -> float:
         return lr_by_step(step, peak=self.lr, floor=self.min_lr, warmup_steps=self.warmup_steps,
