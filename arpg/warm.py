@@ -127,14 +127,15 @@ def _write_usage(usage: dict | None) -> None:
 
 def record_own_usage() -> None:
     """For a job that runs processes of its own (the profile's configurations, each a few seconds):
-    its CPU time and peak memory with all of theirs, from the kernel's accounting of the waited-for
-    descendants. Snakemake's benchmark samples the process tree now and then and misses such
-    short-lived processes. Call it after every such process has ended and been waited for."""
+    its CPU time with all of theirs, from the kernel's accounting of the waited-for descendants.
+    Snakemake's benchmark samples the process tree now and then and misses such short-lived
+    processes' CPU; its memory figure (the tree's resident sum when sampled) stays, since the
+    kernel keeps no peak of processes that ran side by side. Call it after every such process
+    has ended and been waited for."""
     import resource
 
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    _write_usage({"cpu_time": own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime,
-                  "max_rss": max(own.ru_maxrss, kids.ru_maxrss) / 1024})  # KiB -> MiB
+    _write_usage({"cpu_time": own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime})
 
 
 def clear_usage() -> None:

@@ -128,4 +128,4 @@ def test_record_own_usage_counts_the_cpu_of_waited_for_grandchildren(tmp_path):
                    check=True, timeout=120)
     record = json.loads(usage.read_text())
     assert 0.6 <= record["cpu_time"] < 30
-    assert 1 < record["max_rss"] < 4096  # MiB, as the warm server reports a forked job's
+    assert set(record) == {"cpu_time"}  # memory: Snakemake's sample of the whole tree stays

@@ -482,8 +482,9 @@ def _stage_times(rep: Report) -> list[str]:
           "one per job, written where the job ran; the report's own job is not in it). `wall_s` and `cpu_s` "
           "sum the rule's jobs; jobs of one rule may have run in parallel. `max_rss_mib`: the largest job's "
           "peak resident memory. A job forked by the warm server (arpg/warm.py) reports its own CPU time and "
-          "memory beside its log (`.usage`), since Snakemake measures only the process that handed it over; so "
-          "does the profile, with its configurations' short-lived processes, which Snakemake's sampling misses. "
+          "memory beside its log (`.usage`), since Snakemake measures only the process that handed it over; the "
+          "profile reports its CPU time with its configurations' short-lived processes, which Snakemake's "
+          "sampling misses. "
           "`cpu_ms_per_unit`: CPU milliseconds per unit of work (training step, image, zero-shot cell, "
           "profiled configuration) over the timed jobs. These are wall-clock readings of the machine that "
           "ran the study; no result depends on them.\n"]
