@@ -395,8 +395,19 @@ def test_stage_times_come_from_the_benchmark_files(study, tmp_path, monkeypatch)
     # a job forked by the warm server: Snakemake measured its client; the fork's own usage replaces that
     (tmp_path / train[1].usage).write_text(json.dumps({"cpu_time": 480.0, "max_rss": 700.0}))
     (tmp_path / train[1].benchmark).write_text(BENCHMARK_HEADER + "250.0\t0:00:00\t16\t1\t1\t1\t0\t0\t50\t0.05\n")
+    # the profile: its usage record holds the CPU of its configurations' processes, the memory stays the
+    # benchmark's; a configuration skipped (no bf16 hardware) is no unit of its work
+    profile = jobs["profile"]
+    doc = json.loads(study.layout.profile_json.read_text())
+    doc["rows"].append({**doc["rows"][0], "status": "skipped", "precision": "bf16",
+                        "skip_reason": "bf16: this CPU has no AVX512-BF16 or AMX-BF16"})
+    study.layout.profile_json.write_text(json.dumps(doc))
+    (tmp_path / profile.benchmark).write_text(BENCHMARK_HEADER + "60.0\t0:00:00\t900\t1\t1\t1\t0\t0\t50\t9.5\n")
+    (tmp_path / profile.usage).write_text(json.dumps({"cpu_time": 90.0}))
     out = report.build(study)["dir"]
     rows = {r["rule"]: r for r in _csv(out / "stage_times.csv")}
+    assert (float(rows["profile"]["cpu_s"]), float(rows["profile"]["max_rss_mib"])) == (90.0, 900.0)
+    assert int(rows["profile"]["units"]) == len(PROFILE_ROWS)
     assert (int(rows["train"]["jobs"]), int(rows["train"]["timed"])) == (2, 2)
     assert float(rows["train"]["wall_s"]) == 350.0 and float(rows["train"]["cpu_s"]) == 670.0
     assert (float(rows["train"]["longest_s"]), rows["train"]["longest_job"]) == (250.0, train[1].key)
@@ -409,4 +420,4 @@ def test_stage_times_come_from_the_benchmark_files(study, tmp_path, monkeypatch)
     assert int(rows["evaluate"]["timed"]) == 0 and rows["evaluate"]["wall_s"] == ""
     assert "report" not in rows
     text = (out / "README.md").read_text()
-    assert "## Stage times" in text and "Sum of all jobs' wall times: 6.0 min." in text
+    assert "## Stage times" in text and "Sum of all jobs' wall times: 7.0 min." in text

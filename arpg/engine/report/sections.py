@@ -415,8 +415,9 @@ def _work_unit(rep: Report, job) -> tuple[str, int] | None:
     annotates wall-clock readings, which no result depends on: like placing work, no read of inputs."""
     from arpg.zeroshot_plan import cells
 
-    if job.rule == "profile":  # the configurations the profile measured
-        return "configurations", len(read_output(rep.layout.profile_json, "profile")["rows"])
+    if job.rule == "profile":  # the configurations the profile measured (a skipped one costs nothing)
+        rows = read_output(rep.layout.profile_json, "profile")["rows"]
+        return "configurations", sum(r["status"] == "ok" for r in rows)
     params = unrecorded(rep.params)
     gallery = params["gallery"]
     if job.rule in ("sample", "evaluate"):
