@@ -328,3 +328,28 @@ def test_the_report_logs_its_quality_vs_speed_pairs_onto_the_points_evaluate_run
     assert got.data.metrics["img_s_profile"] == 123.5
     assert got.data.tags["arpg.img_s_profile.batch"] == "4" and got.data.tags["arpg.img_s_profile.precision"] == "fp32"
     assert "img_s_profile" not in client.get_run(runs[untimed]).data.metrics  # no profile row: none
+
+
+def test_a_decode_that_raises_ends_the_sample_run_failed(params_file, monkeypatch):
+    """`arpg sample` opens its stage run before loading and decoding, so a failure there ends it FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    from arpg.cli import main
+    from arpg.engine import sample_set
+    from arpg.models import checkpoint
+
+    def broken_decode(*args, **kwargs):
+        raise RuntimeError("decode failed")
+
+    monkeypatch.setattr(checkpoint, "load_study_models", lambda params, model, device: (None, None))
+    monkeypatch.setattr(sample_set, "make_draw", lambda *args: None)
+    monkeypatch.setattr(sample_set, "generate_class_balanced", broken_decode)
+    params = load_params(params_file())
+    with pytest.raises(RuntimeError, match="decode failed"):
+        main(["sample", "--params", str(params.path), "--model", "arpg", "--steps", "4", "--cfg", "2.0",
+              "--order", "random"])
+    client = MlflowClient(tracking.tracking_uri(params))
+    experiment = client.get_experiment_by_name(tracking.experiment_name(params))
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string="tags.mlflow.runName = 'sample-arpg-steps4_cfg2.0_random'")
+    assert [r.info.status for r in runs] == ["FAILED"]

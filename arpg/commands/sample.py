@@ -8,6 +8,7 @@ batches r, r + W, ...) and rank 0 merges them: the result equals one process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -61,42 +62,44 @@ def run(args, params) -> None:
     check_point(point, token_count(params))
     cfg = params["sample"]
     opts = SamplerConfig.from_params(cfg, steps=point.steps, cfg=point.cfg)
+    num_classes = params["data"]["num_classes"]
+    total = num_classes * cfg["num_per_class"]
+    layout = params.layout
     with dist.session(params["device"]) as (info, device):
-        layout = params.layout
-        generator_model, tokenizer = load_study_models(params, point.model, device)
-        draw = make_draw(point.model, generator_model, tokenizer, opts, point.order)
-
-        num_classes = params["data"]["num_classes"]
-        total = num_classes * cfg["num_per_class"]
-        speed_tags = {"arpg.img_s.cpu": cpu_name(), "arpg.img_s.device": str(device),
-                      "arpg.img_s.threads": torch.get_num_threads(), "arpg.img_s.batch_size": cfg["batch_size"],
-                      "arpg.img_s.nproc": info.world_size, "arpg.img_s.load_avg_1m": f"{os.getloadavg()[0]:.2f}"}
-        start = time.perf_counter()
-        part = generate_class_balanced(
-            draw, num_classes=num_classes, num_per_class=cfg["num_per_class"], batch_size=cfg["batch_size"],
-            seed=cfg["seed"], device=device, rank=info.rank, world_size=info.world_size,
-            progress=batch_progress(f"sample {point.model} {point.tag}"
-                                    + (f" rank {info.rank}" if info.world_size > 1 else "")))
-        seconds = time.perf_counter() - start
-        parts = dist.gather_to_main(part, info)
-    if not info.is_main:
-        return
-    labels_N, outputs = merge_batches(parts)
-    tokens_Nhw = torch.cat([t for t, _ in outputs]).numpy()
-    images_NHWC = torch.cat([img for _, img in outputs]).numpy()
-    labels_np = labels_N.numpy().astype(np.int64)
-    run_params = {"model": point.model, "steps": point.steps, "cfg": point.cfg, "order": point.order,
-                  "seed": cfg["seed"], "schedule": opts.schedule, "cfg_schedule": opts.cfg_schedule,
-                  "temperature": opts.temperature, "top_k": opts.top_k, "top_p": opts.top_p,
-                  "num_samples": total, "nproc": info.world_size}
-    with stage_run(params, "sample", f"sample-{point.model}-{point.tag}", run_params) as run:
-        atomic_save_npz(layout.samples(point), arr_0=images_NHWC, labels=labels_np, tokens=tokens_Nhw)
-        atomic_save_png(image_grid(images_NHWC, labels_np, min(GRID_COLUMNS, cfg["num_per_class"])),
-                 layout.sample_grid(point))
-        # The point's measured decoding speed (MLflow only: no output file holds a wall-clock number):
-        # every image of the job over rank 0's wall time of its decoding loop (token decoding and pixel
-        # decoding, first batch included). Its evaluate run copies it, found by the samples' hash.
-        run.log_metrics({"img_s": total / seconds, "decode_seconds": seconds})
-        run.set_tags({SAMPLES_TAG: file_sha256(layout.samples(point)), **speed_tags})
-        run.log_artifact(layout.sample_grid(point))
+        run_params = {"model": point.model, "steps": point.steps, "cfg": point.cfg, "order": point.order,
+                      "seed": cfg["seed"], "schedule": opts.schedule, "cfg_schedule": opts.cfg_schedule,
+                      "temperature": opts.temperature, "top_k": opts.top_k, "top_p": opts.top_p,
+                      "num_samples": total, "nproc": info.world_size}
+        # rank 0's run is open before any work, so a failure while decoding ends it FAILED
+        with (stage_run(params, "sample", f"sample-{point.model}-{point.tag}", run_params) if info.is_main
+              else contextlib.nullcontext()) as run:
+            generator_model, tokenizer = load_study_models(params, point.model, device)
+            draw = make_draw(point.model, generator_model, tokenizer, opts, point.order)
+            speed_tags = {"arpg.img_s.cpu": cpu_name(), "arpg.img_s.device": str(device),
+                          "arpg.img_s.threads": torch.get_num_threads(), "arpg.img_s.batch_size": cfg["batch_size"],
+                          "arpg.img_s.nproc": info.world_size,
+                          "arpg.img_s.load_avg_1m": f"{os.getloadavg()[0]:.2f}"}
+            start = time.perf_counter()
+            part = generate_class_balanced(
+                draw, num_classes=num_classes, num_per_class=cfg["num_per_class"], batch_size=cfg["batch_size"],
+                seed=cfg["seed"], device=device, rank=info.rank, world_size=info.world_size,
+                progress=batch_progress(f"sample {point.model} {point.tag}"
+                                        + (f" rank {info.rank}" if info.world_size > 1 else "")))
+            seconds = time.perf_counter() - start
+            parts = dist.gather_to_main(part, info)
+            if not info.is_main:
+                return
+            labels_N, outputs = merge_batches(parts)
+            tokens_Nhw = torch.cat([t for t, _ in outputs]).numpy()
+            images_NHWC = torch.cat([img for _, img in outputs]).numpy()
+            labels_np = labels_N.numpy().astype(np.int64)
+            atomic_save_npz(layout.samples(point), arr_0=images_NHWC, labels=labels_np, tokens=tokens_Nhw)
+            atomic_save_png(image_grid(images_NHWC, labels_np, min(GRID_COLUMNS, cfg["num_per_class"])),
+                            layout.sample_grid(point))
+            # The point's measured decoding speed (MLflow only: no output file holds a wall-clock number):
+            # every image of the job over rank 0's wall time of its decoding loop (token decoding and pixel
+            # decoding, first batch included). Its evaluate run copies it, found by the samples' hash.
+            run.log_metrics({"img_s": total / seconds, "decode_seconds": seconds})
+            run.set_tags({SAMPLES_TAG: file_sha256(layout.samples(point)), **speed_tags})
+            run.log_artifact(layout.sample_grid(point))
     print(f"wrote {total} samples to {layout.samples(point)} and {layout.sample_grid(point)}")
