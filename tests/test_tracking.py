@@ -332,8 +332,6 @@ def test_the_report_logs_its_quality_vs_speed_pairs_onto_the_points_evaluate_run
 
 def test_a_decode_that_raises_ends_the_sample_run_failed(params_file, monkeypatch):
     """`arpg sample` opens its stage run before loading and decoding, so a failure there ends it FAILED."""
-    from mlflow.tracking import MlflowClient
-
     from arpg.cli import main
     from arpg.engine import sample_set
     from arpg.models import checkpoint
@@ -348,8 +346,29 @@ def test_a_decode_that_raises_ends_the_sample_run_failed(params_file, monkeypatc
     with pytest.raises(RuntimeError, match="decode failed"):
         main(["sample", "--params", str(params.path), "--model", "arpg", "--steps", "4", "--cfg", "2.0",
               "--order", "random"])
+    assert _statuses(params, "sample-arpg-steps4_cfg2.0_random") == ["FAILED"]
+
+
+def _statuses(params, run_name: str) -> list[str]:
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking.tracking_uri(params))
     experiment = client.get_experiment_by_name(tracking.experiment_name(params))
-    runs = client.search_runs([experiment.experiment_id],
-                              filter_string="tags.mlflow.runName = 'sample-arpg-steps4_cfg2.0_random'")
-    assert [r.info.status for r in runs] == ["FAILED"]
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.mlflow.runName = '{run_name}'")
+    return [r.info.status for r in runs]
+
+
+@pytest.mark.parametrize("argv, run_name", [(["zero-shot", "--task", "inpainting"], "zero-shot-inpainting"),
+                                            (["gallery"], "gallery")])
+def test_a_stage_that_fails_while_loading_ends_its_run_failed(params_file, monkeypatch, argv, run_name):
+    from arpg.cli import main
+    from arpg.models import checkpoint
+
+    def broken_load(*args, **kwargs):
+        raise RuntimeError("load failed")
+
+    monkeypatch.setattr(checkpoint, "load_study_models", broken_load)
+    params = load_params(params_file())
+    with pytest.raises(RuntimeError, match="load failed"):
+        main([argv[0], "--params", str(params.path), *argv[1:]])
+    assert _statuses(params, run_name) == ["FAILED"]

@@ -95,27 +95,29 @@ def _gallery(params, device) -> None:
 
     gal, smp = params["gallery"], params["sample"]
     layout = params.layout
-    model, tokenizer = load_study_models(params, zero_shot_decoder().name, device)
-    images_N = load_images(layout, "test")
-    labels_N = load_labels(layout, "test")
-    index = pick_images(labels_N, gal["num_images"])
-    # a channels-last view, not to_tensor_NCHW's contiguous copy: for RGB the encoder's bits depend on it
-    images_BCHW = from_uint8(torch.from_numpy(np.ascontiguousarray(images_N[index]))).permute(0, 3, 1, 2).to(device)
-    labels_B = torch.from_numpy(labels_N[index]).long().to(device)
-    sampler = SamplerConfig(steps=gal["steps"], cfg=gal["cfg"], cfg_schedule=smp["cfg_schedule"],
-                            schedule=smp["schedule"], temperature=smp["temperature"], top_k=smp["top_k"],
-                            top_p=smp["top_p"], confidence_noise=smp["confidence_noise"])
-    names = class_names(params)
-    row_labels = [names[int(c)] for c in labels_B.tolist()]
-    column_labels = ["input", "model sees", *[f"output {i + 1}" for i in range(gal["samples"])]]
-    doc = {"test_indices": index, "labels": labels_B.tolist(), "class_names": row_labels, "seed": params["seed"],
-           "sampler": asdict(sampler), "samples_per_image": gal["samples"], "order": "random",
-           "columns": ["input", "what the model sees: the input, unknown cells grey",
-                       *[f"output {i + 1}" for i in range(gal["samples"])]],
-           "tasks": {}}
     run_params = {"steps": gal["steps"], "cfg": gal["cfg"], "order": "random", "seed": params["seed"],
                   "tasks": ",".join(gal["tasks"]), "num_images": gal["num_images"]}
+    # the run is open before any work (loading, encoding), so any failure ends it FAILED
     with stage_run(params, "gallery", run_params=run_params) as run:
+        model, tokenizer = load_study_models(params, zero_shot_decoder().name, device)
+        images_N = load_images(layout, "test")
+        labels_N = load_labels(layout, "test")
+        index = pick_images(labels_N, gal["num_images"])
+        # a channels-last view, not to_tensor_NCHW's contiguous copy: for RGB the encoder's bits depend on it
+        images_BCHW = from_uint8(torch.from_numpy(np.ascontiguousarray(images_N[index])))
+        images_BCHW = images_BCHW.permute(0, 3, 1, 2).to(device)  # [B, C, H, W]
+        labels_B = torch.from_numpy(labels_N[index]).long().to(device)
+        sampler = SamplerConfig(steps=gal["steps"], cfg=gal["cfg"], cfg_schedule=smp["cfg_schedule"],
+                                schedule=smp["schedule"], temperature=smp["temperature"], top_k=smp["top_k"],
+                                top_p=smp["top_p"], confidence_noise=smp["confidence_noise"])
+        names = class_names(params)
+        row_labels = [names[int(c)] for c in labels_B.tolist()]
+        column_labels = ["input", "model sees", *[f"output {i + 1}" for i in range(gal["samples"])]]
+        doc = {"test_indices": index, "labels": labels_B.tolist(), "class_names": row_labels, "seed": params["seed"],
+               "sampler": asdict(sampler), "samples_per_image": gal["samples"], "order": "random",
+               "columns": ["input", "what the model sees: the input, unknown cells grey",
+                           *[f"output {i + 1}" for i in range(gal["samples"])]],
+               "tasks": {}}
         for t, task in enumerate(gal["tasks"]):
             result = run_task(task, model, tokenizer, images_BCHW, labels_B, samples=gal["samples"],
                               expand_to=gal["expand_to"], sampler=sampler, expansion=gal["expansion"],

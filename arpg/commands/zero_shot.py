@@ -53,19 +53,21 @@ def _zero_shot(params, task: str, device) -> None:
 
     layout, zs = params.layout, params["zeroshot"]
     todo = cells(params, task)
-    models, tokenizer = {}, None
-    for name in cell_models(params, task):
-        models[name], tokenizer = load_study_models(params, name, device)
-    src = load_sources(params, tokenizer, device)
-    doc = {"task": task, "seed": params["seed"], "num_images": len(src.index), "cfg": params["sample"]["cfg_default"],
-           "zero_shot_decoder": zero_shot_decoder().name, "reference_split": params["evaluate"]["reference_split"],
-           "extractors": list(params["evaluate"]["extractors"]),
-           "bootstrap": BootstrapConfig.from_params(params).record(),
-           "psnr": {**PSNR_TEXT, "mse_floor": QUANTISATION_MSE}, "cells": []}
-    run_params = {"task": task, "seed": params["seed"], "num_images": len(src.index), "cfg": doc["cfg"],
-                  "steps": ",".join(map(str, zs["steps"])), "cells": len(todo)}
-    bar = Progress(len(todo), f"zero-shot {task}", unit="cell")
+    run_params = {"task": task, "seed": params["seed"], "num_images": zs["num_images"],
+                  "cfg": params["sample"]["cfg_default"], "steps": ",".join(map(str, zs["steps"])),
+                  "cells": len(todo)}
+    # the run is open before any work (loading, encoding the sources), so any failure ends it FAILED
     with stage_run(params, "zero-shot", run_name=f"zero-shot-{task}", run_params=run_params) as run:
+        models, tokenizer = {}, None
+        for name in cell_models(params, task):
+            models[name], tokenizer = load_study_models(params, name, device)
+        src = load_sources(params, tokenizer, device)
+        doc = {"task": task, "seed": params["seed"], "num_images": len(src.index), "cfg": run_params["cfg"],
+               "zero_shot_decoder": zero_shot_decoder().name, "reference_split": params["evaluate"]["reference_split"],
+               "extractors": list(params["evaluate"]["extractors"]),
+               "bootstrap": BootstrapConfig.from_params(params).record(),
+               "psnr": {**PSNR_TEXT, "mse_floor": QUANTISATION_MSE}, "cells": []}
+        bar = Progress(len(todo), f"zero-shot {task}", unit="cell")
         for cell in todo:
             start = time.monotonic()  # the log only, never the metrics file
             record = measure(cell, run_cell(cell, params, models, tokenizer, src, device), params, src, device)
