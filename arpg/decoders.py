@@ -89,14 +89,14 @@ def native_orders(*, parallel: bool) -> str:
     return " / ".join(dict.fromkeys(d.native_order for d in DECODERS.values() if d.parallel is parallel))
 
 
-def row_order(row: Mapping) -> str:
-    """The order a measured row (with `kind`, maybe `order`) decoded in: profile rows written before
-    orders were recorded decoded in their decoder's own."""
-    return row.get("order", DECODERS[row["kind"]].native_order)
+def is_native(decoder: str, order: str) -> bool:
+    """`order` is the decoder's own (ARPG: random; a sequential baseline: raster)."""
+    return order == DECODERS[decoder].native_order
 
 
 def in_native_order(row: Mapping) -> bool:
-    return row_order(row) == DECODERS[row["kind"]].native_order
+    """A measured row (`kind`, `order`) decoded in its decoder's own order."""
+    return is_native(row["kind"], row["order"])
 
 
 def zero_shot_decoder() -> Decoder | None:

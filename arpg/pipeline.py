@@ -53,6 +53,12 @@ def jobs(params: Mapping) -> list[Job]:
     return [rule.build(ctx, w) for rule in RULES.values() for w in rule.instances(params)]
 
 
+def local_rules(params: Mapping) -> list[str]:
+    """The rules whose jobs are declared local (cheap: the submit host runs them under a cluster
+    executor; Snakemake's `localrules`)."""
+    return [rule for rule in RULES if pattern(params, rule).local]
+
+
 def job(params: Mapping, rule: str, wildcards: Mapping[str, str] | None = None) -> Job:
     """One job, from its rule and wildcard values (Snakemake's input / params functions)."""
     params = unrecorded(params)  # placing work is no read of the stage's inputs

@@ -212,8 +212,8 @@ def test_the_profile_gives_each_parallel_decoder_a_speed_up_over_each_sequential
     from arpg.engine.profile.results import speedups, summary
 
     def row(kind, steps, img_s):
-        return {"status": "ok", "kind": kind, "model": "default", "batch": 1, "backbone": "64x4x4", "net": kind,
-                "tokens": 16, "steps": steps, "threads": 1, "device": "cpu", "precision": "fp32",
+        return {"status": "ok", "kind": kind, "order": "random" if kind == "arpg" else "raster", "model": "default",
+                "batch": 1, "backbone": "64x4x4", "net": kind, "tokens": 16, "steps": steps, "threads": 1, "device": "cpu", "precision": "fp32",
                 "gen_img_s_median": img_s,
                 "gen_img_s_min": img_s, "gen_img_s_max": img_s, "kv_cache_bytes": 1.0, "gen_mem_bytes": 0}
 

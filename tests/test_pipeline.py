@@ -315,8 +315,27 @@ def test_slurm_profile_dry_run(tmp_path):
     assert "cpus_per_task" not in out and "slurm_partition" not in out
     assert "runtime=10080" in blocks["train"]
     assert "gpu=1" in blocks["evaluate"]
-    localrules = (REPO_ROOT / "workflow/rules/common.smk").read_text()
-    assert re.search(r"localrules:\n\s+all,\n\s+report,", localrules)
+
+
+_LOCAL_RULES = """
+import sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
+with SnakemakeApi(OutputSettings(quiet=True)) as api:
+    workflow = api.workflow(resource_settings=ResourceSettings(), snakefile=Path("Snakefile"),
+                            config_settings=ConfigSettings(config={"params": sys.argv[1]}), workdir=Path(sys.argv[2]))
+    print("LOCAL", *sorted(workflow._workflow._localrules))
+"""
+
+
+def test_the_stages_declared_local_are_snakemakes_local_rules(tmp_path):
+    """Under a cluster executor the submit host runs `all` and the jobs declared local (stages.Job.local)."""
+    paper = REPO_ROOT / "configs/paper.yaml"
+    assert pipeline.local_rules(load_params(paper)) == ["report"]
+    proc = _run([sys.executable, "-c", _LOCAL_RULES, str(paper), str(tmp_path)], REPO_ROOT)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("LOCAL"))
+    assert line.split()[1:] == ["all", "report"]
 
 
 def test_the_default_workflow_profile_overrides_nothing_the_slurm_profile_sets():

@@ -288,7 +288,7 @@ def test_plan_rejects_unknown_sizes_and_too_many_steps(params_file):
 
 
 def _row(kind, steps, img_s, **extra):
-    base = {"model": "ARPG-L", "net": "x", "kind": kind, "steps": steps, "batch": 1, "tokens": 256,
+    base = {"model": "ARPG-L", "net": "x", "kind": kind, "order": DECODERS[kind].native_order, "steps": steps, "batch": 1, "tokens": 256,
             "status": "ok", "backbone": "d1024-h16-L24", "gen_s_median": 1 / img_s, "gen_img_s_median": img_s,
             "gen_img_s_min": img_s * 0.9, "gen_img_s_max": img_s * 1.1, "kv_cache_bytes": 100,
             "gen_mem_bytes": 10, "device": "cpu", "threads": 2, "precision": "fp32", "cfg": 4.0, "grid": 16}

@@ -94,9 +94,8 @@ onerror:
 wildcard_constraints:
     **PIPE.wildcard_constraints(),
 
-localrules:
-    all,
-    report,
+# Cheap rules run on the submit host under a cluster executor: `all` and the stages declared local.
+workflow.localrules("all", *PIPE.local_rules(PARAMS))
 
 
 def inputs(rule):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from arpg import pipeline
-from arpg.decoders import DECODERS
+from arpg.decoders import DECODERS, is_native
 from arpg.engine.report.text import fmt
 from arpg.errors import ArpgError
 from arpg.paths import Layout, SweepPoint, format_cfg
@@ -139,8 +139,7 @@ def with_interval(p: Point, metric: str) -> Any:
 
 
 def _native(p: Point) -> bool:
-    """The point decodes in its decoder's own order (ARPG: random; a sequential baseline: always)."""
-    return p.point.order == DECODERS[p.point.model].native_order
+    return is_native(p.point.model, p.point.order)
 
 
 def _order_key(p: Point) -> tuple:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from arpg.decoders import row_order
 from arpg.engine.profile.results import SPEEDUP_COLUMNS
 from arpg.engine.report.points import Point
 from arpg.errors import ArpgError
@@ -26,7 +25,7 @@ def speed_rows(profile_doc: Mapping) -> list[dict[str, Any]]:
             continue
         rows.append({"model": r["model"], "kind": r["kind"], "net": r.get("net"), "precision": r["precision"],
                      "kernel": r.get("kernel"), "steps": r["steps"],
-                     "order": row_order(r),
+                     "order": r["order"],
                      "batch": r["batch"], "img_s": r["gen_img_s_median"], "img_s_e2e": r.get("e2e_img_s_median"),
                      "peak_mem_mib": _mib(r.get("peak_mem_bytes")), "gen_mem_mib": _mib(r.get("gen_mem_bytes")),
                      "kv_cache_mib": _mib(r.get("kv_cache_bytes")), "mem_kind": r.get("mem_kind")})
