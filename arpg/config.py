@@ -298,8 +298,8 @@ class SweepFamily:
     fields: tuple[tuple[str, Any], ...]  # (wildcard, literal | Param | Swept) in SweepPoint's field order
 
     def points(self, values: Mapping) -> list[SweepPoint]:
-        choices = [[_dotted(values, v.key)] if isinstance(v, Param) else
-                   list(_dotted(values, v.key)) if isinstance(v, Swept) else [v] for _, v in self.fields]
+        choices = [[dotted(values, v.key)] if isinstance(v, Param) else
+                   list(dotted(values, v.key)) if isinstance(v, Swept) else [v] for _, v in self.fields]
         return [SweepPoint(*combo) for combo in itertools.product(*choices)]
 
     @property
@@ -322,7 +322,8 @@ class Swept:
     key: str  # dotted params key of a list
 
 
-def _dotted(values: Mapping, key: str) -> Any:
+def dotted(values: Mapping, key: str) -> Any:
+    """The value of a dotted params key (`train.lr`)."""
     node: Any = values
     for part in key.split("."):
         node = node[part]

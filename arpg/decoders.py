@@ -6,17 +6,15 @@ name is the `model` wildcard, the `--model` value and its folder under the Layou
 (`models/<name>/`, `samples/<name>/`, `metrics/<name>/`); its params keys are
 `train.<name>_model` (a size of arpg/models/registry.py) and `train.<name>_pretrained`.
 
-Snakemake imports this module (through arpg/pipeline.py): no torch here. The torch-side code
-of a decoder lives in its `implementation` module, imported only when asked for.
+Snakemake imports this module (through arpg/pipeline.py): no torch here. A decoder's network is
+built from its size (arpg/models/registry.py, `size_kind`).
 """
 
 from __future__ import annotations
 
-import importlib
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Iterator, Mapping
 
 from arpg.errors import ArpgError
@@ -29,7 +27,6 @@ class Decoder:
     name: str            # `model` wildcard, --model value, Layout folder
     label: str           # in text: "ARPG", "raster baseline"
     size_kind: str       # the kind of models/registry.py SIZES it builds
-    implementation: str  # dotted module of its torch-side code (imported lazily)
     parallel: bool       # True: any step count and order (steps, guidance and orders swept)
     native_order: str    # its order; a sequential decoder decodes only in it, one token per step
     zero_shot: bool = False  # edits images from pre-filled tokens (the gallery)
@@ -58,15 +55,10 @@ class Decoder:
         """The same, dotted: train.<name>_model, train.<name>_pretrained."""
         return (f"train.{self.model_key}", f"train.{self.pretrained_key}")
 
-    def module(self) -> ModuleType:
-        return importlib.import_module(self.implementation)
-
 
 DECODERS: dict[str, Decoder] = {d.name: d for d in (
-    Decoder("arpg", "ARPG", size_kind="arpg", implementation="arpg.models.arpg", parallel=True,
-            native_order="random", zero_shot=True),
-    Decoder("raster", "raster baseline", size_kind="raster", implementation="arpg.models.raster",
-            parallel=False, native_order="raster", short="raster"),
+    Decoder("arpg", "ARPG", size_kind="arpg", parallel=True, native_order="random", zero_shot=True),
+    Decoder("raster", "raster baseline", size_kind="raster", parallel=False, native_order="raster", short="raster"),
 )}
 
 

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from arpg.config import unrecorded
+from arpg.config import dotted, unrecorded
 from arpg.decoders import DECODERS
 from arpg.errors import ConfigError
 from arpg.paths import Layout
@@ -81,13 +81,7 @@ def wildcard_constraints() -> dict[str, str]:
 
 
 def param_values(params: Mapping, keys: tuple[str, ...]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for dotted in keys:
-        node: Any = params
-        for part in dotted.split("."):
-            node = node[part]
-        out[dotted] = node
-    return out
+    return {key: dotted(params, key) for key in keys}
 
 
 _DIGEST_EDGE = 1 << 20  # bytes hashed at each end of a user-given file

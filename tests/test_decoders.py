@@ -24,7 +24,7 @@ from arpg.errors import ArpgError, ConfigError
 from arpg.paths import REPO_ROOT, SweepPoint
 
 # Sequential like the raster baseline, on its implementation, under its own name and keys.
-TOY = Decoder("toy", "toy decoder", size_kind="raster", implementation="arpg.models.raster", parallel=False,
+TOY = Decoder("toy", "toy decoder", size_kind="raster", parallel=False,
               native_order="raster")
 TOY_KEYS = {"train.toy_model": "LlamaGen-T", "train.toy_pretrained": None}
 
@@ -45,13 +45,10 @@ def params_file(tmp_path, toy):
 # --------------------------------------------------------------------------- the registry
 
 def test_the_study_decoders_and_what_their_entries_point_at():
-    from arpg.models.arpg import ARPG
-    from arpg.models.raster import RasterGPT
     from arpg.models.registry import SIZES
 
     assert list(DECODERS) == ["arpg", "raster"]
     assert {d.size_kind for d in DECODERS.values()} == {kind for kind, _ in SIZES.values()}
-    assert DECODERS["arpg"].module().ARPG is ARPG and DECODERS["raster"].module().RasterGPT is RasterGPT
     assert DECODERS["raster"].param_keys == ("train.raster_model", "train.raster_pretrained")
     assert [d.name for d in DECODERS.values() if d.parallel] == ["arpg"] and zero_shot_decoder().name == "arpg"
 
@@ -67,7 +64,7 @@ def test_registering_is_undone_and_names_are_checked():
         decoder("toy")
     for bad in ("Toy", "toy_2", "toy-2", "2toy"):  # '_' and '-' would blur params keys and job keys
         with pytest.raises(ArpgError, match="lower-case letters and digits"):
-            Decoder(bad, "x", size_kind="raster", implementation="arpg.models.raster", parallel=False,
+            Decoder(bad, "x", size_kind="raster", parallel=False,
                     native_order="raster")
 
 
