@@ -16,50 +16,41 @@ from arpg.errors import DataError
 from arpg.lr_schedule import lr_by_progress, lr_by_step, set_lr
 from arpg.utils import derive_seed, make_generator, seeded_global_rng
 
-# ---- learning-rate schedules: the formulas each stage used before, verbatim ----------------------
+# ---- learning-rate schedules: against an independent spelling of the half-cosine --------------------
 
 
-def old_generator_lr(step, lr, min_lr, warmup_steps, max_steps):  # arpg/engine/train.py lr_at
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    decay_steps = max(1, max_steps - 1 - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def half_cosine(peak, floor, t):
+    """peak at t = 0, floor at t = 1: 0.5 (1 + cos(pi t)) written as cos^2(pi t / 2)."""
+    return floor + (peak - floor) * math.cos(math.pi * t / 2) ** 2
 
 
-def old_tokenizer_lr(progress, base_lr):  # arpg/engine/tokenizer.py lr_at (WARMUP_SHARE 0.05, MIN_LR_SHARE 0.1)
-    if progress < 0.05:
-        return base_lr * max(progress, 1e-3) / 0.05
-    t = min(1.0, (progress - 0.05) / (1 - 0.05))
-    return base_lr * (0.1 + (1 - 0.1) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def old_classifier_lr(progress, base, warmup):  # arpg/engine/classifier.py _lr_at
-    if progress < warmup:
-        return base * max(progress, 1e-3) / warmup
-    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - warmup) / (1.0 - warmup))))
-
-
-@pytest.mark.parametrize("lr,min_lr,warmup,total", [(0.006, 1e-5, 50, 1700), (1e-3, 1e-5, 10, 60),
+@pytest.mark.parametrize("lr,min_lr,warmup,total", [(0.006, 1e-5, 50, 1300), (1e-3, 1e-5, 10, 60),
                                                     (2.0, 0.0, 0, 3), (0.3, 0.01, 7, 7)])
-def test_generator_schedule_is_the_old_formula_bit_for_bit(lr, min_lr, warmup, total):
-    for step in range(total + 2):
-        assert lr_by_step(step, peak=lr, floor=min_lr, warmup_steps=warmup, max_steps=total) == \
-            old_generator_lr(step, lr, min_lr, warmup, total)
+def test_generator_schedule_warms_up_linearly_then_follows_the_half_cosine(lr, min_lr, warmup, total):
+    rates = [lr_by_step(s, peak=lr, floor=min_lr, warmup_steps=warmup, max_steps=total) for s in range(total + 2)]
+    for s in range(warmup):  # a straight line through the origin, at the peak on the warm-up's last step
+        assert rates[s] == pytest.approx(rates[0] * (s + 1), rel=1e-12)
+    if warmup:
+        assert rates[warmup - 1] == lr
+    span = max(1, total - 1 - warmup)
+    for s in range(warmup, total + 2):  # then from the peak to the floor at the last step, and held there
+        assert rates[s] == pytest.approx(half_cosine(lr, min_lr, min(1.0, (s - warmup) / span)), rel=1e-12, abs=1e-15)
+    assert all(a >= b for a, b in zip(rates[warmup:], rates[warmup + 1:]))
 
 
-@pytest.mark.parametrize("base,total", [(0.003, 1000), (1e-3, 60), (0.7, 13)])
-def test_tokenizer_schedule_is_the_old_formula_bit_for_bit(base, total):
+@pytest.mark.parametrize("base,total,warmup,floor", [(0.003, 1000, 0.05, 0.1), (1e-3, 60, 0.05, 0.1),
+                                                     (0.7, 13, 0.05, 0.1), (0.002, 1175, 0.05, 0.0),
+                                                     (1.0, 101, 0.1, 0.0)])
+def test_progress_schedule_warms_up_linearly_then_follows_the_half_cosine(base, total, warmup, floor):
+    """The tokenizer's (floor 10% of the peak) and the classifier's (floor 0) schedules."""
     for step in range(total + 1):
-        assert lr_by_progress(step / total, peak=base, warmup_share=0.05, floor_share=0.1) == \
-            old_tokenizer_lr(step / total, base)
-
-
-@pytest.mark.parametrize("base,total,warmup", [(0.002, 1175, 0.05), (3e-3, 16, 0.05), (1.0, 101, 0.1)])
-def test_classifier_schedule_is_the_old_formula_bit_for_bit(base, total, warmup):
-    for step in range(total + 1):
-        assert lr_by_progress(step / total, peak=base, warmup_share=warmup, floor_share=0.0) == \
-            old_classifier_lr(step / total, base, warmup)
+        p = step / total
+        rate = lr_by_progress(p, peak=base, warmup_share=warmup, floor_share=floor)
+        if p < warmup:  # proportional to the progress, from 0.1% of the warm-up so the first step moves
+            assert rate == pytest.approx(base * max(p, 1e-3) / warmup, rel=1e-12)
+        else:
+            assert rate == pytest.approx(half_cosine(base, floor * base, (p - warmup) / (1 - warmup)),
+                                         rel=1e-12, abs=1e-15)
 
 
 def test_schedule_shapes_and_set_lr():
