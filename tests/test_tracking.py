@@ -3,8 +3,9 @@ import sqlite3
 
 import pytest
 
-from arpg import tracking
+from arpg import study_status, tracking
 from arpg.config import load_params
+from arpg.paths import REPO_ROOT
 
 
 def _log_from_process(params_path: str, index: int, uri: str) -> None:
@@ -76,7 +77,7 @@ def test_retry_on_database_locked(monkeypatch):
 def test_uri_resolution(monkeypatch, params_file):
     params = load_params(params_file(**{"tracking.uri": None}))
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert tracking.tracking_uri(params) == f"sqlite:///{tracking.REPO_ROOT / 'mlflow.db'}"
+    assert tracking.tracking_uri(params) == f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
     assert tracking.tracking_uri(params).startswith("sqlite:////")  # absolute path
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.tracking_uri(params) == "http://127.0.0.1:5000"
@@ -170,9 +171,9 @@ def test_a_live_process_is_not_declared_dead():
     import socket
 
     me = {"arpg.host": socket.gethostname(), "arpg.pid": str(os.getpid()),
-          "arpg.proc_start": tracking._proc_start(os.getpid()) or ""}
-    assert not tracking._process_gone(me)
-    assert tracking._process_gone({**me, "arpg.proc_start": "1"})  # the pid now belongs to another process
+          "arpg.proc_start": study_status.proc_start(os.getpid()) or ""}
+    assert not study_status.process_gone(me)
+    assert study_status.process_gone({**me, "arpg.proc_start": "1"})  # the pid now belongs to another process
 
 
 def test_close_study_without_runs_or_tracking_does_nothing(params_file):
