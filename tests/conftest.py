@@ -64,14 +64,26 @@ def study(tmp_path_factory) -> Path:
     return run_smoke_study(tmp_path_factory.mktemp("study-a"))
 
 
+def _blas_threads() -> int:
+    import numpy  # noqa: F401 - loads the BLAS whose pool is read
+    from threadpoolctl import threadpool_info
+
+    return max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=1)
+
+
+_BLAS_THREADS_AT_START = _blas_threads()  # numpy's BLAS as the test process started (its environment)
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Tiny test tensors: two intra-op threads only contend with each other (and with
     other jobs on a 2-core machine), so every test starts single-threaded, whatever the
-    test before it set."""
+    test before it set; numpy's BLAS as the process started (a command run in-process sets both)."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(1)
+    threadpool_limits(limits=_BLAS_THREADS_AT_START, user_api="blas")
 
 
 @pytest.fixture(autouse=True)
