@@ -37,6 +37,14 @@ def unrecorded(params: Mapping) -> Mapping:
     return params.values if isinstance(params, Params) else params
 
 
+def section_values(params: Mapping, section: str, names) -> dict[str, Any]:
+    """`params[section][name]` for each of `names`; the section's NOT_RESULT_KEYS are read unrecorded
+    (no fingerprint holds them)."""
+    recorded, plain = params[section], unrecorded(params)[section]
+    skip = NOT_RESULT_KEYS.get(section, ())
+    return {name: (plain if name in skip else recorded)[name] for name in names}
+
+
 def default_params_path() -> Path:
     return Path(os.environ.get(PARAMS_ENV) or DEFAULT_PARAMS)
 

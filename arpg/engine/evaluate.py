@@ -299,8 +299,8 @@ def load_reference(path: str | os.PathLike, extractor: str, weights_digest: str 
     fix = f"run `arpg reference-stats --extractor {extractor}`"
     ref = read_npz(path, f"reference statistics for {extractor}", keys=("extractor", "weights_digest"),
                    written_by=f"arpg reference-stats --extractor {extractor}")
-    if str(ref.get("extractor")) != extractor:
-        raise DataError(f"{path} holds statistics of {ref.get('extractor')!s}, not {extractor}; {fix}")
+    if str(ref["extractor"]) != extractor:
+        raise DataError(f"{path} holds statistics of {ref['extractor']!s}, not {extractor}; {fix}")
     if weights_digest is not None and str(ref["weights_digest"]) != weights_digest:
         raise DataError(f"{path} was computed with other {extractor} weights than the current ones; "
                         f"delete it and {fix}")

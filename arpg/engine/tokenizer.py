@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from arpg.checkpoint_io import load_state_strict
-from arpg.config import NOT_RESULT_KEYS, unrecorded
+from arpg.config import NOT_RESULT_KEYS, section_values
 from arpg.data.batches import EpochBatches
 from arpg.data.pixels import from_uint8, to_uint8
 from arpg.engine.image_metrics import psnr
@@ -66,9 +66,8 @@ class TokenizerTrainConfig:
 
     @classmethod
     def from_params(cls, params: Mapping) -> "TokenizerTrainConfig":
-        tok, plain = params["tokenizer"], unrecorded(params)["tokenizer"]  # keys that set no result: unrecorded
-        return cls(**{k: (plain if k in NOT_RESULT_KEYS["tokenizer"] else tok)[k]
-                      for k in cls.__dataclass_fields__ if k != "seed"}, seed=params["seed"])
+        names = [k for k in cls.__dataclass_fields__ if k != "seed"]
+        return cls(**section_values(params, "tokenizer", names), seed=params["seed"])
 
     def trajectory(self) -> dict:
         """The fields that determine the weights: a resume must match them exactly."""

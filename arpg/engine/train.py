@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from arpg.config import NOT_RESULT_KEYS, unrecorded
+from arpg.config import NOT_RESULT_KEYS, section_values
 from arpg.data.batches import EpochBatches
 from arpg.data.tokens import TokenData
 from arpg.decoders import decoder
@@ -67,10 +67,8 @@ class TrainConfig:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "TrainConfig":
-        t, plain = params["train"], unrecorded(params)["train"]  # keys that set no result: unrecorded
-        values = {f.name: (plain if f.name in NOT_RESULT_KEYS["train"] else t)[f.name] for f in fields(cls)
-                  if f.name in t}
-        values["betas"] = tuple(float(b) for b in t["betas"])
+        values = section_values(params, "train", [f.name for f in fields(cls) if f.name != "seed"])
+        values["betas"] = tuple(float(b) for b in values["betas"])
         return cls(**values, seed=int(params["seed"]))
 
     def trajectory(self) -> dict[str, Any]:

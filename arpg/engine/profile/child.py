@@ -221,7 +221,8 @@ def _sampler(spec: RunSpec) -> Callable:
     return lambda model, labels_B, gen: generate_raster(model, labels_B, generator=gen, **common)
 
 
-def _spread(values: list[float]) -> tuple[float, float, float]:
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) of repeated timings."""
     return statistics.median(values), min(values), max(values)
 
 
@@ -299,11 +300,11 @@ def measure(spec: RunSpec, marker_dir: Path | None = None) -> dict:
                 stop = timer()
                 decode(tokens_BN)
                 decode_s.append(stop())
-            row["decode_s_median"], row["decode_s_min"], row["decode_s_max"] = _spread(decode_s)
+            row["decode_s_median"], row["decode_s_min"], row["decode_s_max"] = spread(decode_s)
 
     row.update(status="ok", skip_reason="", load_avg_1m_after=os.getloadavg()[0])
-    row["gen_s_median"], row["gen_s_min"], row["gen_s_max"] = _spread(gen_s)
-    row["gen_img_s_median"], row["gen_img_s_min"], row["gen_img_s_max"] = _spread([spec.batch / s for s in gen_s])
+    row["gen_s_median"], row["gen_s_min"], row["gen_s_max"] = spread(gen_s)
+    row["gen_img_s_median"], row["gen_img_s_min"], row["gen_img_s_max"] = spread([spec.batch / s for s in gen_s])
     row["gen_s_all"] = gen_s
     return row
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
 from arpg.engine.profile.anchors import reference_record
+from arpg.engine.profile.child import spread
 from arpg.decoders import DECODERS, in_native_order, labels
 from arpg.errors import ArpgError
 from arpg.machine import cpu_name
@@ -56,11 +56,8 @@ def attach_end_to_end(rows: list[dict], groups: list[tuple]) -> None:
         row.update({k: source[k] for k in ("decode_s_median", "decode_s_min", "decode_s_max")})
         row["decode_timed_in"] = f"{source['kind']} steps={source['steps']} order={source['order']}"
         e2e_s = [g + decode_s for g in row["gen_s_all"]]
-        row["e2e_s_median"], row["e2e_s_min"], row["e2e_s_max"] = (
-            statistics.median(e2e_s), min(e2e_s), max(e2e_s))
-        img_s = [row["batch"] / s for s in e2e_s]
-        row["e2e_img_s_median"], row["e2e_img_s_min"], row["e2e_img_s_max"] = (
-            statistics.median(img_s), min(img_s), max(img_s))
+        row["e2e_s_median"], row["e2e_s_min"], row["e2e_s_max"] = spread(e2e_s)
+        row["e2e_img_s_median"], row["e2e_img_s_min"], row["e2e_img_s_max"] = spread([row["batch"] / s for s in e2e_s])
 
 
 def speedups(rows: list[dict]) -> list[dict]:

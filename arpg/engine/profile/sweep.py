@@ -91,8 +91,8 @@ def run_profile(specs: list[RunSpec], *, isolate: bool = True,
                 log: Callable[[str], None] = print) -> list[dict]:
     """Measure every spec (skipping those a skipped cheaper one rules out); rows in spec order.
     VQ decoding is timed in the first measured configuration of each decode group and added to
-    every row of the group (end to end). Isolated, each configuration runs in a fork of a warm server (one per child environment), so
-    none pays for importing torch."""
+    every row of the group (end to end). Isolated, each configuration runs in a fork of a warm
+    server (one per child environment), so none pays for importing torch."""
     from arpg import warm
 
     rows: list[dict] = []
