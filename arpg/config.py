@@ -7,7 +7,6 @@ key, the bad value and what is allowed.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -19,7 +18,7 @@ import yaml
 
 from arpg.decoders import DECODERS
 from arpg.errors import ConfigError
-from arpg.paths import DEFAULT_PARAMS, SCHEMA_PATH, Layout, SweepPoint, format_cfg
+from arpg.paths import DEFAULT_PARAMS, SCHEMA_PATH, Layout, format_cfg
 from arpg.sizes import sizes_of
 
 PARAMS_ENV = "ARPG_PARAMS"
@@ -239,7 +238,7 @@ def _check_consistency(values: dict, source: str) -> None:
 
 
 def _check_sweeps_disjoint(sample: Mapping, source: str) -> None:
-    """Each sweep point in one family (`sweep_families`): dvc.yaml runs each family as one stage over
+    """Each sweep point in one family (`arpg.sweeps`): dvc.yaml runs each family as one stage over
     its params list, and two stages may not write the same point."""
     problems = []
     if sample["steps_default"] not in sample["steps"]:
@@ -294,79 +293,9 @@ def token_count(values: Mapping) -> int:
     return token_grid(values) ** 2
 
 
-@dataclass(frozen=True)
-class SweepFamily:
-    """One sweep of one decoder: each wildcard of its points is a literal, one params value (`Param`)
-    or every item of a params list (`Swept`). The families of a study are disjoint by definition of
-    the params (checked by the loader), so each point belongs to exactly one, and dvc.yaml runs each
-    as one `matrix` stage over the very params lists: `dvc exp run -S sample.steps=[...]` then adds
-    exactly the new points."""
-
-    name: str                      # "steps", "cfg", "orders", "strategies", "default"
-    fields: tuple[tuple[str, Any], ...]  # (wildcard, literal | Param | Swept) in SweepPoint's field order
-
-    def points(self, values: Mapping) -> list[SweepPoint]:
-        choices = [[dotted(values, v.key)] if isinstance(v, Param) else
-                   list(dotted(values, v.key)) if isinstance(v, Swept) else [v] for _, v in self.fields]
-        return [SweepPoint(*combo) for combo in itertools.product(*choices)]
-
-    @property
-    def model(self) -> str:
-        return dict(self.fields)["model"]
-
-    @property
-    def swept(self) -> dict[str, str]:
-        """wildcard -> params key of the lists it runs over (DVC's `matrix`)."""
-        return {w: v.key for w, v in self.fields if isinstance(v, Swept)}
-
-
-@dataclass(frozen=True)
-class Param:
-    key: str  # dotted params key of one value
-
-
-@dataclass(frozen=True)
-class Swept:
-    key: str  # dotted params key of a list
-
-
 def dotted(values: Mapping, key: str) -> Any:
     """The value of a dotted params key (`train.lr`)."""
     node: Any = values
     for part in key.split("."):
         node = node[part]
     return node
-
-
-def sweep_families(values: Mapping) -> list[SweepFamily]:
-    """The study's sweeps, per registered decoder.
-
-    A parallel decoder (ARPG): the step sweep (sample.steps, its native order, cfg_default: it holds
-    the default point), the guidance sweep (the values of sample.cfg besides cfg_default, at
-    steps_default), the order sweep (sample.orders besides its native order, at the defaults) and the
-    strategy sweep (each of sample.strategies at each of sample.strategy_steps, cfg_default). A
-    sequential one (the raster baseline): one token per step in its native order, at sample.cfg
-    and at cfg_default.
-    """
-    n = token_count(values)
-    steps, cfg = Param("sample.steps_default"), Param("sample.cfg_default")
-    out = []
-    for d in DECODERS.values():
-        m, native = ("model", d.name), ("order", d.native_order)
-        if d.parallel:
-            out += [SweepFamily("steps", (m, ("steps", Swept("sample.steps")), ("cfg", cfg), native)),
-                    SweepFamily("cfg", (m, ("steps", steps), ("cfg", Swept("sample.cfg")), native)),
-                    SweepFamily("orders", (m, ("steps", steps), ("cfg", cfg), ("order", Swept("sample.orders")))),
-                    SweepFamily("strategies", (m, ("steps", Swept("sample.strategy_steps")), ("cfg", cfg),
-                                               ("order", Swept("sample.strategies"))))]
-        else:
-            out += [SweepFamily("cfg", (m, ("steps", n), ("cfg", Swept("sample.cfg")), native)),
-                    SweepFamily("default", (m, ("steps", n), ("cfg", cfg), native))]
-    return out
-
-
-def sweep_points(values: Mapping) -> list[SweepPoint]:
-    """Every (model, steps, cfg, order) the study samples and evaluates: the points of its
-    `sweep_families`, each in one family."""
-    points = [p for family in sweep_families(values) for p in family.points(values)]
-    return sorted(points, key=lambda p: (p.model, p.order, p.steps, p.cfg))

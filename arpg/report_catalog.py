@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from arpg.sweeps import SWEEPS
+
 
 @dataclass(frozen=True)
 class Shown:
@@ -28,13 +30,8 @@ FILES: dict[str, Shown] = {
                              "including which differences exceed the noise."),
     "quality.csv": Shown(QUALITY, "Every sweep point: FID, KID, IS, precision/recall and class accuracy, each "
                                   "with its bootstrap standard error and 95% interval."),
-    "fid_vs_steps.csv": Shown(QUALITY, "The step sweep: quality against decoding steps per model, with intervals."),
     "fid_vs_steps.png": Shown(QUALITY, "FID against decoding steps, each decoder a line, 95% bootstrap intervals "
                                        "as bars."),
-    "guidance.csv": Shown(QUALITY, "The guidance sweep at the default step count, with intervals."),
-    "orders.csv": Shown(QUALITY, "The generation-order sweep at the default steps and guidance, with intervals."),
-    "strategies.csv": Shown(QUALITY, "Each decoding strategy at each strategy step count, beside the random "
-                                     "order, with intervals."),
     "quality_vs_steps_strategies.png": Shown(QUALITY, "Quality against steps per decoding strategy, with "
                                                       "95% intervals."),
     "differences.csv": Shown(QUALITY, "The sweeps' differences with their 95% intervals and whether each "
@@ -67,6 +64,9 @@ def describe(name: str) -> Shown:
     """Category and caption of a file of report.dir, by its path relative to report.dir."""
     if name in FILES:
         return FILES[name]
+    sweep = next((s for s in SWEEPS.values() if s.csv == name), None)
+    if sweep is not None:  # each sweep's table
+        return Shown(QUALITY, sweep.caption)
     path = PurePosixPath(name)
     if path.parts[0] == "grids" and len(path.parts) == 3 and path.suffix == ".png":
         return Shown(SAMPLES, f"Class-balanced sample grid of {path.parts[1]} at {path.stem} "

@@ -17,14 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from arpg.config import NOT_RESULT_KEYS, sweep_points, unrecorded
+from arpg.config import NOT_RESULT_KEYS, unrecorded
 from arpg.decoders import DECODERS, zero_shot_decoder
 from arpg.errors import ConfigError
 from arpg.paths import Layout, SweepPoint, format_cfg
+from arpg.sweeps import sweep_keys, sweep_points
 
 POINT_WILDCARDS = ("model", "steps", "cfg", "order")
-# Values of sample.* that choose *which* points exist, not what one point does.
-SWEEP_KEYS = ("steps", "cfg", "orders", "steps_default", "cfg_default", "strategies", "strategy_steps")
 
 
 @dataclass(frozen=True)
@@ -286,9 +285,14 @@ def _sample(ctx: _Ctx, w) -> Job:
                (_point_path(lay.samples, w), _point_path(lay.sample_grid, w)),
                # sample.nproc only shards the work: every batch has its own seed, so it is not a result key
                _keys(POINT_COMPUTE_KEYS, VQ_KEYS, TOKEN_SPACE_KEYS,
-                     _section(params, "sample", drop=(*SWEEP_KEYS, "nproc"))),
+                     _section(params, "sample", drop=(*_sample_sweep_keys(), "nproc"))),
                launcher=_torchrun(nproc), threads=params["point_threads"] * nproc, gpus=_gpus(params, nproc),
                log=_log(ctx, "sample", w, POINT_WILDCARDS))
+
+
+def _sample_sweep_keys() -> tuple[str, ...]:
+    """The keys of sample.* that choose *which* points exist (arpg.sweeps), not what one point does."""
+    return tuple(k.split(".", 1)[1] for k in sweep_keys() if k.startswith("sample."))
 
 
 def _reference_stats(ctx: _Ctx, w) -> Job:
@@ -364,8 +368,7 @@ def _report(ctx: _Ctx, w) -> Job:
     inputs = report_inputs(ctx.params, ctx.layout, ctx.log_dir)
     # what the text and tables show besides the stage outputs: titles, sweep defaults, the grid
     keys = _keys("threads", "report", "name", "data.source", "data.num_classes", "data.resolution",
-                 "tokenizer.channel_mult", "evaluate.extractors", "gallery.tasks", "zeroshot.tasks", "sample.cfg_default",
-                 "sample.steps_default", "sample.orders", "sample.strategies", "sample.strategy_steps",
+                 "tokenizer.channel_mult", "evaluate.extractors", "gallery.tasks", "zeroshot.tasks", sweep_keys(),
                  "sample.precision")  # sample.precision: the profile rows the quality-vs-speed pairs use
     return Job("report", {}, ("report",), tuple(inputs), (_s(ctx.layout.report_index),), keys,
                output_dir=str(ctx.params["report"]["dir"]), local=True, log=_log(ctx, "report", w, ()))

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from arpg.config import load_params, sweep_points, token_count, token_grid, validate
+from arpg.config import load_params, token_count, token_grid, validate
+from arpg.sweeps import sweep_points
 from arpg.errors import ConfigError
 from arpg.paths import REPO_ROOT, SCHEMA_PATH, SweepPoint
 
@@ -116,7 +117,7 @@ def test_overlapping_or_misspelt_sweeps_are_refused_with_the_fix(params_file, ch
 
 
 def test_the_families_are_disjoint_and_cover_the_points():
-    from arpg.config import sweep_families
+    from arpg.sweeps import sweep_families
 
     for name in ("params.yaml", "configs/smoke.yaml", "configs/paper.yaml"):
         values = load_params(REPO_ROOT / name).values

@@ -17,7 +17,8 @@ from test_report import study  # noqa: F401 - the fixture: every stage output th
 from arpg import pipeline
 from arpg.cli import build_parser
 from arpg.commands.sample import check_point
-from arpg.config import load_params, sweep_points, token_count
+from arpg.config import load_params, token_count
+from arpg.sweeps import sweep_points
 from arpg.decoders import DECODERS, Decoder, decoder, registered, zero_shot_decoder
 from arpg.engine import report
 from arpg.errors import ArpgError, ConfigError
@@ -192,12 +193,12 @@ def test_the_report_sweeps_a_sequential_decoder_like_the_raster_baseline(toy_stu
 
 
 def test_the_report_compares_every_step_count_with_each_sequential_baseline(toy_study):
-    from arpg.engine.report.noise import noise_comparisons, point_label
+    from arpg.engine.report.noise import noise_comparisons
     from arpg.engine.report.points import read_points
 
     points = read_points(toy_study, toy_study.layout)
-    pairs = [(point_label(g, a.point), point_label(g, b.point)) for g, a, b in noise_comparisons(toy_study, points)
-             if g == "steps"]
+    pairs = [(s.point_label(a.point), s.point_label(b.point)) for s, a, b in noise_comparisons(toy_study, points)
+             if s.name == "steps"]
     steps = sorted({p.point.steps for p in points if p.point.model == "arpg" and p.point.order == "random"
                     and p.point.cfg == float(toy_study["sample"]["cfg_default"])})
     for baseline in ("raster", TOY.label):

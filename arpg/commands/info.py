@@ -26,7 +26,8 @@ def run(args, params) -> None:
     import torch
 
     from arpg import __version__
-    from arpg.config import sweep_points, token_grid
+    from arpg.config import token_grid
+    from arpg.sweeps import sweep_points
     from arpg.machine import cpu_name
     from arpg.models.cpu_kernels import bf16_hardware, kernels_for
     from arpg.tracking import experiment_name, tracking_uri

@@ -1,4 +1,4 @@
-# One job per sweep point (arpg.config.sweep_points): model, steps, cfg, order.
+# One job per sweep point (arpg.sweeps.sweep_points): model, steps, cfg, order.
 # sample.nproc > 1 shards the point across torchrun processes.
 
 

@@ -8,12 +8,10 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any, Mapping
 
-from arpg.decoders import DECODERS, labels, native_orders
-from arpg.engine.report.points import (Point, guidance_sweep, is_parallel, order_sweep, step_sweep, strategy_sweep,
-                                      with_interval)
+from arpg.engine.report.points import Point, with_interval
 from arpg.engine.report.text import fmt, markdown_table, signed
 from arpg.errors import ArpgError
-from arpg.paths import SweepPoint, format_cfg
+from arpg.sweeps import SWEEPS, Sweep
 
 DIFFERENCE_COLUMNS = ["group", "comparison", "metric", "a", "b", "diff", "diff_se", "diff_lo", "diff_hi",
                       "significant"]
@@ -71,46 +69,12 @@ def interval_text(boot: Bootstrap) -> str:
     return text + "\n"
 
 
-def noise_comparisons(params, points: list[Point]) -> list[tuple[str, Point, Point]]:
-    """(group, a, b) pairs whose difference b - a the report tests: every step count of a parallel
-    decoder against each sequential baseline (default cfg) and against its next step count; every
-    guidance value against the default cfg (each decoder); every order against the decoder's native one
-    (parallel decoders at the default steps and cfg); every strategy against the native order at the
-    same step count."""
-    cfg = float(params["sample"]["cfg_default"])
-    sweep, guidance, orders = (f(params, points) for f in (step_sweep, guidance_sweep, order_sweep))
-    baselines = [p for p in sweep if not is_parallel(p)]
-    out = []
-    for d in DECODERS.values():
-        if d.parallel:
-            steps = [p for p in sweep if p.point.model == d.name]
-            out += [("steps", base, p) for base in baselines for p in steps]
-            out += [("steps", a, b) for a, b in zip(steps, steps[1:])]
-    for d in DECODERS.values():
-        rows = [p for p in guidance if p.point.model == d.name]
-        out += [("guidance", base, p) for base in rows if base.point.cfg == cfg for p in rows if p is not base]
-    for d in DECODERS.values():
-        rows = [p for p in orders if p.point.model == d.name]
-        out += [("orders", base, p) for base in rows if base.point.order == d.native_order
-                for p in rows if p is not base]
-    strategies = strategy_sweep(params, points)
-    for d in DECODERS.values():
-        rows = [p for p in strategies if p.point.model == d.name]
-        out += [("strategies", base, p) for base in rows if base.point.order == d.native_order
-                for p in rows if p.point.steps == base.point.steps and p is not base]
-    return out
-
-
-def point_label(group: str, p: SweepPoint) -> str:
-    """A point as the comparisons name it (the group's fixed settings are said once, in the text)."""
-    d = DECODERS[p.model]
-    if group == "steps":
-        return f"{d.short_label} {p.steps} steps" if d.parallel else d.short_label
-    if group == "guidance":
-        return f"{d.short_label} cfg {format_cfg(p.cfg)}"
-    if group == "strategies":
-        return f"{p.order} {p.steps} steps"
-    return f"{p.order} order"
+def noise_comparisons(params, points: list[Point]) -> list[tuple[Sweep, Point, Point]]:
+    """(sweep, a, b) triples whose difference b - a the report tests: each sweep's pairs
+    (arpg.sweeps.Sweep.pairs) whose points were both read."""
+    by_point = {p.point: p for p in points}
+    return [(sweep, by_point[a], by_point[b]) for sweep in SWEEPS.values() for a, b in sweep.pairs(params)
+            if a in by_point and b in by_point]
 
 
 def difference(a: Point, b: Point, metric: str, boot: Bootstrap) -> tuple[float, float | None]:
@@ -137,13 +101,13 @@ def difference_rows(params, points: list[Point], metrics: list[str], boot: Boots
     """Per comparison and metric: both values, b - a, its interval (independent sets: se = sqrt(se_a^2 +
     se_b^2)) and whether it excludes 0 (None: a point has no interval)."""
     rows = []
-    for group, a, b in noise_comparisons(params, points):
+    for sweep, a, b in noise_comparisons(params, points):
         for metric in metrics:
             va, vb = a.metrics.get(metric), b.metrics.get(metric)
             if va is None or vb is None:
                 continue
             diff, se = difference(a, b, metric, boot)
-            row = {"group": group, "comparison": f"{point_label(group, b.point)} vs {point_label(group, a.point)}",
+            row = {"group": sweep.name, "comparison": f"{sweep.point_label(b.point)} vs {sweep.point_label(a.point)}",
                    "metric": metric, "a": va, "b": vb, "diff": diff, "diff_se": None, "diff_lo": None,
                    "diff_hi": None, "significant": None, "_a": a, "_b": b}
             if se is not None:
@@ -176,15 +140,9 @@ def noise_section(params, points: list[Point], metrics: list[str], boot: Bootstr
 
 def _test_text(params, metrics: list[str], boot: Bootstrap, comparisons: int) -> str:
     """What is compared and how the test decides (and what it does not correct for)."""
-    s = params["sample"]
     count = " or ".join(str(b) for b in boot.replicates)
-    par, seq, native = labels(parallel=True), labels(parallel=False), native_orders(parallel=True)
     return (
-        f"Compared: each {par} step count against the {seq} and against the next step count ({native} "
-        f"order, cfg {format_cfg(s['cfg_default'])}); each guidance value against cfg "
-        f"{format_cfg(s['cfg_default'])} ({par} at {s['steps_default']} steps, and the {seq}); each "
-        f"order against {native} ({par}, {s['steps_default']} steps, cfg {format_cfg(s['cfg_default'])}); "
-        f"each decoding strategy against {native} at the same step count. "
+        f"Compared: {'; '.join(s.text(s.compared, params) for s in SWEEPS.values())}. "
         f"Metrics: {', '.join(f'`{m}`' for m in metrics)}. A difference b - a exceeds the noise at "
         f"{boot.level:.0%} when |b - a| > {boot.z:.2f} * sqrt(se_a^2 + se_b^2), with each se from {count} "
         f"bootstrap replicates of that point's generated set ({'; '.join(boot.methods)}). This treats the two "
@@ -198,10 +156,9 @@ def _test_text(params, metrics: list[str], boot: Bootstrap, comparisons: int) ->
 def _verdict_lines(rows: list[dict], metrics: list[str], boot: Bootstrap) -> list[str]:
     """One bullet per group and metric: the comparisons that exceed the noise, those within it."""
     lines = []
-    for group, title in (("steps", "Steps"), ("guidance", "Guidance"), ("orders", "Orders"),
-                         ("strategies", "Strategies")):
+    for sweep in SWEEPS.values():
         for metric in metrics:
-            sel = [r for r in rows if r["group"] == group and r["metric"] == metric]
+            sel = [r for r in rows if r["group"] == sweep.name and r["metric"] == metric]
             if not sel:
                 continue
 
@@ -211,7 +168,7 @@ def _verdict_lines(rows: list[dict], metrics: list[str], boot: Bootstrap) -> lis
                                  else f"{r['comparison']} ({signed(r['diff'])})"
                                  for r in sel if r["significant"] is verdict) or "none"
 
-            lines.append(f"- **{title}**, `{metric}`: exceed the noise: {listed(True)}. Within the noise: "
+            lines.append(f"- **{sweep.title}**, `{metric}`: exceed the noise: {listed(True)}. Within the noise: "
                          f"{listed(False)}." + (f" No interval: {listed(None)}." if any(
                              r["significant"] is None for r in sel) else ""))
     return lines

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from arpg import pipeline
-from arpg.decoders import DECODERS, is_native
+from arpg.decoders import DECODERS
 from arpg.engine.report.text import fmt
 from arpg.errors import ArpgError
 from arpg.paths import Layout, SweepPoint, format_cfg
+from arpg.sweeps import Sweep
 
 # Keys of a metrics JSON that describe the point rather than measure it.
 _POINT_KEYS = {"model", "steps", "cfg", "order", "seed", "tag", "num_samples"}
@@ -138,43 +139,10 @@ def with_interval(p: Point, metric: str) -> Any:
     return value if value is None or half is None else f"{fmt(value)} ± {half:.2g}"
 
 
-def _native(p: Point) -> bool:
-    return is_native(p.point.model, p.point.order)
-
-
-def _order_key(p: Point) -> tuple:
-    return (list(DECODERS).index(p.point.model), p.point.steps, p.point.cfg, p.point.order)
-
-
-def step_sweep(params, points: list[Point]) -> list[Point]:
-    """Each parallel decoder over steps (its native order, default cfg) and each sequential baseline
-    at the default cfg."""
-    cfg = float(params["sample"]["cfg_default"])
-    return sorted((p for p in points if p.point.cfg == cfg and _native(p)), key=_order_key)
-
-
-def guidance_sweep(params, points: list[Point]) -> list[Point]:
-    """Every decoder over guidance: parallel ones at the default steps in their native order."""
-    steps = params["sample"]["steps_default"]
-    rows = [p for p in points if _native(p) and (not is_parallel(p) or p.point.steps == steps)]
-    return sorted(rows, key=lambda p: (list(DECODERS).index(p.point.model), p.point.cfg))
-
-
-def order_sweep(params, points: list[Point]) -> list[Point]:
-    """Parallel decoders over their native order and sample.orders (the others), at the default steps and cfg."""
-    s = params["sample"]
-    rows = [p for p in points if is_parallel(p) and p.point.steps == s["steps_default"]
-            and p.point.cfg == float(s["cfg_default"]) and (p.point.order in s["orders"] or _native(p))]
-    return sorted(rows, key=lambda p: (list(DECODERS).index(p.point.model), p.point.order))
-
-
-def strategy_sweep(params, points: list[Point]) -> list[Point]:
-    """Parallel decoders over sample.strategies and their native order, at each of
-    sample.strategy_steps and the default cfg."""
-    s = params["sample"]
-    rows = [p for p in points if is_parallel(p) and p.point.cfg == float(s["cfg_default"])
-            and p.point.steps in s["strategy_steps"] and (p.point.order in s["strategies"] or _native(p))]
-    return sorted(rows, key=lambda p: (list(DECODERS).index(p.point.model), p.point.order, p.point.steps))
+def sweep_rows(params, sweep: Sweep, points: list[Point]) -> list[Point]:
+    """The points of `sweep`'s report table (arpg.sweeps: its own and their baselines), as read."""
+    by_point = {p.point: p for p in points}
+    return [by_point[sp] for sp in sweep.table(params) if sp in by_point]
 
 
 def is_parallel(p: Point) -> bool:

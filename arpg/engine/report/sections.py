@@ -14,20 +14,20 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from arpg import figures, pipeline
-from arpg.config import token_count, unrecorded
-from arpg.decoders import DECODERS, labels, native_orders, zero_shot_decoder
+from arpg.config import unrecorded
+from arpg.decoders import DECODERS, labels, zero_shot_decoder
 from arpg.engine.report.noise import (DIFFERENCE_COLUMNS, Bootstrap, bootstrap_of, difference, interval_text,
                                      judged, noise_section)
 from arpg.engine.report.zeroshot import read_tasks, zero_shot_section
-from arpg.engine.report.points import (POINT_COLUMNS, Point, csv_row, extractor_of, guidance_sweep,
-                                       headline_columns, half_width, interval_columns, md_row, metric_columns,
-                                       numeric_leaves, order_sweep, point_of, read_output, read_points,
-                                       step_sweep, strategy_sweep, suffix, with_interval)
+from arpg.engine.report.points import (POINT_COLUMNS, Point, csv_row, extractor_of, half_width,
+                                       headline_columns, interval_columns, md_row, metric_columns, numeric_leaves,
+                                       point_of, read_output, read_points, suffix, sweep_rows, with_interval)
 from arpg.engine.profile.results import PRECISION_SPEEDUP_COLUMNS, precision_suffix
 from arpg.engine.report.speed import GAIN_COLUMNS, SPEED_COLUMNS, hardware, pareto_front, pareto_pairs, speed_rows
-from arpg.engine.report.text import fmt, markdown_kv, markdown_table, signed
+from arpg.engine.report.text import markdown_kv, markdown_table, signed
 from arpg.errors import ArpgError
 from arpg.paths import format_cfg
+from arpg.sweeps import SWEEPS
 from arpg.utils import atomic_path, atomic_write_text, write_csv, write_json
 
 # What each evaluate.extractors entry measures in (stated next to every metric).
@@ -40,9 +40,9 @@ EXTRACTOR_TEXT = {
                  "(paper protocol; samples also exported as an ADM `.npz`)",
 }
 # Files of report.dir that DVC's `plots:` also names (plot_specs).
-FID_CSV, FID_PNG, SPEED_CSV = "fid_vs_steps.csv", "fid_vs_steps.png", "speed.csv"
+FID_PNG, SPEED_CSV = "fid_vs_steps.png", "speed.csv"
 PARETO_CSV = "pareto.csv"  # the quality-vs-speed pairs (arpg report logs them onto MLflow runs too)
-STRATEGIES_CSV, STRATEGIES_PNG = "strategies.csv", "quality_vs_steps_strategies.png"
+STRATEGIES_PNG = "quality_vs_steps_strategies.png"
 # The headline numbers (the report's MLflow metrics): DVC's `metrics:`, what `dvc exp show` compares.
 METRICS_JSON = "metrics.json"
 # Folders of report.dir that hold only what one build writes: copies, and the plot series.
@@ -107,10 +107,17 @@ class Quality:
     points: list[Point]
     cols: list[str]  # every metric column, FID first
     boot: Bootstrap
-    sweep: list[Point]  # quality vs steps
-    guidance: list[Point]
-    orders: list[Point]
-    strategies: list[Point]  # each decoding strategy and the native order at the strategy step counts
+    tables: dict[str, list[Point]]  # each sweep's table (arpg.sweeps.SWEEPS)
+
+    @property
+    def sweep(self) -> list[Point]:
+        """Quality vs steps."""
+        return self.tables.get("steps", [])
+
+    @property
+    def strategies(self) -> list[Point]:
+        """Each decoding strategy and the native order at the strategy step counts."""
+        return self.tables.get("strategies", [])
 
     @property
     def fid_cols(self) -> list[str]:
@@ -123,8 +130,8 @@ class Quality:
 
 def read_quality(params) -> Quality:
     points = read_points(params, params.layout)
-    return Quality(points, metric_columns(points), bootstrap_of(points), step_sweep(params, points),
-                   guidance_sweep(params, points), order_sweep(params, points), strategy_sweep(params, points))
+    return Quality(points, metric_columns(points), bootstrap_of(points),
+                   {s.name: sweep_rows(params, s, points) for s in SWEEPS.values()})
 
 
 def build(params, out_dir: Path | None = None) -> dict[str, Any]:
@@ -191,51 +198,45 @@ def _extractors(rep: Report, q: Quality) -> list[str]:
 
 
 def _quality(rep: Report, q: Quality) -> list[str]:
-    """The quality CSVs (every point, and each sweep), FID vs steps, the sweeps' tables."""
-    s = rep.params["sample"]
+    """The quality CSVs (every point, and each sweep's table) and each sweep's section."""
     csv_cols = POINT_COLUMNS + interval_columns(q.cols, q.points)
-    for name, points in (("quality.csv", q.points), (FID_CSV, q.sweep), ("guidance.csv", q.guidance),
-                         ("orders.csv", q.orders), (STRATEGIES_CSV, q.strategies)):
-        rep.csv(name, [csv_row(p, q.cols) for p in points], csv_cols)
-    if q.fid_cols:
-        curves = {col: {model: [(p.point.steps, p.metrics[col], half_width(p, col)) for p in q.sweep
-                                if p.point.model == model and col in p.metrics] for model in DECODERS}
-                  for col in q.fid_cols}
-        rep.figure(figures.fid_vs_steps(rep.out / FID_PNG, curves, q.boot.level))
-
-    def table(points: list[Point]) -> str:
-        return markdown_table([md_row(p, q.shown) for p in points], POINT_COLUMNS + q.shown)
-
-    par, seq, seq_short = labels(parallel=True), labels(parallel=False), labels(parallel=False, short=True)
-    return [f"## Quality vs decoding steps: {par} and the {seq}\n",
-            f"{par} decodes in the given number of steps ({native_orders(parallel=True)} order, cfg "
-            f"{format_cfg(s['cfg_default'])}); the {seq} predicts one token per step ({token_count(rep.params)} "
-            f"steps). Table: `{FID_CSV}`; all points: `quality.csv`.\n", interval_text(q.boot),
-            table(q.sweep), f"![FID vs steps]({FID_PNG})\n",
-            f"## Guidance scale ({par} at {s['steps_default']} steps, {seq_short})\n", table(q.guidance),
-            f"## Generation orders ({par}, {s['steps_default']} steps, cfg {format_cfg(s['cfg_default'])})\n",
-            table(q.orders), *_strategies(rep, q, table)]
+    rep.csv("quality.csv", [csv_row(p, q.cols) for p in q.points], csv_cols)
+    md, first = [], True
+    for sweep in SWEEPS.values():
+        rows = q.tables[sweep.name]
+        rep.csv(sweep.csv, [csv_row(p, q.cols) for p in rows], csv_cols)
+        if not rows:
+            continue
+        md.append(f"## {sweep.text(sweep.heading, rep.params)}\n")
+        if sweep.intro:
+            md.append(sweep.text(sweep.intro, rep.params) + "\n")
+        if first:  # above the first table: how its intervals were made
+            md.append(interval_text(q.boot))
+            first = False
+        md.append(markdown_table([md_row(p, q.shown) for p in rows], POINT_COLUMNS + q.shown))
+        md += _SWEEP_FIGURES.get(sweep.name, lambda rep, q: [])(rep, q)
+    return md
 
 
-def _strategies(rep: Report, q: Quality, table) -> list[str]:
-    """Decoding strategies against the native order, per step count: table, curves with intervals."""
-    if not q.strategies:
+def _steps_figure(rep: Report, q: Quality) -> list[str]:
+    if not q.fid_cols:
         return []
-    s = rep.params["sample"]
+    curves = {col: {model: [(p.point.steps, p.metrics[col], half_width(p, col)) for p in q.sweep
+                            if p.point.model == model and col in p.metrics] for model in DECODERS}
+              for col in q.fid_cols}
+    rep.figure(figures.fid_vs_steps(rep.out / FID_PNG, curves, q.boot.level))
+    return [f"![FID vs steps]({FID_PNG})\n"]
+
+
+def _strategies_figure(rep: Report, q: Quality) -> list[str]:
+    """Decoding strategies against the native order, per step count: curves with intervals, findings."""
     cols = [c for c in q.shown if c.startswith(("accuracy_", "fid_"))]
     panels = {col: {f"{d.short_label}, {order}": ("o-" if order == d.native_order else "s--",
                                                   [(p.point.steps, p.metrics[col], half_width(p, col)) for p in rows])
                     for d, order, rows in _strategy_lines(q.strategies, col)} for col in cols}
     if any(panels.values()):
         rep.figure(figures.curves_vs_steps(rep.out / STRATEGIES_PNG, panels, q.boot.level))
-    return [f"## Decoding strategies ({labels(parallel=True)}, cfg {format_cfg(s['cfg_default'])})\n",
-            "Which positions each step decodes, at the same step counts: the random order of the step "
-            "sweep, locality-aware groups (LPD: far from each other, near the decoded tokens), "
-            "confidence-ordered commits (every remaining position queried each step, the most confident "
-            "kept; MaskGIT noise) and region-parallel orders (PAR). Table: "
-            f"`{STRATEGIES_CSV}`; which differences exceed the noise: below.\n",
-            table(q.strategies), f"![quality vs steps per strategy]({STRATEGIES_PNG})\n",
-            *_strategy_findings(q, cols)]
+    return [f"![quality vs steps per strategy]({STRATEGIES_PNG})\n", *_strategy_findings(q, cols)]
 
 
 def _strategy_findings(q: Quality, cols: list[str]) -> list[str]:
@@ -261,6 +262,10 @@ def _strategy_findings(q: Quality, cols: list[str]) -> list[str]:
                          f"{ref.point.order} order at {2 * steps} steps: {signed(diff)}{interval}, {verdict}.")
     return ["Does a strategy halve the steps? The best strategy at each step count against the "
             "native order at twice the steps:\n", *lines, ""] if lines else []
+
+
+# What a sweep's section shows below its table besides (by sweep name).
+_SWEEP_FIGURES = {"steps": _steps_figure, "strategies": _strategies_figure}
 
 
 def _strategy_lines(points: list[Point], col: str):
