@@ -4,17 +4,15 @@
 #   snakemake --cores all --config params=configs/smoke.yaml # another params file
 #   snakemake -n                                             # what would run
 #
-# Paths, inputs and params fingerprints come from arpg/pipeline.py (the same
-# source as dvc.yaml, see `arpg export-dvc`). Rules live in workflow/rules/.
+# Each stage is declared once, beside its code, in arpg/commands/<stage>.py; its rule
+# (workflow/rules/stages.smk) and its dvc.yaml stage (`arpg export-dvc`) are made from that
+# declaration through arpg/pipeline.py.
 
 report: "workflow/report/workflow.rst"  # the --report page's description
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/data.smk"
-include: "workflow/rules/train.smk"
-include: "workflow/rules/sample.smk"
-include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/stages.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -1,10 +1,12 @@
 """The study as a list of jobs: the single source of the Snakemake DAG and dvc.yaml.
 
-Each stage is declared once, in arpg/stages.py (its command, inputs, outputs, params keys and
-resources); this module turns the declarations into the study's jobs (`jobs`, `job`, `pattern`),
-their params fingerprints and the checks of user-given files. The Snakefile (workflow/rules/*.smk)
-asks it for every path, command and fingerprint; `arpg export-dvc` renders the same jobs as
-dvc.yaml. tests/test_pipeline.py checks that both agree with `jobs()`.
+Each stage is declared once, as `RULE` in its command module arpg/commands/<stage>.py (its
+command, inputs, outputs, params keys and resources, beside the code that runs it; arpg/stages.py
+says how). STAGES lists them in DAG order; this module turns the declarations into the study's
+jobs (`jobs`, `job`, `pattern`), their params fingerprints and the checks of user-given files. The
+Snakefile (workflow/rules/stages.smk) asks it for every path, command and fingerprint; `arpg
+export-dvc` renders the same jobs as dvc.yaml. tests/test_pipeline.py checks that both agree with
+`jobs()`.
 
 Why fingerprints rather than the params file as an input: a params file edit
 would then rerun everything. Each job gets a hash of only the params keys it
@@ -17,6 +19,7 @@ This module is imported by Snakemake on every invocation: no torch here.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 from pathlib import Path
@@ -26,8 +29,13 @@ from arpg.config import dotted, unrecorded
 from arpg.decoders import DECODERS
 from arpg.errors import ConfigError
 from arpg.paths import Layout
-from arpg.stages import POINT_WILDCARDS, RULES, Job, Rule, _Ctx, point_folders, point_wildcards, report_inputs  # noqa: F401 - the public names
-from arpg.zeroshot_plan import TASKS
+from arpg.stages import POINT_WILDCARDS, SENTINEL_WILDCARDS, Ctx, Job, Rule, point_wildcards  # noqa: F401 - the public names
+from arpg.commands.zero_shot import TASKS
+
+# The study's stages in DAG order, each the module arpg/commands/<stage>.py that declares and runs it.
+STAGES = ("prepare_data", "train_tokenizer", "tokenize", "train_classifier", "train", "sample", "reference_stats",
+          "evaluate", "profile", "gallery", "zero_shot", "report")
+RULES: dict[str, Rule] = {name: importlib.import_module(f"arpg.commands.{name}").RULE for name in STAGES}
 
 
 # --------------------------------------------------------------------------- public API
@@ -42,8 +50,8 @@ def log_dir(params: Mapping) -> str:
     return f"logs/{params['name']}"
 
 
-def _ctx(params: Mapping) -> _Ctx:
-    return _Ctx(params, Layout.from_params(params), log_dir(params))
+def _ctx(params: Mapping) -> Ctx:
+    return Ctx(params, Layout.from_params(params), log_dir(params))
 
 
 def jobs(params: Mapping) -> list[Job]:
@@ -131,6 +139,41 @@ def check_external(params: Mapping) -> None:
                           for path, names in by_path.items())
         raise ConfigError(f"{getattr(params, 'path', 'params')}: these files do not exist:\n{lines}\n"
                           "put them there or point the params at where they are")
+
+
+def report_inputs(params: Mapping, layout: Layout, log_dir: str = "logs") -> list[str]:
+    """Every stage output the report reads (outputs of the other jobs of this study)."""
+    params = unrecorded(params)  # placing work is no read of the stage's inputs
+    ctx = Ctx(params, layout, log_dir)
+    inputs: list[str] = [str(layout.data_manifest)]
+    for rule in RULES.values():
+        if rule.name in ("report", "prepare_data"):
+            continue
+        for w in rule.instances(params):
+            job = rule.build(ctx, w)
+            inputs += [o for o in job.outputs if _report_reads(o)]
+    return inputs
+
+
+def _report_reads(output: str) -> bool:
+    """The report reads metrics, tables and images, not checkpoints, arrays or stats."""
+    return not output.endswith((".pt", ".npy", ".npz"))
+
+
+def point_folders(params: Mapping) -> list[str]:
+    """The folders that hold every output of the sweep-point rules (samples/, metrics/): the deepest
+    folder of each output pattern above its first wildcard. A job reading every point (the report)
+    depends on these in dvc.yaml, so a point added by a params edit is read without a re-export."""
+    ctx = Ctx(unrecorded(params), Layout.from_params(unrecorded(params)), "logs")
+    sentinel = dict(SENTINEL_WILDCARDS)
+    folders: dict[str, None] = {}
+    for rule in RULES.values():
+        if rule.wildcards == POINT_WILDCARDS:
+            for out in rule.build(ctx, sentinel).outputs:
+                parts = Path(out).parts
+                first = next(i for i, part in enumerate(parts) if any(s in part for s in sentinel.values()))
+                folders[str(Path(*parts[:first]))] = None
+    return list(folders)
 
 
 __all__ = ["Job", "RULES", "jobs", "job", "pattern", "fingerprint", "param_values", "check_external",

@@ -327,16 +327,21 @@ with SnakemakeApi(OutputSettings(quiet=True)) as api:
     workflow = api.workflow(resource_settings=ResourceSettings(), snakefile=Path("Snakefile"),
                             config_settings=ConfigSettings(config={"params": sys.argv[1]}), workdir=Path(sys.argv[2]))
     print("LOCAL", *sorted(workflow._workflow._localrules))
+    print("PRIORITY", *sorted(f"{r.name}={r.priority}" for r in workflow._workflow.rules if r.name != "all"))
 """
 
 
-def test_the_stages_declared_local_are_snakemakes_local_rules(tmp_path):
-    """Under a cluster executor the submit host runs `all` and the jobs declared local (stages.Job.local)."""
+def test_snakemakes_rules_are_the_declared_stages_with_their_local_flag_and_priority(tmp_path):
+    """One rule per declared stage (arpg/commands/<stage>.py); under a cluster executor the submit host
+    runs `all` and the jobs declared local (stages.Job.local); the declared priorities reach Snakemake."""
     paper = REPO_ROOT / "configs/paper.yaml"
     assert pipeline.local_rules(load_params(paper)) == ["report"]
     proc = _run([sys.executable, "-c", _LOCAL_RULES, str(paper), str(tmp_path)], REPO_ROOT)
     line = next(x for x in proc.stdout.splitlines() if x.startswith("LOCAL"))
     assert line.split()[1:] == ["all", "report"]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("PRIORITY"))
+    assert line.split()[1:] == sorted(f"{r.name}={r.priority}" for r in pipeline.RULES.values())
+    assert "zero_shot=10" in line
 
 
 def test_the_default_workflow_profile_overrides_nothing_the_slurm_profile_sets():

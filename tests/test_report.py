@@ -107,7 +107,7 @@ def write_zero_shot(params, bootstrap=BOOTSTRAP) -> None:
 def zero_shot_doc(params, task: str, se: float = 0.5, bootstrap=BOOTSTRAP):
     """What `arpg zero-shot --task` writes, for the smoke params' cells of `task`, with known values and
     intervals (PSNR's: a mean's, always there; the others bootstrap ones, there when it has replicates)."""
-    from arpg.zeroshot_plan import cells
+    from arpg.commands.zero_shot import cells
 
     z = 1.959963984540054
     out = []
@@ -343,7 +343,7 @@ def test_zero_shot_section_holds_the_cells_and_judges_them(study):
     """Every cell in zeroshot.csv with its numbers; the findings: the context against the unconditional
     step-sweep point (FID 27 -> 5.5, beyond the noise), expansion accuracy against 0.8 x unconditional,
     ARPG against the raster baseline from the top rows."""
-    from arpg.zeroshot_plan import all_cells
+    from arpg.commands.zero_shot import all_cells
 
     _with_intervals(study)
     out = report.build(study)["dir"]

@@ -10,6 +10,25 @@ Metrics JSON: the point estimates as flat `<metric>_<extractor>` keys, plus
 from __future__ import annotations
 
 from arpg.decoders import DECODERS
+from arpg.stages import (POINT_WILDCARDS, Ctx, Job, Rule, evaluate_keys, extractors_of, gpu_count, inception_external,
+                         log_path, point_eval_inputs, point_instances, point_path)
+
+
+# --------------------------------------------------------------------------- the stage
+
+def _job(ctx: Ctx, w) -> Job:
+    params, lay = ctx.params, ctx.layout
+    return Job("evaluate", dict(w),
+               ("evaluate", "--model", w["model"], "--steps", w["steps"], "--cfg", w["cfg"], "--order", w["order"]),
+               (point_path(lay.samples, w), *point_eval_inputs(ctx, w)),
+               (point_path(lay.metrics, w),), evaluate_keys(params),
+               external=inception_external(params, extractors_of(params)), threads=params["point_threads"],
+               gpus=gpu_count(params),
+               log=log_path(ctx, "evaluate", w, POINT_WILDCARDS))
+
+
+RULE = Rule("evaluate", POINT_WILDCARDS, _job, point_instances,
+            desc="Measure FID, IS, KID, precision/recall and accuracy of one sweep point's samples.")
 
 
 def configure(parser) -> None:

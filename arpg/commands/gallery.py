@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-import numpy as np
-import torch
+from arpg.decoders import zero_shot_decoder
+from arpg.stages import (POINT_COMPUTE_KEYS, STUDY_DECODING_KEYS, TOKEN_SPACE_KEYS, VQ_KEYS, Ctx, Job, Rule, gpu_count,
+                         key_list, log_path)
 
 
 EXPANSION_CONTEXT = {
@@ -20,6 +21,22 @@ EXPANSION_CONTEXT = {
     "interpolate": "the image's own tokens at cells (k r, k c) of a grid k times the training grid, RoPE "
                    "positions scaled by 1/k (their trained angles)",
 }
+
+
+# --------------------------------------------------------------------------- the stage
+
+def _job(ctx: Ctx, w) -> Job:
+    params, lay = ctx.params, ctx.layout
+    inputs = (str(lay.model_checkpoint(zero_shot_decoder().name)), str(lay.tokenizer_checkpoint),
+              str(lay.images("test")), str(lay.labels("test")), str(lay.data_manifest))  # + class names
+    outputs = tuple(str(lay.gallery_image(t)) for t in params["gallery"]["tasks"]) + (str(lay.gallery_json),)
+    return Job("gallery", {}, ("gallery",), inputs, outputs,
+               key_list(POINT_COMPUTE_KEYS, "gallery", STUDY_DECODING_KEYS, "seed", VQ_KEYS, TOKEN_SPACE_KEYS),
+               threads=params["point_threads"], gpus=gpu_count(params), log=log_path(ctx, "gallery", w, ()))
+
+
+RULE = Rule("gallery", (), _job, lambda p: [{}] if zero_shot_decoder() else [],
+            desc="Draw the zero-shot editing galleries (inpainting, outpainting, continuation, expansion).")
 
 
 def configure(parser) -> None:
@@ -33,6 +50,7 @@ LABEL_PAD_PX = 6  # around the column and row labels
 def panel(result: dict, row_labels: list[str], column_labels: list[str]):
     """PIL image: a header of column labels, then one row per input (its class name on the left),
     columns input | mask | outputs, every tile nearest up-scaled to at least MIN_TILE_PX."""
+    import torch
     import torch.nn.functional as F
     from PIL import Image, ImageDraw
 
@@ -84,11 +102,13 @@ def run(args, params) -> None:
 
 
 def _gallery(params, device) -> None:
+    import numpy as np
+    import torch
+
     from arpg.data.arrays import load_images, load_labels
     from arpg.data.pixels import from_uint8
-    from arpg.decoders import zero_shot_decoder
     from arpg.engine.sampler import SamplerConfig
-    from arpg.engine.zeroshot import pick_images, run_task
+    from arpg.engine.zero_shot import pick_images, run_task
     from arpg.models.checkpoint import load_study_models
     from arpg.tracking import stage_run
     from arpg.utils import atomic_save_png, derive_seed, make_generator, write_json

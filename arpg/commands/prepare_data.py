@@ -2,6 +2,25 @@
 
 from __future__ import annotations
 
+from arpg.stages import Ctx, Job, Rule, key_list, log_path, section_keys
+
+
+# --------------------------------------------------------------------------- the stage
+
+def _job(ctx: Ctx, w) -> Job:
+    lay, data = ctx.layout, ctx.params["data"]
+    outputs = [str(p) for split in ("train", "test") for p in (lay.images(split), lay.labels(split))]
+    external = tuple(p for p in (data["path"], data["test_path"]) if p)
+    keys = key_list("threads", section_keys(ctx.params, "data", drop=("on_corrupt", "test_path", "test_fraction")))
+    if data["source"] == "imagefolder":  # a folder of files: decoding errors and a held-out split
+        keys += ("data.on_corrupt", "data.test_path") + (() if data["test_path"] else ("data.test_fraction", "seed"))
+    return Job("prepare_data", {}, ("prepare-data",), (), (*outputs, str(lay.data_manifest)), keys,
+               external=external, threads=ctx.params["threads"], log=log_path(ctx, "prepare_data", w, ()))
+
+
+RULE = Rule("prepare_data", (), _job, lambda p: [{}],
+            desc="Decode the dataset into fixed-size image and label arrays, train and test splits.")
+
 
 def configure(parser) -> None:
     parser.epilog = "Source, geometry and policies come from the `data:` section of the params file."

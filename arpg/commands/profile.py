@@ -2,6 +2,28 @@
 
 from __future__ import annotations
 
+from arpg.decoders import DECODERS
+from arpg.stages import DECODING_KEYS, TOKEN_SPACE_KEYS, Ctx, Job, Rule, gpu_count, key_list, log_path
+
+
+# --------------------------------------------------------------------------- the stage
+
+def _job(ctx: Ctx, w) -> Job:
+    params, lay = ctx.params, ctx.layout
+    prof = params["profile"]
+    inputs = ()
+    keys = key_list("device", "profile", DECODING_KEYS, "sample.confidence_noise", "seed")
+    if "default" in prof["models"]:  # the study's own models (+ tokenizer, end-to-end, strategies) are timed too
+        inputs = (*(str(lay.model_checkpoint(m)) for m in DECODERS), str(lay.tokenizer_checkpoint))
+        keys += key_list(TOKEN_SPACE_KEYS, *(f"train.{d.model_key}" for d in DECODERS.values()),
+                      "sample.strategies", "sample.strategy_steps")
+    return Job("profile", {}, ("profile",), inputs, (str(lay.profile_csv), str(lay.profile_json)), keys,
+               threads=prof["threads"], gpus=gpu_count(params), log=log_path(ctx, "profile", w, ()))
+
+
+RULE = Rule("profile", (), _job, lambda p: [{}],
+            desc="Time decoding and measure its memory, per model, step count, batch and precision.")
+
 
 def configure(parser) -> None:
     parser.add_argument("--model", action="append", default=None, metavar="NAME",

@@ -3,6 +3,29 @@ computed once per extractor and cached as a pipeline artifact."""
 
 from __future__ import annotations
 
+from arpg.stages import COMPUTE_KEYS, Ctx, Job, Rule, extractors_of, gpu_count, inception_external, key_list, log_path
+
+
+# --------------------------------------------------------------------------- the stage
+
+def _job(ctx: Ctx, w) -> Job:
+    params, lay = ctx.params, ctx.layout
+    extractor, split = w["extractor"], params["evaluate"]["reference_split"]
+    inputs = [str(lay.images(split)), str(lay.labels(split))]
+    if extractor == "classifier":
+        inputs.append(str(lay.classifier_checkpoint))
+    keys = key_list(COMPUTE_KEYS, "evaluate.reference_split", "evaluate.batch_size")
+    if extractor == "inception":
+        keys += ("evaluate.inception_weights",)
+    return Job("reference_stats", dict(w), ("reference-stats", "--extractor", extractor), tuple(inputs),
+               (str(lay.reference_stats(extractor, split)),), keys,
+               external=inception_external(params, [extractor]), threads=params["threads"], gpus=gpu_count(params),
+               log=log_path(ctx, "reference_stats", w, ("extractor",)))
+
+
+RULE = Rule("reference_stats", ("extractor",), _job, lambda p: [{"extractor": x} for x in extractors_of(p)],
+            desc="Compute one extractor's feature statistics of the real reference split.")
+
 
 def configure(parser) -> None:
     from arpg.engine.evaluate import EXTRACTORS

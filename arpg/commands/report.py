@@ -2,6 +2,27 @@
 
 from __future__ import annotations
 
+from arpg.stages import Ctx, Job, Rule, key_list, log_path
+from arpg.sweeps import sweep_keys
+
+
+# --------------------------------------------------------------------------- the stage
+
+def _job(ctx: Ctx, w) -> Job:
+    from arpg.pipeline import report_inputs
+
+    inputs = report_inputs(ctx.params, ctx.layout, ctx.log_dir)
+    # what the text and tables show besides the stage outputs: titles, sweep defaults, the grid
+    keys = key_list("threads", "report", "name", "data.source", "data.num_classes", "data.resolution",
+                    "tokenizer.channel_mult", "evaluate.extractors", "gallery.tasks", "zeroshot.tasks", sweep_keys(),
+                    "sample.precision")  # sample.precision: the profile rows the quality-vs-speed pairs use
+    return Job("report", {}, ("report",), tuple(inputs), (str(ctx.layout.report_index),), keys,
+               output_dir=str(ctx.params["report"]["dir"]), local=True, log=log_path(ctx, "report", w, ()))
+
+
+RULE = Rule("report", (), _job, lambda p: [{}],
+            desc="Write the study report (markdown, CSV tables, figures, plot series) from every stage output.")
+
 
 def configure(parser) -> None:
     parser.epilog = ("Reads the outputs of every other stage (a missing one is an error naming it) and "

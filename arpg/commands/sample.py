@@ -12,13 +12,38 @@ import contextlib
 import os
 import time
 
-import numpy as np
-import torch
-
 from arpg.decoders import DECODERS
 from arpg.errors import ArpgError
+from arpg.stages import (POINT_COMPUTE_KEYS, POINT_WILDCARDS, TOKEN_SPACE_KEYS, VQ_KEYS, Ctx, Job, Rule, gpu_count,
+                         key_list, log_path, point_instances, point_path, section_keys, torchrun)
+from arpg.sweeps import sweep_keys
 
 GRID_COLUMNS = 10  # samples per class shown in the PNG grid
+
+
+# --------------------------------------------------------------------------- the stage
+
+def _job(ctx: Ctx, w) -> Job:
+    params, lay = ctx.params, ctx.layout
+    nproc = params["sample"]["nproc"]
+    return Job("sample", dict(w),
+               ("sample", "--model", w["model"], "--steps", w["steps"], "--cfg", w["cfg"], "--order", w["order"]),
+               (str(lay.model_checkpoint(w["model"])), str(lay.tokenizer_checkpoint)),
+               (point_path(lay.samples, w), point_path(lay.sample_grid, w)),
+               # sample.nproc only shards the work: every batch has its own seed, so it is not a result key
+               key_list(POINT_COMPUTE_KEYS, VQ_KEYS, TOKEN_SPACE_KEYS,
+                        section_keys(params, "sample", drop=(*_sample_sweep_keys(), "nproc"))),
+               launcher=torchrun(nproc), threads=params["point_threads"] * nproc, gpus=gpu_count(params, nproc),
+               log=log_path(ctx, "sample", w, POINT_WILDCARDS))
+
+
+def _sample_sweep_keys() -> tuple[str, ...]:
+    """The keys of sample.* that choose *which* points exist (arpg.sweeps), not what one point does."""
+    return tuple(k.split(".", 1)[1] for k in sweep_keys() if k.startswith("sample."))
+
+
+RULE = Rule("sample", POINT_WILDCARDS, _job, point_instances,
+            desc="Generate the class-balanced sample set of one sweep point.")
 
 
 def configure(parser) -> None:
@@ -46,6 +71,9 @@ def check_point(point, n_tokens: int) -> None:
 
 
 def run(args, params) -> None:
+    import numpy as np
+    import torch
+
     from arpg import dist
     from arpg.config import token_count
     from arpg.data.pixels import image_grid

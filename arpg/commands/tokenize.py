@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
+from arpg.stages import COMPUTE_KEYS, VQ_KEYS, Ctx, Job, Rule, gpu_count, key_list, log_path, needs_tokens
 
-from arpg.data.arrays import load_images_NCHW, load_labels
-from arpg.engine.bootstrap import mean_interval
-from arpg.engine.image_metrics import psnr, ssim
-from arpg.engine.tokenizer import codebook_stats, encode_pixels, reconstruct_pixels, save_grid, token_dtype
-from arpg.models.vq import TRAIN_COMMAND, VQConfig, load_tokenizer
-from arpg.utils import atomic_save_npy, resolve_device, write_json
+
+# --------------------------------------------------------------------------- the stage
+
+def _job(ctx: Ctx, w) -> Job:
+    lay, tok = ctx.layout, ctx.params["tokenizer"]
+    inputs = [str(lay.tokenizer_checkpoint)]
+    inputs += [str(p) for split in ("train", "test") for p in (lay.images(split), lay.labels(split))]
+    outputs = [str(p) for split in ("train", "test") for p in (lay.tokens(split), lay.token_labels(split))]
+    if tok["tokenize_flip"]:
+        outputs += [str(lay.tokens("train_flip")), str(lay.token_labels("train_flip"))]
+    outputs += [str(lay.tokenize_metrics), str(lay.reconstructions)]
+    return Job("tokenize", {}, ("tokenize",), tuple(inputs), tuple(outputs),
+               key_list(COMPUTE_KEYS, VQ_KEYS, "tokenizer.tokenize_flip", "tokenizer.eval_images"),
+               threads=ctx.params["threads"], gpus=gpu_count(ctx.params), log=log_path(ctx, "tokenize", w, ()))
+
+
+RULE = Rule("tokenize", (), _job, lambda p: [{}] if needs_tokens(p) else [],
+            desc="Encode the images into token grids and measure the tokenizer's reconstructions.")
 
 
 def configure(parser) -> None:
@@ -43,6 +55,15 @@ def tokenize_dataset(params, run=None, batch_size: int = TOKENIZE_BATCH, grid_im
     """Encode train / test (and the flipped train set), write tokens + labels, metrics and a grid PNG.
 
     The metrics file holds results only; encoding times go to the log and MLflow."""
+    import numpy as np
+
+    from arpg.data.arrays import load_images_NCHW, load_labels
+    from arpg.engine.bootstrap import mean_interval
+    from arpg.engine.image_metrics import psnr, ssim
+    from arpg.engine.tokenizer import codebook_stats, encode_pixels, reconstruct_pixels, save_grid, token_dtype
+    from arpg.models.vq import TRAIN_COMMAND, VQConfig, load_tokenizer
+    from arpg.utils import atomic_save_npy, resolve_device, write_json
+
     layout = params.layout
     tok = params["tokenizer"]
     device = resolve_device(params["device"])

@@ -13,16 +13,50 @@ import math
 import os
 import subprocess
 import sys
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
-import torch.nn as nn
-
-from arpg.data.tokens import TokenData
+from arpg.config import NOT_RESULT_KEYS
 from arpg.decoders import DECODERS, decoder
-from arpg.engine.train import STREAM_INIT, TrainConfig, train
-from arpg.utils import derive_seed, deterministic_algorithms, make_generator, seeded_global_rng
+from arpg.errors import ConfigError
+from arpg.stages import (TOKEN_SPACE_KEYS, Ctx, Job, Rule, gpu_count, key_list, log_path, pretrained_weights,
+                         section_keys, torchrun)
 
+if TYPE_CHECKING:  # annotations only: importing this module (Snakemake does) loads no torch
+    import torch
+    import torch.nn as nn
+
+    from arpg.data.tokens import TokenData
+
+
+# --------------------------------------------------------------------------- the stage
+
+def _job(ctx: Ctx, w) -> Job:
+    """One decoder's generator, trained on the tokens or imported from its released weights."""
+    params, lay = ctx.params, ctx.layout
+    train, tok, model = params["train"], params["tokenizer"], w["model"]
+    # a name of no decoder is a placeholder: Snakemake's pattern ("{model}": outputs and log only) or
+    # DVC's foreach template ("${item.model}"), which then matches no decoder's job (their own keys)
+    pretrained = pretrained_weights(params, model) if model in DECODERS else None
+    outputs = (str(lay.model_checkpoint(model)), str(lay.model_metrics(model)))
+    others = tuple(k for d in DECODERS.values() if d.name != model for k in (d.model_key, d.pretrained_key))
+    keys = key_list("device", "seed", TOKEN_SPACE_KEYS, section_keys(params, "train", drop=others + NOT_RESULT_KEYS["train"]))
+    args, log = ("train", "--model", model), log_path(ctx, "train", w, ("model",))
+    if pretrained:
+        # Released weights: the command loads them strictly and re-saves model.pt; no training.
+        return Job("train", dict(w), args, (), outputs, keys, external=(pretrained,), log=log)
+    if train["use_flipped"] and not tok["tokenize_flip"]:
+        raise ConfigError(f"{params.get('name')}: train.use_flipped is true but tokenizer.tokenize_flip "
+                          "is false, so no flipped tokens exist; enable one and disable the other")
+    inputs = [str(lay.tokens("train")), str(lay.token_labels("train"))]
+    if train["use_flipped"]:
+        inputs.append(str(lay.tokens("train_flip")))
+    nproc = train["nproc"]
+    return Job("train", dict(w), args, tuple(inputs), outputs, keys, launcher=torchrun(nproc),
+               threads=train["threads"] * nproc, gpus=gpu_count(params, nproc), log=log)
+
+
+RULE = Rule("train", ("model",), _job, lambda p: [{"model": m} for m in DECODERS],
+            desc="Train one decoder on the token grids, or import its released weights.")
 
 
 def configure(parser) -> None:
@@ -44,7 +78,6 @@ def run(args, params) -> int:
     return 0
 
 
-
 def codebook_size(params: Mapping[str, Any]) -> int:
     """Vocabulary of the token grids: the tokenizer's codebook (the data check catches a mismatch)."""
     return int(params["tokenizer"]["codebook_size"])
@@ -57,7 +90,9 @@ def model_name(params: Mapping[str, Any], kind: str) -> str:
 def build_study_model(params: Mapping[str, Any], kind: str, **overrides) -> nn.Module:
     """The registry model named by train.<kind>_model, initialised from a seed of its own."""
     from arpg.config import token_grid
+    from arpg.engine.train import STREAM_INIT
     from arpg.models.registry import build_model
+    from arpg.utils import derive_seed, make_generator, seeded_global_rng
 
     name = model_name(params, kind)
     with seeded_global_rng(None):  # module constructors draw default inits (then overwritten) from it
@@ -70,6 +105,7 @@ def build_study_model(params: Mapping[str, Any], kind: str, **overrides) -> nn.M
 def load_study_data(params: Mapping[str, Any]) -> TokenData:
     from arpg.config import token_grid
     from arpg.data.arrays import load_token_labels, load_tokens
+    from arpg.data.tokens import TokenData
 
     layout = params.layout
     splits = ["train", "train_flip"] if params["train"]["use_flipped"] else ["train"]
@@ -118,7 +154,9 @@ def run_train(params, kind: str) -> dict | None:
 
 
 def _run_train(params, kind: str, info, device: torch.device) -> dict | None:
+    from arpg.engine.train import TrainConfig, train
     from arpg.tracking import NullRun, stage_run
+    from arpg.utils import deterministic_algorithms
 
     name = model_name(params, kind)
     cfg = TrainConfig.from_params(params)

@@ -7,6 +7,24 @@ perfect generator would score.
 
 from __future__ import annotations
 
+from arpg.stages import COMPUTE_KEYS, EVAL_METRIC_KEYS, Ctx, Job, Rule, extractors_of, gpu_count, key_list, log_path
+
+
+# --------------------------------------------------------------------------- the stage
+
+def _job(ctx: Ctx, w) -> Job:
+    lay = ctx.layout
+    inputs = tuple(str(p) for split in ("train", "test") for p in (lay.images(split), lay.labels(split)))
+    return Job("train_classifier", {}, ("train-classifier",), inputs,
+               (str(lay.classifier_checkpoint), str(lay.classifier_metrics)),
+               key_list(COMPUTE_KEYS, "classifier", "seed", "data.channels", "data.num_classes", "data.resolution",
+                        EVAL_METRIC_KEYS),  # + the sanity row: real test halves through the evaluate path
+               threads=ctx.params["threads"], gpus=gpu_count(ctx.params), log=log_path(ctx, "train_classifier", w, ()))
+
+
+RULE = Rule("train_classifier", (), _job, lambda p: [{}] if "classifier" in extractors_of(p) else [],
+            desc="Train the small CNN whose features and softmax the classifier metrics use.")
+
 
 def configure(parser) -> None:
     parser.epilog = "Architecture and budget come from the `classifier:` section of the params file."

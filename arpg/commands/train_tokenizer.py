@@ -6,10 +6,28 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from arpg.data.arrays import load_images_NCHW
-from arpg.engine.tokenizer import TokenizerTrainConfig, train_tokenizer
-from arpg.models.vq import VQConfig, load_tokenizer, tokenizer_payload
-from arpg.utils import atomic_torch_save, deterministic_algorithms, resolve_device, write_json
+from arpg.config import NOT_RESULT_KEYS
+from arpg.stages import COMPUTE_KEYS, VQ_KEYS, Ctx, Job, Rule, gpu_count, key_list, log_path, section_keys
+
+
+# --------------------------------------------------------------------------- the stage
+
+def _job(ctx: Ctx, w) -> Job:
+    lay, tok = ctx.layout, ctx.params["tokenizer"]
+    pretrained = tok["pretrained"]
+    inputs = () if pretrained else (str(lay.images("train")),)
+    keys = key_list(COMPUTE_KEYS, VQ_KEYS, "tokenizer.pretrained")
+    if not pretrained:
+        keys += key_list(section_keys(ctx.params, "tokenizer", drop=("eval_images", "tokenize_flip",
+                                                                    *NOT_RESULT_KEYS["tokenizer"])), "seed")
+    return Job("train_tokenizer", {}, ("train-tokenizer",), inputs,
+               (str(lay.tokenizer_checkpoint), str(lay.tokenizer_metrics)), key_list(keys),
+               external=(pretrained,) if pretrained else (), threads=ctx.params["threads"],
+               gpus=0 if pretrained else gpu_count(ctx.params), log=log_path(ctx, "train_tokenizer", w, ()))
+
+
+RULE = Rule("train_tokenizer", (), _job, lambda p: [{}],
+            desc="Train the VQ tokenizer on the training images, or import released weights.")
 
 
 def configure(parser) -> None:
@@ -47,6 +65,11 @@ def run(args, params) -> None:
 def train_from_params(params, run=None, progress: bool = True) -> dict:
     """Train the tokenizer the params describe (resuming from the layout's state file); write
     tokenizer.pt and its metrics JSON; return the summary written."""
+    from arpg.data.arrays import load_images_NCHW
+    from arpg.engine.tokenizer import TokenizerTrainConfig, train_tokenizer
+    from arpg.models.vq import VQConfig, tokenizer_payload
+    from arpg.utils import atomic_torch_save, deterministic_algorithms, resolve_device, write_json
+
     layout = params.layout
     vq_cfg = VQConfig.from_params(params)
     device = resolve_device(params["device"])
@@ -63,6 +86,9 @@ def train_from_params(params, run=None, progress: bool = True) -> dict:
 
 def import_pretrained(params) -> dict:
     """tokenizer.pretrained set: load the LlamaGen checkpoint strictly and write our tokenizer.pt from it."""
+    from arpg.models.vq import VQConfig, load_tokenizer, tokenizer_payload
+    from arpg.utils import atomic_torch_save, write_json
+
     layout = params.layout
     path = Path(params["tokenizer"]["pretrained"])
     vq_cfg = VQConfig.from_params(params)

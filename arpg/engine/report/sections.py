@@ -18,7 +18,7 @@ from arpg.config import unrecorded
 from arpg.decoders import DECODERS, labels, zero_shot_decoder
 from arpg.engine.report.noise import (DIFFERENCE_COLUMNS, Bootstrap, bootstrap_of, difference, interval_text,
                                      judged, noise_section)
-from arpg.engine.report.zeroshot import read_tasks, zero_shot_section
+from arpg.engine.report.zero_shot import read_tasks, zero_shot_section
 from arpg.engine.report.points import (POINT_COLUMNS, Point, csv_row, extractor_of, half_width,
                                        headline_columns, interval_columns, md_row, metric_columns, numeric_leaves,
                                        point_of, read_output, read_points, suffix, sweep_rows, with_interval)
@@ -418,7 +418,7 @@ STAGE_TIME_COLUMNS = ["rule", "jobs", "timed", "wall_s", "longest_s", "longest_j
 def _work_unit(rep: Report, job) -> tuple[str, int] | None:
     """What `job` does, counted (so a cost regression shows per unit, not per study size). It
     annotates wall-clock readings, which no result depends on: like placing work, no read of inputs."""
-    from arpg.zeroshot_plan import cells
+    from arpg.commands.zero_shot import cells
 
     if job.rule == "profile":  # the configurations the profile measured (a skipped one costs nothing)
         rows = read_output(rep.layout.profile_json, "profile")["rows"]

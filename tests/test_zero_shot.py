@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from arpg.engine import sampler as S
-from arpg.engine import zeroshot as Z
+from arpg.engine import zero_shot as Z
 from arpg.errors import ArpgError
 from arpg.models.registry import build_model
 from arpg.models.vq import VQConfig, VQModel
@@ -232,7 +232,7 @@ def test_raster_completion_keeps_the_top_rows_and_reads_them():
 def test_cells_follow_the_params(params_file):
     from arpg.config import load_params
     from arpg import pipeline
-    from arpg.zeroshot_plan import all_cells, cell_models, cells
+    from arpg.commands.zero_shot import all_cells, cell_models, cells
 
     params = load_params(params_file())
     keys = [c.key for c in all_cells(params)]
@@ -275,7 +275,7 @@ def test_zero_shot_command_writes_every_cell_with_intervals(params_file):
     import json
 
     from arpg.cli import main
-    from arpg.zeroshot_plan import cells
+    from arpg.commands.zero_shot import cells
 
     params = _measured_study(params_file)
     for task in params["zeroshot"]["tasks"]:

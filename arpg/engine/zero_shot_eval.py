@@ -1,4 +1,4 @@
-"""`arpg zero-shot`: zero-shot editing measured on the test split, cell by cell (arpg/zeroshot_plan.py).
+"""`arpg zero-shot`: zero-shot editing measured on the test split, cell by cell (arpg/commands/zero_shot.py).
 
 Every cell is decoded at the step sweep's guidance (sample.cfg_default), with the source image's
 label as the class, and measured like a sweep point (bootstrap.evaluate_images: FID / KID /
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from arpg.decoders import DECODERS
-from arpg.engine.zeroshot import complete, expand_resolution, known_count, known_mask, pick_images
-from arpg.zeroshot_plan import CONTINUATION, EXPANSION, Cell
+from arpg.engine.zero_shot import complete, expand_resolution, known_count, known_mask, pick_images
+from arpg.commands.zero_shot import CONTINUATION, EXPANSION, Cell
 
 MASK_STREAM, DECODE_STREAM = 0x2E40, 0x2E41  # seed streams: the masks, the decoding draws
 PSNR_TEXT = {  # what a cell's `psnr` compares (uint8 pixels, peak 255, mean over images)
@@ -95,7 +95,7 @@ def _edit_batch(cell: Cell, params, model, tokenizer, src: Sources, rows: slice,
     from arpg.data.pixels import to_uint8
     from arpg.engine.image_metrics import masked_psnr
     from arpg.engine.sampler import generate_raster
-    from arpg.engine.zeroshot import pixel_mask
+    from arpg.engine.zero_shot import pixel_mask
 
     labels_B, tokens_Bhw = src.labels_N[rows], src.tokens_Nhw[rows]
     B, side = tokens_Bhw.shape[0], tokens_Bhw.shape[-1]

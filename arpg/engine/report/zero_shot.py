@@ -11,7 +11,7 @@ from arpg.engine.report.points import Point, read_output, with_interval
 from arpg.engine.report.text import fmt, markdown_table, signed
 from arpg.paths import SweepPoint, format_cfg
 from arpg.tracking import experiment_name
-from arpg.zeroshot_plan import CONTINUATION, EXPANSION
+from arpg.commands.zero_shot import CONTINUATION, EXPANSION
 
 EXPANSION_SHARE = 0.8  # expansion must keep this share of unconditional sampling's accuracy (issue #17)
 TABLE_HEAD = ["task", "mask", "known", "model", "steps", "known kept"]

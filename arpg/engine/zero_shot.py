@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from arpg.engine.sampler import Context, SamplerConfig, generate_arpg
 from arpg.errors import ArpgError
-from arpg.zeroshot_plan import CONTINUATION, EXPANSION, TASKS
+from arpg.commands.zero_shot import CONTINUATION, EXPANSION, TASKS
 
 EXPANSIONS = ("extend", "interpolate")
 # Masks of the measured edits (`arpg zero-shot`): a region grown cell by cell from a centre point, so it
