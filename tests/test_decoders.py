@@ -196,7 +196,7 @@ def test_the_report_compares_every_step_count_with_each_sequential_baseline(toy_
     from arpg.engine.report.noise import noise_comparisons
     from arpg.engine.report.points import read_points
 
-    points = read_points(toy_study, toy_study.layout)
+    points = read_points([j for j in pipeline.jobs(toy_study) if j.rule == "evaluate"], toy_study.layout)
     pairs = [(s.point_label(a.point), s.point_label(b.point)) for s, a, b in noise_comparisons(toy_study, points)
              if s.name == "steps"]
     steps = sorted({p.point.steps for p in points if p.point.model == "arpg" and p.point.order == "random"

@@ -7,13 +7,17 @@ timings were taken. Quality figures carry the bootstrap intervals `arpg evaluate
 stored beside them, and "Which differences exceed the noise" tests the sweeps'
 differences against them.
 
-`sections.build` writes it, one function per section; the sweep points are read in `points`,
-the noise test is `noise`, the speed tables `speed`, the markdown helpers `text`, the figures
+`sections.build` writes it, one function per section (prose and tables), into a `document.Report`
+(the folder, the study's jobs planned once, every file written); the sweep points are read in
+`points`, the noise test is `noise`, the speed tables `speed`, the zero-shot section `zero_shot`, the
+stage-time table `stage_times`, DVC's plot series `plots`, the markdown helpers `text`, the figures
 `arpg.figures`.
 """
 
 from arpg.engine.report.points import Point, extractor_of, numeric_leaves, point_of, read_points
-from arpg.engine.report.sections import EXTRACTOR_TEXT, METRICS_JSON, PARETO_CSV, build, plot_specs
+from arpg.engine.report.document import METRICS_JSON, PARETO_CSV
+from arpg.engine.report.plots import plot_specs
+from arpg.engine.report.sections import EXTRACTOR_TEXT, build
 from arpg.engine.report.speed import pareto_front, pareto_pairs
 
 __all__ = ["EXTRACTOR_TEXT", "METRICS_JSON", "PARETO_CSV", "Point", "build", "extractor_of", "numeric_leaves",

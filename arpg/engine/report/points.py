@@ -83,11 +83,10 @@ def point_of(job: pipeline.Job) -> SweepPoint:
     return SweepPoint(w["model"], int(w["steps"]), float(w["cfg"]), w["order"])
 
 
-def read_points(params, layout: Layout) -> list[Point]:
+def read_points(evaluate_jobs: list[pipeline.Job], layout: Layout) -> list[Point]:
+    """Each evaluated sweep point's metrics file, read."""
     points = []
-    for job in pipeline.jobs(params):
-        if job.rule != "evaluate":
-            continue
+    for job in evaluate_jobs:
         point = point_of(job)
         doc = read_output(layout.metrics(point), f"evaluate --model {point.model} --steps {point.steps} "
                          f"--cfg {format_cfg(point.cfg)} --order {point.order}")

@@ -6,29 +6,29 @@ through `Report`, which records every written path.
 
 from __future__ import annotations
 
-import json
-import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from arpg import figures, pipeline
-from arpg.config import unrecorded
+from arpg import figures
 from arpg.decoders import DECODERS, labels, zero_shot_decoder
+from arpg.engine.profile.results import PRECISION_SPEEDUP_COLUMNS, precision_suffix
+from arpg.engine.report.document import (COPIED_DIRS, FID_PNG, METRICS_JSON, PARETO_CSV, SPEED_CSV, STRATEGIES_PNG,
+                                         Report)
 from arpg.engine.report.noise import (DIFFERENCE_COLUMNS, Bootstrap, bootstrap_of, difference, interval_text,
                                      judged, noise_section)
-from arpg.engine.report.zero_shot import read_tasks, zero_shot_section
-from arpg.engine.report.points import (POINT_COLUMNS, Point, csv_row, extractor_of, half_width,
-                                       headline_columns, interval_columns, md_row, metric_columns, numeric_leaves,
-                                       point_of, read_output, read_points, suffix, sweep_rows, with_interval)
-from arpg.engine.profile.results import PRECISION_SPEEDUP_COLUMNS, precision_suffix
+from arpg.engine.report.plots import write_plot_series
+from arpg.engine.report.points import (POINT_COLUMNS, Point, csv_row, extractor_of, half_width, headline_columns,
+                                       interval_columns, md_row, metric_columns, numeric_leaves, point_of,
+                                       read_output, read_points, sweep_rows, with_interval)
 from arpg.engine.report.speed import GAIN_COLUMNS, SPEED_COLUMNS, hardware, pareto_front, pareto_pairs, speed_rows
+from arpg.engine.report.stage_times import stage_times_section
 from arpg.engine.report.text import markdown_kv, markdown_table, signed
-from arpg.errors import ArpgError
+from arpg.engine.report.zero_shot import read_tasks, zero_shot_section
 from arpg.paths import format_cfg
 from arpg.sweeps import SWEEPS
-from arpg.utils import atomic_path, atomic_write_text, write_csv, write_json
+from arpg.utils import write_json
 
 # What each evaluate.extractors entry measures in (stated next to every metric).
 EXTRACTOR_TEXT = {
@@ -39,65 +39,6 @@ EXTRACTOR_TEXT = {
     "inception": "Inception-v3 from the user-given weights file `evaluate.inception_weights` "
                  "(paper protocol; samples also exported as an ADM `.npz`)",
 }
-# Files of report.dir that DVC's `plots:` also names (plot_specs).
-FID_PNG, SPEED_CSV = "fid_vs_steps.png", "speed.csv"
-PARETO_CSV = "pareto.csv"  # the quality-vs-speed pairs (arpg report logs them onto MLflow runs too)
-STRATEGIES_PNG = "quality_vs_steps_strategies.png"
-# The headline numbers (the report's MLflow metrics): DVC's `metrics:`, what `dvc exp show` compares.
-METRICS_JSON = "metrics.json"
-# Folders of report.dir that hold only what one build writes: copies, and the plot series.
-PLOTS_DIR = "plots"
-COPIED_DIRS = ("grids", "gallery", PLOTS_DIR)
-
-
-def fid_vs_steps_series(model: str) -> str:
-    """One decoder's step sweep (native order, cfg_default): a line of DVC's fid_vs_steps plot."""
-    return f"{PLOTS_DIR}/fid_vs_steps-{model}.csv"
-
-
-def fid_vs_img_s_series(model: str) -> str:
-    """The same points against their measured images/s (the profile's largest batch at sample.precision)."""
-    return f"{PLOTS_DIR}/fid_vs_img_s-{model}.csv"
-
-
-@dataclass
-class Report:
-    """The report being written: its params, its folder, and what it wrote so far."""
-
-    params: Any
-    out: Path
-    rules: frozenset[str]  # the pipeline rules this study runs (optional stages: profile, tokenize, ...)
-    written: list[Path] = field(default_factory=list)
-    headline: dict[str, float] = field(default_factory=dict)  # MLflow metrics of the report
-
-    @classmethod
-    def open(cls, params, out_dir: Path | None) -> "Report":
-        """report.dir (or `out_dir`), once every stage output the report reads exists."""
-        for required in pipeline.report_inputs(params, params.layout):
-            if not Path(required).is_file():
-                raise ArpgError(f"{required} not found: the report needs every stage output; "
-                                "run `snakemake --cores all` (or the stage that writes it) first")
-        out = Path(out_dir or params["report"]["dir"])
-        out.mkdir(parents=True, exist_ok=True)
-        return cls(params, out, frozenset(j.rule for j in pipeline.jobs(params)))
-
-    @property
-    def layout(self):
-        return self.params.layout
-
-    def csv(self, name: str, rows: list[Mapping[str, Any]], cols: list[str] | None = None) -> None:
-        self.written.append(write_csv(self.out / name, rows, cols))
-
-    def figure(self, path: Path) -> None:
-        self.written.append(path)
-
-    def copy(self, src: Path, name: str) -> None:
-        with atomic_path(self.out / name, Path(name).suffix) as tmp:
-            shutil.copyfile(src, tmp)
-        self.written.append(self.out / name)
-
-    def text(self, name: str, text: str) -> None:
-        self.written.append(atomic_write_text(self.out / name, text))
 
 
 @dataclass(frozen=True)
@@ -128,8 +69,9 @@ class Quality:
         return headline_columns(self.cols)
 
 
-def read_quality(params) -> Quality:
-    points = read_points(params, params.layout)
+def read_quality(rep: Report) -> Quality:
+    params = rep.params
+    points = read_points(rep.jobs_of("evaluate"), params.layout)
     return Quality(points, metric_columns(points), bootstrap_of(points),
                    {s.name: sweep_rows(params, s, points) for s in SWEEPS.values()})
 
@@ -137,7 +79,7 @@ def read_quality(params) -> Quality:
 def build(params, out_dir: Path | None = None) -> dict[str, Any]:
     """Write the report into report.dir (or `out_dir`); returns headline numbers and written paths."""
     rep = Report.open(params, out_dir)
-    quality = read_quality(params)
+    quality = read_quality(rep)
     md = _title(rep)
     md += _data(rep)
     md += _extractors(rep, quality)
@@ -152,8 +94,8 @@ def build(params, out_dir: Path | None = None) -> dict[str, Any]:
     md += _grids(rep, quality)
     md += _zero_shot(rep, quality)
     md += _galleries(rep)
-    md += _stage_times(rep)
-    _plot_series(rep, quality)
+    md += stage_times_section(rep)
+    write_plot_series(rep, quality.sweep, quality.fid_cols)
     rep.text("README.md", "\n".join(md))
     rep.headline.update(_fid_headline(quality))
     write_json(rep.out / METRICS_JSON, rep.headline)
@@ -378,7 +320,7 @@ def _grids(rep: Report, q: Quality) -> list[str]:
     """Every sample grid copied into grids/<model>/<tag>.png; those of the steps sweep shown."""
     md = ["## Sample grids\n"]
     shown = {p.point for p in q.sweep}
-    for job in [j for j in pipeline.jobs(rep.params) if j.rule == "sample"]:
+    for job in rep.jobs_of("sample"):
         p = point_of(job)
         rep.copy(rep.layout.sample_grid(p), f"grids/{p.model}/{p.tag}.png")
         if p in shown:
@@ -411,137 +353,3 @@ def _galleries(rep: Report) -> list[str]:
     return md
 
 
-STAGE_TIME_COLUMNS = ["rule", "jobs", "timed", "wall_s", "longest_s", "longest_job", "cpu_s", "max_rss_mib",
-                      "unit", "units", "cpu_ms_per_unit"]
-
-
-def _work_unit(rep: Report, job) -> tuple[str, int] | None:
-    """What `job` does, counted (so a cost regression shows per unit, not per study size). It
-    annotates wall-clock readings, which no result depends on: like placing work, no read of inputs."""
-    from arpg.commands.zero_shot import cells
-
-    if job.rule == "profile":  # the configurations the profile measured (a skipped one costs nothing)
-        rows = read_output(rep.layout.profile_json, "profile")["rows"]
-        return "configurations", sum(r["status"] == "ok" for r in rows)
-    params = unrecorded(rep.params)
-    gallery = params["gallery"]
-    if job.rule in ("sample", "evaluate"):
-        return "images", params["data"]["num_classes"] * params["sample"]["num_per_class"]
-    if job.rule == "zero_shot":
-        return "cells", len(cells(params, job.wildcards["task"]))
-    return {
-        "train_tokenizer": ("steps", params["tokenizer"]["max_steps"]),
-        "train": ("steps", params["train"]["max_steps"]),
-        "train_classifier": ("epochs", params["classifier"]["epochs"]),
-        "gallery": ("images", len(gallery["tasks"]) * gallery["num_images"] * gallery["samples"]),
-    }.get(job.rule)
-
-
-def _benchmark(path: Path, usage: Path | None = None) -> dict[str, float] | None:
-    """Snakemake's benchmark record of one job (its last line: the last run), or None. A job forked
-    by the warm server (arpg/warm.py) wrote its CPU time and peak memory to `usage`: they replace
-    the benchmark's, which measured only the client process."""
-    if not path.is_file():
-        return None
-    lines = [line.split("\t") for line in path.read_text().splitlines() if line.strip()]
-    if len(lines) < 2:
-        return None
-    row = dict(zip(lines[0], lines[-1]))
-
-    def number(key: str) -> float:
-        try:
-            return float(row.get(key, "nan"))
-        except ValueError:  # "NA" where psutil could not measure
-            return float("nan")
-
-    if not math.isfinite(number("s")):
-        return None
-    record = {"s": number("s"), "cpu_time": number("cpu_time"), "max_rss": number("max_rss")}
-    if usage is not None and usage.is_file():
-        record.update({k: float(v) for k, v in json.loads(usage.read_text()).items() if k in record})
-    return record
-
-
-def _stage_times(rep: Report) -> list[str]:
-    """Per rule: wall and CPU time and peak memory of its jobs, from Snakemake's `benchmark:` files."""
-    rows, all_jobs = [], pipeline.jobs(rep.params)
-    for rule in pipeline.RULES:
-        jobs = [j for j in all_jobs if j.rule == rule and rule != "report"]
-        if not jobs:
-            continue
-        timed = [(j, b) for j in jobs if (b := _benchmark(Path(j.benchmark), Path(j.usage))) is not None]
-        longest = max(timed, key=lambda jb: jb[1]["s"], default=None)
-        rows.append({"rule": rule, "jobs": len(jobs), "timed": len(timed),
-                     "wall_s": round(sum(b["s"] for _, b in timed), 1) if timed else None,
-                     "longest_s": round(longest[1]["s"], 1) if longest else None,
-                     "longest_job": longest[0].key if longest else None,
-                     "cpu_s": round(sum(b["cpu_time"] for _, b in timed), 1) if timed else None,
-                     "max_rss_mib": round(max(b["max_rss"] for _, b in timed)) if timed else None})
-        counted = [u for j, _ in timed if (u := _work_unit(rep, j)) is not None]
-        if counted and len(counted) == len(timed) and (units := sum(n for _, n in counted)):
-            cpu_s = rows[-1]["cpu_s"]
-            rows[-1].update(unit=counted[0][0], units=units,
-                            cpu_ms_per_unit=round(1000 * cpu_s / units, 1) if math.isfinite(cpu_s) else None)
-    rep.csv("stage_times.csv", rows, STAGE_TIME_COLUMNS)
-    md = ["## Stage times\n",
-          "Read from Snakemake's `benchmark:` files (`" + pipeline.log_dir(rep.params) + "/<rule>/...tsv`, beside the logs; "
-          "one per job, written where the job ran; the report's own job is not in it). `wall_s` and `cpu_s` "
-          "sum the rule's jobs; jobs of one rule may have run in parallel. `max_rss_mib`: the largest job's "
-          "peak resident memory. A job forked by the warm server (arpg/warm.py) reports its own CPU time and "
-          "memory beside its log (`.usage`), since Snakemake measures only the process that handed it over; the "
-          "profile reports its CPU time with its configurations' short-lived processes, which Snakemake's "
-          "sampling misses. "
-          "`cpu_ms_per_unit`: CPU milliseconds per unit of work (training step, image, zero-shot cell, "
-          "profiled configuration) over the timed jobs. These are wall-clock readings of the machine that "
-          "ran the study; no result depends on them.\n"]
-    if not any(r["timed"] for r in rows):
-        md.append("No benchmark files were found: the study was not run by Snakemake here (`dvc repro` "
-                  "writes none), so there are no stage times.\n")
-        return md
-    total = sum(r["wall_s"] or 0 for r in rows)
-    md.append(markdown_table(rows, STAGE_TIME_COLUMNS))
-    md.append(f"Sum of all jobs' wall times: {total / 60:.1f} min.\n")
-    return md
-
-
-def _plot_fid_columns(params) -> list[str]:
-    return [f"fid_{suffix(x)}" for x in params["evaluate"]["extractors"]]
-
-
-def _plot_series(rep: Report, q: Quality) -> None:
-    """The CSVs behind DVC's plots (plot_specs): one file per decoder, so each is its own line; every
-    file is written, header only where a decoder has no such points."""
-    fids = _plot_fid_columns(rep.params)
-    timed: dict[tuple, dict] = {}
-    if "profile" in rep.rules and q.fid_cols:
-        speed = speed_rows(read_output(rep.layout.profile_json, "profile"))
-        pairs = pareto_pairs(q.sweep, speed, q.fid_cols[0], rep.params["sample"]["precision"])
-        timed = {(r["model"], r["steps"]): r for r in pairs}
-    (rep.out / PLOTS_DIR).mkdir(exist_ok=True)
-    for model in DECODERS:
-        sweep = [p for p in q.sweep if p.point.model == model]
-        point_cols = {"steps": None, "cfg": None, "order": None}
-        rows = [{"steps": p.point.steps, "cfg": format_cfg(p.point.cfg), "order": p.point.order,
-                 **{c: p.metrics.get(c) for c in fids}} for p in sweep]
-        rep.csv(fid_vs_steps_series(model), rows, [*point_cols, *fids])
-        speed_of = [{**r, "img_s": timed[model, r["steps"]]["img_s"], "batch": timed[model, r["steps"]]["batch"]}
-                    for r in rows if (model, r["steps"]) in timed]
-        rep.csv(fid_vs_img_s_series(model), sorted(speed_of, key=lambda r: r["img_s"]),
-                ["img_s", "batch", *point_cols, *fids])
-
-
-def plot_specs(params) -> list[tuple[str, Any]]:
-    """DVC `plots:` entries: one line per decoder (a file each), and the report's PNG figures."""
-    out = Path(params["report"]["dir"])
-    fid = _plot_fid_columns(params)
-    return [
-        ("fid_vs_steps", {"template": "linear", "x": "steps",
-                          "y": {str(out / fid_vs_steps_series(m)): fid for m in DECODERS},
-                          "title": "FID vs decoding steps (native order, cfg_default), one line per decoder"}),
-        ("fid_vs_images_per_s", {"template": "linear", "x": "img_s",
-                                 "y": {str(out / fid_vs_img_s_series(m)): fid for m in DECODERS},
-                                 "title": "FID vs images/s (the profile's largest batch), one line per decoder"}),
-        ("fid_vs_steps_image", str(out / FID_PNG)),
-        ("throughput_image", str(out / figures.THROUGHPUT)),
-        ("memory_image", str(out / figures.MEMORY)),
-    ]
