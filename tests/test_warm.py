@@ -1,4 +1,4 @@
-"""The warm server (arpg/warm.py): a forked job behaves as the process itself would."""
+"""The warm server (arpg/warm.py, arpg/warm_server.py): a forked job behaves as the process itself would."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def server(tmp_path_factory):
     path = str(folder / "s.sock")
     code = (
         "import os, signal, sys, time\n"
-        "import arpg.cli as cli, arpg.warm as warm\n"
+        "import arpg.cli as cli, arpg.warm_server as warm_server\n"
         "real = cli.run_command\n"
         "def run_command(argv):\n"
         "    if argv[:1] != ['sleep-then-term']:\n"
@@ -52,7 +52,7 @@ def server(tmp_path_factory):
         "    time.sleep(120)\n"
         "    return 0\n"
         "cli.run_command = run_command\n"
-        f"warm.serve({path!r}, os.getpid() and os.getppid())\n")
+        f"warm_server.serve({path!r}, os.getpid() and os.getppid())\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO_ROOT)
     _wait_listening(path, proc)
