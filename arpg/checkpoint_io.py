@@ -1,5 +1,7 @@
-"""The artifact readers (every torch.load and every .npz read in arpg goes through here) and the one
-strict key check.
+"""The artifact readers and the one strict key check: every artifact arpg reads back (checkpoints,
+.npy arrays, .npz archives, JSON outputs) goes through one of `read_checkpoint`, `read_npy`,
+`read_npz`, `read_json`, which turn a missing, truncated or damaged file into a message naming the
+file and the command that remakes it (never a bare traceback).
 
 Unpickling runs with weights_only=True: it may rebuild tensors, containers, numbers and strings, plus
 argparse.Namespace (released LlamaGen / ARPG training files pickle their `args`). A file that needs any
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import pickle
 import re
@@ -73,6 +76,35 @@ def read_npz(path: str | os.PathLike, what: str, *, written_by: str, keys: tuple
         raise DataError(f"{what} {path} lacks {', '.join(lacking)} (has {', '.join(arrays) or 'nothing'}); "
                         f"delete it and rerun `{written_by}`")
     return arrays
+
+
+def read_npy(path: str | os.PathLike, what: str, *, written_by: str, mmap: bool = True):
+    """A .npy array the pipeline wrote (no pickles), memory-mapped unless `mmap` is false; a missing
+    or damaged one is named with the command that remakes it."""
+    import numpy as np
+
+    from arpg.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found at {path}; run `{written_by}` (or `snakemake --cores all`) first")
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - truncated, bad header, a pickle: one message
+        raise DataError(_unreadable(path, what, written_by, exc)) from exc
+
+
+def read_json(path: str | os.PathLike, what: str, *, written_by: str) -> Any:
+    """A JSON file the pipeline wrote; a missing or damaged one is named with the command that remakes it."""
+    from arpg.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found at {path}; run `{written_by}` (or `snakemake --cores all`) first")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DataError(_unreadable(path, what, written_by, exc)) from exc
 
 
 def _unreadable(path: Path, what: str, written_by: str | None, exc: Exception) -> str:

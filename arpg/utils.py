@@ -188,13 +188,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise ArpgError(f"{path} not found; run the stage that writes it first (snakemake builds it)")
-    return json.loads(path.read_text())
-
-
 def _json_default(obj: Any):
     from collections.abc import Mapping
 

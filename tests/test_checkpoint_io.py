@@ -197,3 +197,111 @@ def test_npz_reader_names_a_missing_truncated_or_pickled_archive(tmp_path):
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(DataError, match=r"is unreadable \(\w+: .*\); delete it and rerun `arpg make-it`$"):
         read_npz(path, "stats", written_by="arpg make-it")
+
+
+# --------------------------------------------------------------------------- every artifact kind, damaged
+
+def _npy(path: Path, array) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, array)
+
+
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:120])  # a copy cut short (the header of each kind survives, or not)
+
+
+def _valid_tokenizer(params) -> None:
+    from arpg.models.vq import VQConfig, VQModel, tokenizer_payload
+    from arpg.utils import atomic_torch_save, seeded_global_rng
+
+    with seeded_global_rng(0):
+        model = VQModel(VQConfig.from_params(params))
+    atomic_torch_save(tokenizer_payload(model), params.layout.tokenizer_checkpoint)
+
+
+def _images(params, split: str) -> None:
+    lay, n = params.layout, params["data"]["num_classes"] * 2
+    _npy(lay.images(split), np.zeros((n, 32, 32, 1), np.uint8))
+    _npy(lay.labels(split), np.arange(n, dtype=np.int64) % params["data"]["num_classes"])
+
+
+def _case_images(params):
+    _images(params, "train")
+    _cut(params.layout.images("train"))
+    return ["train-tokenizer"], params.layout.images("train"), "prepared train images", "arpg prepare-data"
+
+
+def _case_tokens(params):
+    lay = params.layout
+    _npy(lay.tokens("train"), np.zeros((20, 8, 8), np.int16))
+    _npy(lay.token_labels("train"), np.zeros(20, np.int64))
+    _cut(lay.tokens("train"))
+    return ["train", "--model", "arpg"], lay.tokens("train"), "train token grids", "arpg tokenize"
+
+
+def _case_tokenizer(params):
+    _valid_tokenizer(params)
+    _cut(params.layout.tokenizer_checkpoint)
+    return ["tokenize"], params.layout.tokenizer_checkpoint, "tokenizer checkpoint", "arpg train-tokenizer"
+
+
+def _case_generator(params):
+    _valid_tokenizer(params)
+    path = params.layout.model_checkpoint("arpg")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"PK\x03\x04 cut short")
+    return (["sample", "--model", "arpg", "--steps", "4", "--cfg", "2.0", "--order", "random"], path,
+            "generator checkpoint", "arpg train --model arpg")
+
+
+def _case_classifier(params):
+    _images(params, "test")
+    path = params.layout.classifier_checkpoint
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"PK\x03\x04 cut short")
+    return ["reference-stats", "--extractor", "classifier"], path, "classifier checkpoint", "arpg train-classifier"
+
+
+def _samples(params):
+    from arpg.paths import SweepPoint
+
+    path = params.layout.samples(SweepPoint("arpg", 4, 2.0, "random"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, arr_0=np.zeros((20, 32, 32, 1), np.uint8), labels=np.arange(20) % 10,
+             tokens=np.zeros((20, 8, 8), np.int16))
+    return path
+
+
+_EVALUATE = ["evaluate", "--model", "arpg", "--steps", "4", "--cfg", "2.0", "--order", "random"]
+
+
+def _case_samples(params):
+    path = _samples(params)
+    _cut(path)
+    return _EVALUATE, path, "samples of arpg steps4_cfg2.0_random", "arpg sample --model arpg --steps 4"
+
+
+def _case_reference(params):
+    _samples(params)
+    lay = params.layout
+    lay.classifier_checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    lay.classifier_checkpoint.write_bytes(b"weights")  # only hashed before the reference is read
+    path = lay.reference_stats("classifier", "test")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, features=np.zeros((20, 4)))
+    _cut(path)
+    return _EVALUATE, path, "reference statistics for classifier", "arpg reference-stats --extractor classifier"
+
+
+@pytest.mark.parametrize("case", [_case_images, _case_tokens, _case_tokenizer, _case_generator, _case_classifier,
+                                  _case_samples, _case_reference], ids=lambda f: f.__name__[6:])
+def test_each_artifact_kind_damaged_is_named_with_the_command_that_remakes_it(case, params_file, capsys):
+    """Arrays (.npy), checkpoints (.pt) and archives (.npz), cut short, given to the command that reads
+    them: exit 2, the file named, the command that remakes it, no traceback. (JSON outputs: the
+    report's, tests/test_report.py.)"""
+    params = load_params(params_file("configs/smoke.yaml", **{"tracking.enabled": False}))
+    argv, path, what, remake = case(params)
+    assert main([argv[0], "--params", str(params.path), *argv[1:]]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{what} {path} is unreadable (" in err, err
+    assert f"delete it and rerun `{remake}" in err, err

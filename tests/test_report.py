@@ -227,6 +227,18 @@ def test_missing_stage_output_is_named(study):
         report.build(study)
 
 
+def test_a_damaged_stage_output_is_named_with_the_command_that_remakes_it(study, capsys):
+    from arpg.cli import main
+
+    job = next(j for j in pipeline.jobs(study) if j.rule == "evaluate")
+    victim = study.layout.metrics(report.point_of(job))
+    victim.write_text(victim.read_text()[:40])  # a JSON cut short
+    assert main(["report", "--params", str(study.path)]) == 2
+    err = capsys.readouterr().err
+    assert f"stage output {victim} is unreadable (JSONDecodeError: " in err and "Traceback" not in err
+    assert err.rstrip().endswith(f"delete it and rerun `arpg {' '.join(job.args)}`")
+
+
 def test_pareto_front_matches_brute_force():
     rng = np.random.default_rng(0)
     pairs = [{"img_s": float(s), "fid": float(f)} for s, f in zip(rng.integers(1, 20, 40), rng.integers(1, 20, 40))]

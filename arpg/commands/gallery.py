@@ -85,13 +85,10 @@ def panel(result: dict, row_labels: list[str], column_labels: list[str]):
 
 def class_names(params) -> list[str]:
     """The data's class names, from the manifest `arpg prepare-data` wrote."""
-    from arpg.errors import DataError
-    from arpg.utils import read_json
+    from arpg.checkpoint_io import read_json
 
-    path = params.layout.data_manifest
-    if not path.is_file():
-        raise DataError(f"{path} not found: the gallery labels rows with its class names; run `arpg prepare-data`")
-    return list(read_json(path)["class_names"])
+    return list(read_json(params.layout.data_manifest, "the data manifest (the gallery labels rows with its class "
+                          "names)", written_by="arpg prepare-data")["class_names"])
 
 
 def run(args, params) -> None:

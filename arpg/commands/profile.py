@@ -34,8 +34,7 @@ def configure(parser) -> None:
 
 
 def run(args, params) -> None:
-    import json
-
+    from arpg.checkpoint_io import read_json
     from arpg.config import unrecorded
     from arpg.engine import profile as prof
     from arpg.figures import profile_figures
@@ -60,7 +59,8 @@ def run(args, params) -> None:
         record_own_usage()  # the stage times' CPU of this job includes its configurations'
         bar.close()
         if args.model and layout.profile_json.is_file():
-            kept = [r for r in json.loads(layout.profile_json.read_text())["rows"] if r["model"] not in args.model]
+            earlier = read_json(layout.profile_json, "the profile", written_by="arpg profile")
+            kept = [r for r in earlier["rows"] if r["model"] not in args.model]
             rows = kept + rows
         meta = {**prof.environment(), "params_file": str(params.path), "params_hash": params.digest,
                 "profile": params["profile"]}

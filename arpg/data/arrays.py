@@ -11,12 +11,9 @@ SPLITS = ("train", "test")
 
 
 def _load(path, what: str, stage: str = "prepare-data") -> np.ndarray:
-    if not path.is_file():
-        raise DataError(f"{what} not found at {path}; run `arpg {stage}` (or `snakemake --cores all`) first")
-    try:
-        return np.load(path, mmap_mode="r")
-    except (ValueError, OSError) as exc:
-        raise DataError(f"{what} at {path} is unreadable ({exc}); delete it and rerun `arpg {stage}`") from exc
+    from arpg.checkpoint_io import read_npy
+
+    return read_npy(path, what, written_by=f"arpg {stage}")
 
 
 def load_images(layout: Layout, split: str) -> np.ndarray:

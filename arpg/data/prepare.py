@@ -320,10 +320,13 @@ def prepare(params) -> dict:
             manifest["skipped"] += [dict(s, split=split) for s in skipped]
             manifest["splits"][split] = {}
 
+    from arpg.checkpoint_io import read_npy
+
     n_found = len(manifest["class_names"])
     for split in ("train", "test"):
-        images = np.load(layout.images(split), mmap_mode="r")
-        labels = np.load(layout.labels(split))
+        images = read_npy(layout.images(split), f"prepared {split} images", written_by="arpg prepare-data")
+        labels = np.asarray(read_npy(layout.labels(split), f"prepared {split} labels",
+                                     written_by="arpg prepare-data"))
         counts = np.bincount(labels, minlength=n_found)
         if images.shape[0] == 0:
             raise DataError(f"no usable {split} images in {data['path']} (see skipped files in {layout.data_manifest})")

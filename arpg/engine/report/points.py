@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from arpg import pipeline
+from arpg.checkpoint_io import read_json
 from arpg.decoders import DECODERS
 from arpg.engine.report.text import fmt
 from arpg.errors import ArpgError
@@ -46,10 +46,7 @@ def read_output(path: Path, stage: str) -> Any:
     if not path.is_file():
         raise ArpgError(f"{path} not found: the report needs the output of `arpg {stage}`; "
                         "run the pipeline (`snakemake --cores all`) or that stage first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArpgError(f"{path} is not valid JSON ({exc}); rerun `arpg {stage}`") from exc
+    return read_json(path, "stage output", written_by=f"arpg {stage}")
 
 
 def numeric_leaves(obj: Any, prefix: str = "") -> dict[str, float]:
