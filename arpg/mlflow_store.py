@@ -159,14 +159,11 @@ attached as an artifact; tag `arpg.params_file` says where it was), one child ru
 (tag `arpg.stage`, the job's log under `logs/`). The parent's status is the study's outcome.
 
 **Quality against speed.** Each sweep point's `evaluate-<model>-steps<S>_cfg<C>_<order>` run has
-params `model`, `steps`, `cfg`, `order` and metrics `fid_<extractor>`, `accuracy_classifier`, ... and
-`img_s`: images per second of the point's own `arpg sample` job (decoding and pixel decoding, one
-run, whatever else the machine ran: tags `arpg.img_s.*` give CPU, threads, batch size, load average).
-Where the profile timed the point's steps and order, also `img_s_profile`: the profile stage's
-measurement (warm-up, repeats, median), the speed the report's quality-vs-speed table and
-`fid_vs_throughput.png` use. To plot FID against images/s: search `tags.`arpg.stage` = 'evaluate'`
-(the runs then show un-nested), select the runs, *Compare*, scatter plot x `img_s_profile` (or
-`img_s`), y `fid_classifier`.
+params `model`, `steps`, `cfg`, `order` and metrics `fid_<extractor>`, `accuracy_classifier`, ...;
+its `sample-...` run has `img_s`: images per second of that one job (decoding and pixel decoding,
+whatever else the machine ran: tags `arpg.img_s.*` give CPU, threads, batch size, load average).
+The report joins quality and speed from the stage files: its run's artifacts `report/pareto.csv`
+and `report/fid_vs_throughput.png` pair each point's FID with the profile's measured images/s.
 """
 
 

@@ -68,7 +68,7 @@ def test_retry_on_database_locked(monkeypatch):
             raise sqlite3.OperationalError("database is locked")
         return "ok"
 
-    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    monkeypatch.setattr("arpg.mlflow_store.time.sleep", lambda s: None)
     assert tracking.with_retry(flaky) == "ok" and calls["n"] == 3
     with pytest.raises(ValueError):
         tracking.with_retry(lambda: (_ for _ in ()).throw(ValueError("other")))
@@ -190,7 +190,7 @@ def test_the_experiment_has_a_description_and_the_study_run_its_params_file(para
         pass
     study = _parent(client, run.run_id)
     note = client.get_experiment(study.info.experiment_id).tags[tracking.NOTE_TAG]
-    assert "img_s" in note and "fid_classifier" in note and "arpg.stage" in note
+    assert "img_s" in note and "fid_<extractor>" in note and "pareto.csv" in note and "arpg.stage" in note
     assert [a.path for a in client.list_artifacts(study.info.run_id)] == [params.path.name]
     local = client.download_artifacts(study.info.run_id, params.path.name)
     assert open(local).read() == params.path.read_text()
@@ -280,55 +280,6 @@ def test_system_metrics_are_sampled_unless_turned_off(params_file, monkeypatch):
     client = _client(params)
     assert any(k.startswith("system/cpu") for k in client.get_run(run.run_id).data.metrics)
     assert not any(k.startswith("system/") for k in client.get_run(off.run_id).data.metrics)
-
-
-def test_an_evaluate_run_gets_the_speed_of_the_sample_run_that_drew_its_images(tmp_path, params_file):
-    import numpy as np
-
-    params = load_params(params_file())
-    rng = np.random.default_rng(0)
-    samples, other = tmp_path / "samples.npz", tmp_path / "other.npz"
-    np.savez(samples, arr_0=rng.integers(0, 255, (4, 8, 8, 1), dtype=np.uint8))
-    np.savez(other, arr_0=rng.integers(0, 255, (4, 8, 8, 1), dtype=np.uint8))
-    with tracking.stage_run(params, "sample", "sample-arpg-steps2_cfg2_random") as sample:
-        sample.log_metrics({"img_s": 12.5, "decode_seconds": 3.2})
-        sample.set_tags({tracking.SAMPLES_TAG: tracking.file_sha256(samples), "arpg.img_s.threads": 2})
-    with tracking.stage_run(params, "evaluate", "evaluate-arpg-steps2_cfg2_random") as evaluate:
-        evaluate.log_metrics({"fid_classifier": 40.0})
-        assert tracking.copy_point_speed(evaluate, samples)
-    with tracking.stage_run(params, "evaluate", "evaluate-other") as unmatched:
-        assert not tracking.copy_point_speed(unmatched, other)
-    client = _client(params)
-    run = client.get_run(evaluate.run_id)
-    assert run.data.metrics == {"fid_classifier": 40.0, "img_s": 12.5, "decode_seconds": 3.2}
-    assert run.data.tags["arpg.img_s.threads"] == "2" and run.data.tags["arpg.img_s.sample_run"] == sample.run_id
-    assert "img_s" not in client.get_run(unmatched.run_id).data.metrics
-    assert not tracking.copy_point_speed(tracking.NullRun(), samples)
-
-
-def test_the_report_logs_its_quality_vs_speed_pairs_onto_the_points_evaluate_runs(tmp_path, params_file):
-    from arpg.paths import SweepPoint
-    from arpg.utils import write_json
-
-    params = load_params(params_file())
-    layout = params.layout
-    timed, untimed = SweepPoint("arpg", 2, 2.0, "random"), SweepPoint("arpg", 4, 2.0, "random")
-    runs = {}
-    for point, fid in ((timed, 40.0), (untimed, 30.0)):
-        layout.metrics(point).parent.mkdir(parents=True, exist_ok=True)
-        write_json(layout.metrics(point), {"fid_classifier": fid})
-        with tracking.stage_run(params, "evaluate", f"evaluate-arpg-{point.tag}") as run:
-            run.set_tags({tracking.METRICS_TAG: tracking.file_sha256(layout.metrics(point))})
-        runs[point] = run.run_id
-    pairs = tmp_path / "pareto.csv"
-    pairs.write_text("model,steps,cfg,order,img_s,batch,fid_classifier\narpg,2,2.0,random,123.5,4,40.0\n")
-    with tracking.stage_run(params, "report", closes_study=True) as report:
-        assert tracking.log_profile_speed(report, pairs, layout, {"arpg.img_s_profile.precision": "fp32"}) == 1
-    client = _client(params)
-    got = client.get_run(runs[timed])
-    assert got.data.metrics["img_s_profile"] == 123.5
-    assert got.data.tags["arpg.img_s_profile.batch"] == "4" and got.data.tags["arpg.img_s_profile.precision"] == "fp32"
-    assert "img_s_profile" not in client.get_run(runs[untimed]).data.metrics  # no profile row: none
 
 
 def test_a_decode_that_raises_ends_the_sample_run_failed(params_file, monkeypatch):

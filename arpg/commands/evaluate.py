@@ -45,7 +45,7 @@ def run(args, params) -> None:
     from arpg.engine.bootstrap import BootstrapConfig, evaluate_images
     from arpg.engine.evaluate import export_adm_npz
     from arpg.paths import SweepPoint
-    from arpg.tracking import METRICS_TAG, copy_point_speed, file_sha256, stage_run
+    from arpg.tracking import stage_run
     from arpg.utils import resolve_device, write_json
 
     layout = params.layout
@@ -71,8 +71,6 @@ def run(args, params) -> None:
         run.log_metrics(metrics)
         run.log_metrics({f"{name}_se": v["se"] for name, v in intervals.items() if v["se"] is not None})
         run.log_artifact(layout.metrics(point))
-        run.set_tags({METRICS_TAG: file_sha256(layout.metrics(point))})  # the report finds this run by it
-        copy_point_speed(run, path)  # the point's img_s beside its FID: MLflow's compare view plots them
     for name, value in metrics.items():
         band = intervals.get(name)
         spread = f"  (se {band['se']:.3g}, 95% [{band['lo']:.6g}, {band['hi']:.6g}])" \

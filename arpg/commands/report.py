@@ -30,11 +30,9 @@ def configure(parser) -> None:
 
 
 def run(args, params) -> None:
-    from pathlib import Path
-
     from arpg.config import unrecorded
-    from arpg.engine.report import PARETO_CSV, build
-    from arpg.tracking import log_profile_speed, stage_run
+    from arpg.engine.report import build
+    from arpg.tracking import stage_run
     from arpg.utils import write_json
 
     with stage_run(params, "report", run_params={"report.dir": params["report"]["dir"],
@@ -42,11 +40,7 @@ def run(args, params) -> None:
                    closes_study=True) as run:  # the last job: the study's outcome is known when it ends
         result = build(params)
         run.log_metrics(result["metrics"])
-        run.log_artifact(result["dir"], "report")
-        pairs = next((Path(p) for p in result["paths"] if Path(p).name == PARETO_CSV), None)
-        if pairs is not None:  # the report's quality-vs-speed pairs, onto the points' evaluate runs
-            log_profile_speed(run, pairs, params.layout,
-                              {"arpg.img_s_profile.precision": unrecorded(params)["sample"]["precision"]})
+        run.log_artifact(result["dir"], "report")  # pareto.csv: quality against speed, joined from the files
         write_json(params.layout.report_index, {"dir": str(result["dir"]),
                                                 "files": sorted(str(p) for p in result["paths"])})
         print(f"wrote {len(result['paths'])} files in {result['dir']} (open {result['dir']}/README.md)")
