@@ -129,7 +129,7 @@ def schema() -> dict:
         for key in (d.model_key, d.pretrained_key):
             train["properties"][key] = dict(next(node for pattern, node in patterns.items() if re.search(pattern, key)))
             train["required"].append(key)
-        train["properties"][d.model_key]["enum"] = sizes_of(d.size_kind)  # the sizes that build its network
+        train["properties"][d.model_key]["enum"] = sizes_of(d.network)  # the sizes that build its network
     return doc
 
 

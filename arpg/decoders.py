@@ -7,7 +7,7 @@ name is the `model` wildcard, the `--model` value and its folder under the Layou
 `train.<name>_model` (a size of arpg/models/registry.py) and `train.<name>_pretrained`.
 
 Snakemake imports this module (through arpg/pipeline.py): no torch here. A decoder's network is
-built from its size (arpg/models/registry.py, `size_kind`).
+built from its size (arpg/models/registry.py, `network`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ _NAME = re.compile(r"[a-z][a-z0-9]*")  # no '-' or '_': job keys and params keys
 
 @dataclass(frozen=True)
 class Decoder:
-    name: str            # `model` wildcard, --model value, Layout folder
+    name: str            # the `model` wildcard, --model value, Layout folder (they predate "decoder")
     label: str           # in text: "ARPG", "raster baseline"
-    size_kind: str       # the kind of models/registry.py SIZES it builds
+    network: str         # the network (models/registry.py NETWORKS) its sizes build
     parallel: bool       # True: any step count and order (steps, guidance and orders swept)
     native_order: str    # its order; a sequential decoder decodes only in it, one token per step
     zero_shot: bool = False  # edits images from pre-filled tokens (the gallery)
@@ -57,8 +57,8 @@ class Decoder:
 
 
 DECODERS: dict[str, Decoder] = {d.name: d for d in (
-    Decoder("arpg", "ARPG", size_kind="arpg", parallel=True, native_order="random", zero_shot=True),
-    Decoder("raster", "raster baseline", size_kind="raster", parallel=False, native_order="raster", short="raster"),
+    Decoder("arpg", "ARPG", network="arpg", parallel=True, native_order="random", zero_shot=True),
+    Decoder("raster", "raster baseline", network="raster", parallel=False, native_order="raster", short="raster"),
 )}
 
 

@@ -1,11 +1,11 @@
 """Named model sizes (torch-free): the published ARPG / LlamaGen sizes and the small ones of the
 embedded default. arpg/models/registry.py builds them; the params schema (config.schema) offers
-each decoder the sizes of its kind, so an unknown or mismatched size is refused before any job runs.
+each decoder the sizes of its network, so an unknown or mismatched size is refused before any job runs.
 """
 
 from __future__ import annotations
 
-# name -> (kind, size fields); ffn_multiple_of 256 as published, smaller for the small sizes so the
+# name -> (network, size fields); ffn_multiple_of 256 as published, smaller for the small sizes so the
 # SwiGLU hidden size stays near 8/3 * dim.
 # The embedded default trains for minutes, far from overfitting: dropout would only slow it down.
 # Its models are trained here, not loaded from a release, so they anchor the class token's RoPE
@@ -34,6 +34,6 @@ RASTER_TWIN: dict[str, str] = {"ARPG-T": "LlamaGen-T", "ARPG-S": "LlamaGen-S", "
                                "ARPG-XL": "LlamaGen-XL"}
 
 
-def sizes_of(kind: str) -> list[str]:
-    """The size names that build a network of `kind` (a decoder's size_kind)."""
-    return [name for name, (k, _) in SIZES.items() if k == kind]
+def sizes_of(network: str) -> list[str]:
+    """The size names that build `network` (a decoder's network)."""
+    return [name for name, (n, _) in SIZES.items() if n == network]

@@ -18,7 +18,7 @@ import time
 import torch
 
 from arpg.engine.sampler import generate_arpg, generate_raster
-from arpg.models.registry import build_model, model_kind
+from arpg.models.registry import build_model, network_of_size
 from arpg.utils import make_generator, resolve_device
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,7 +39,7 @@ torch.set_num_threads(args.threads)
 device = resolve_device(args.device)
 model = build_model(args.model, codebook_size=16384, num_classes=1000, grid_size=args.grid,
                     generator=make_generator(args.seed)).to(device).eval().requires_grad_(False)
-kind = model_kind(args.model)
+kind = network_of_size(args.model)
 labels_B = torch.arange(args.batch, device=device) % 1000  # [B]
 gen = make_generator(args.seed, device)
 print(f"{args.model} ({kind}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) on {device}, "

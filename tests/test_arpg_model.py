@@ -306,7 +306,7 @@ def test_kv_cache_bytes_matches_allocation():
 def test_config_and_registry_errors():
     with pytest.raises(ValueError, match="divisible by 4"):
         ARPGConfig(dim=36, n_heads=6)
-    with pytest.raises(ArpgError, match="known models: ARPG-L"):
+    with pytest.raises(ArpgError, match="known sizes: ARPG-L"):
         build_model("ARPG-Q", codebook_size=V, num_classes=C, grid_size=G)
     with pytest.raises(ArpgError, match="unknown config field"):
         build_model("ARPG-T", codebook_size=V, num_classes=C, grid_size=G, n_layers=3)

@@ -105,18 +105,18 @@ def test_arpg_has_exactly_one_torch_load_call():
 # --- every path that loads a user-given (or user-replaceable) file -----------------------------------
 
 
-@pytest.mark.parametrize("kind", ["arpg", "raster"])
-def test_train_pretrained_generator_is_refused(params_file, tmp_path, kind):
+@pytest.mark.parametrize("decoder", ["arpg", "raster"])
+def test_train_pretrained_generator_is_refused(params_file, tmp_path, decoder):
     from arpg.commands.train import run_train
 
     marker = tmp_path / "marker"
-    path = crafted(tmp_path / f"{kind}.pt", marker)
+    path = crafted(tmp_path / f"{decoder}.pt", marker)
     params = load_params(params_file("configs/smoke.yaml", **{"tracking.enabled": False, "device": "cpu",
-                                                              f"train.{kind}_pretrained": str(path)}))
-    with pytest.raises(CheckpointError, match=f"train.{kind}_pretrained .* was refused") as err:
-        run_train(params, kind)
+                                                              f"train.{decoder}_pretrained": str(path)}))
+    with pytest.raises(CheckpointError, match=f"train.{decoder}_pretrained .* was refused") as err:
+        run_train(params, decoder)
     assert_refused(err, path, marker)
-    assert not params.layout.model_checkpoint(kind).exists()
+    assert not params.layout.model_checkpoint(decoder).exists()
 
 
 def test_sample_refuses_a_replaced_model_checkpoint(params_file, tmp_path, capsys):

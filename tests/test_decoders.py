@@ -25,7 +25,7 @@ from arpg.errors import ArpgError, ConfigError
 from arpg.paths import REPO_ROOT, SweepPoint
 
 # Sequential like the raster baseline, on its implementation, under its own name and keys.
-TOY = Decoder("toy", "toy decoder", size_kind="raster", parallel=False,
+TOY = Decoder("toy", "toy decoder", network="raster", parallel=False,
               native_order="raster")
 TOY_KEYS = {"train.toy_model": "LlamaGen-T", "train.toy_pretrained": None}
 
@@ -49,7 +49,7 @@ def test_the_study_decoders_and_what_their_entries_point_at():
     from arpg.models.registry import SIZES
 
     assert list(DECODERS) == ["arpg", "raster"]
-    assert {d.size_kind for d in DECODERS.values()} == {kind for kind, _ in SIZES.values()}
+    assert {d.network for d in DECODERS.values()} == {kind for kind, _ in SIZES.values()}
     assert DECODERS["raster"].param_keys == ("train.raster_model", "train.raster_pretrained")
     assert [d.name for d in DECODERS.values() if d.parallel] == ["arpg"] and zero_shot_decoder().name == "arpg"
 
@@ -65,7 +65,7 @@ def test_registering_is_undone_and_names_are_checked():
         decoder("toy")
     for bad in ("Toy", "toy_2", "toy-2", "2toy"):  # '_' and '-' would blur params keys and job keys
         with pytest.raises(ArpgError, match="lower-case letters and digits"):
-            Decoder(bad, "x", size_kind="raster", parallel=False,
+            Decoder(bad, "x", network="raster", parallel=False,
                     native_order="raster")
 
 

@@ -4,6 +4,7 @@ and that training actually learns."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -25,7 +26,7 @@ from arpg.errors import ArpgError, CheckpointError, ConfigError, DataError, Trai
 from arpg.models.checkpoint import load_generator
 from arpg.models.registry import build_model
 from arpg.paths import REPO_ROOT
-from arpg.utils import make_generator, read_json
+from arpg.utils import make_generator
 
 CPU = torch.device("cpu")
 V, C, G = 64, 10, 8  # configs/smoke.yaml: codebook 64, 10 classes, 32 px / 4 -> 8x8 tokens
@@ -240,7 +241,7 @@ def test_command_trains_and_writes_outputs(params_file, capsys):
     out = capsys.readouterr().out
     assert f"uniform-guess ln({V})" in out
     layout = params.layout
-    on_disk = read_json(layout.model_metrics("arpg"))
+    on_disk = json.loads(layout.model_metrics("arpg").read_text())
     assert on_disk["steps"] == 4 and on_disk["weights"] == "ema" and on_disk["uniform_loss"] == pytest.approx(math.log(V))
     assert metrics["final_loss"] == pytest.approx(on_disk["final_loss"])
     model = load_generator(layout.model_checkpoint("arpg"), "ARPG-T", grid_size=G)
@@ -410,7 +411,7 @@ def test_command_relaunches_under_torchrun(params_file):
     proc = subprocess.run([sys.executable, "-m", "arpg", "train", "--params", str(params.path), "--model", "raster"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = read_json(params.layout.model_metrics("raster"))
+    metrics = json.loads(params.layout.model_metrics("raster").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 2
     assert load_generator(params.layout.model_checkpoint("raster")).config.grid_size == G
 

@@ -39,7 +39,8 @@ def _job(ctx: Ctx, w) -> Job:
     pretrained = pretrained_weights(params, model) if model in DECODERS else None
     outputs = (str(lay.model_checkpoint(model)), str(lay.model_metrics(model)))
     others = tuple(k for d in DECODERS.values() if d.name != model for k in (d.model_key, d.pretrained_key))
-    keys = key_list("device", "seed", TOKEN_SPACE_KEYS, section_keys(params, "train", drop=others + NOT_RESULT_KEYS["train"]))
+    keys = key_list("device", "seed", TOKEN_SPACE_KEYS,
+                    section_keys(params, "train", drop=others + NOT_RESULT_KEYS["train"]))
     args, log = ("train", "--model", model), log_path(ctx, "train", w, ("model",))
     if pretrained:
         # Released weights: the command loads them strictly and re-saves model.pt; no training.
@@ -83,18 +84,18 @@ def codebook_size(params: Mapping[str, Any]) -> int:
     return int(params["tokenizer"]["codebook_size"])
 
 
-def model_name(params: Mapping[str, Any], kind: str) -> str:
-    return params["train"][decoder(kind).model_key]
+def model_name(params: Mapping[str, Any], decoder_name: str) -> str:
+    return params["train"][decoder(decoder_name).model_key]
 
 
-def build_study_model(params: Mapping[str, Any], kind: str, **overrides) -> nn.Module:
-    """The registry model named by train.<kind>_model, initialised from a seed of its own."""
+def build_study_model(params: Mapping[str, Any], decoder_name: str, **overrides) -> nn.Module:
+    """The registry model named by train.<decoder>_model, initialised from a seed of its own."""
     from arpg.config import token_grid
     from arpg.engine.train import STREAM_INIT
     from arpg.models.registry import build_model
     from arpg.utils import derive_seed, make_generator, seeded_global_rng
 
-    name = model_name(params, kind)
+    name = model_name(params, decoder_name)
     with seeded_global_rng(None):  # module constructors draw default inits (then overwritten) from it
         model = build_model(name, codebook_size=codebook_size(params), num_classes=params["data"]["num_classes"],
                             grid_size=token_grid(params),
@@ -114,74 +115,74 @@ def load_study_data(params: Mapping[str, Any]) -> TokenData:
                      num_classes=params["data"]["num_classes"], names=[f"{s} tokens" for s in splits])
 
 
-def _write_outputs(params, kind: str, model: nn.Module, metrics: dict, tracker) -> None:
+def _write_outputs(params, decoder_name: str, model: nn.Module, metrics: dict, tracker) -> None:
     from arpg.models.checkpoint import save_generator
     from arpg.utils import write_json
 
     layout = params.layout
-    save_generator(model, layout.model_checkpoint(kind), model_name(params, kind))
-    write_json(layout.model_metrics(kind), metrics)
-    tracker.log_artifact(layout.model_metrics(kind))
-    print(f"wrote {layout.model_checkpoint(kind)} and {layout.model_metrics(kind)}")
+    save_generator(model, layout.model_checkpoint(decoder_name), model_name(params, decoder_name))
+    write_json(layout.model_metrics(decoder_name), metrics)
+    tracker.log_artifact(layout.model_metrics(decoder_name))
+    print(f"wrote {layout.model_checkpoint(decoder_name)} and {layout.model_metrics(decoder_name)}")
 
 
-def import_pretrained(params, kind: str, tracker) -> dict:
+def import_pretrained(params, decoder_name: str, tracker) -> dict:
     """Skip training: strictly load the configured released checkpoint, re-save it in our layout."""
     from arpg.config import token_grid
     from arpg.models.checkpoint import load_generator
     from arpg.utils import require_file
 
-    key = decoder(kind).param_keys[1]
-    path = require_file(params["train"][decoder(kind).pretrained_key], f"{key} checkpoint",
+    key = decoder(decoder_name).param_keys[1]
+    path = require_file(params["train"][decoder(decoder_name).pretrained_key], f"{key} checkpoint",
                         f"put the file there or set {key}: null to train the model")
-    name = model_name(params, kind)
+    name = model_name(params, decoder_name)
     model = load_generator(path, name, codebook_size=codebook_size(params),
                            num_classes=params["data"]["num_classes"], grid_size=token_grid(params), what=key)
-    metrics = {"model": name, "kind": kind, "pretrained": str(path), "steps": 0,
+    metrics = {"model": name, "kind": decoder_name, "pretrained": str(path), "steps": 0,
                "parameters": sum(p.numel() for p in model.parameters()),
                "uniform_loss": math.log(codebook_size(params))}
-    print(f"{kind}: using pretrained weights {path} ({name}); training skipped")
-    _write_outputs(params, kind, model, metrics, tracker)
+    print(f"{decoder_name}: using pretrained weights {path} ({name}); training skipped")
+    _write_outputs(params, decoder_name, model, metrics, tracker)
     return metrics
 
 
-def run_train(params, kind: str) -> dict | None:
-    """`arpg train --model <kind>`: train (or import) one study model; returns the metrics on rank 0."""
+def run_train(params, decoder_name: str) -> dict | None:
+    """`arpg train --model <decoder>`: train (or import) one study model; returns the metrics on rank 0."""
     from arpg import dist
 
     with dist.session(params["device"]) as (info, device):
-        return _run_train(params, kind, info, device)
+        return _run_train(params, decoder_name, info, device)
 
 
-def _run_train(params, kind: str, info, device: torch.device) -> dict | None:
+def _run_train(params, decoder_name: str, info, device: torch.device) -> dict | None:
     from arpg.engine.train import TrainConfig, train
     from arpg.tracking import NullRun, stage_run
     from arpg.utils import deterministic_algorithms
 
-    name = model_name(params, kind)
+    name = model_name(params, decoder_name)
     cfg = TrainConfig.from_params(params)
-    run_params = {"model": kind, "name": name, "seed": cfg.seed, "train_steps": cfg.max_steps,
+    run_params = {"model": decoder_name, "name": name, "seed": cfg.seed, "train_steps": cfg.max_steps,
                   "batch_size": cfg.batch_size, "lr": cfg.lr, "world_size": info.world_size}
-    tracking = (stage_run(params, "train", run_name=f"train-{kind}", run_params=run_params)
+    tracking = (stage_run(params, "train", run_name=f"train-{decoder_name}", run_params=run_params)
                 if info.is_main else contextlib.nullcontext(NullRun()))
     with tracking as tracker:
-        if params["train"][decoder(kind).pretrained_key]:
-            return import_pretrained(params, kind, tracker) if info.is_main else None
+        if params["train"][decoder(decoder_name).pretrained_key]:
+            return import_pretrained(params, decoder_name, tracker) if info.is_main else None
         data = load_study_data(params)
-        model = build_study_model(params, kind)
+        model = build_study_model(params, decoder_name)
         n_params = sum(p.numel() for p in model.parameters())
         if info.is_main:
-            print(f"{kind}: {name}, {n_params:,} parameters, {len(data):,} sequences of {data.seq_len} "
+            print(f"{decoder_name}: {name}, {n_params:,} parameters, {len(data):,} sequences of {data.seq_len} "
                   f"tokens, {info.world_size} process(es) on {device}")
         with deterministic_algorithms(device):
-            result = train(model, kind, data, cfg, state_path=params.layout.model_state(kind), device=device,
-                           dist_info=info, tracker=tracker, name=name)
+            result = train(model, decoder_name, data, cfg, state_path=params.layout.model_state(decoder_name),
+                           device=device, dist_info=info, tracker=tracker, name=name)
         if not info.is_main:
             return None
         uniform = math.log(codebook_size(params))
         model.load_state_dict(result.sampling_state)
         # results only: speed goes to the log and MLflow, so the file is the same on any machine
-        metrics = {"model": name, "kind": kind, "parameters": n_params, "steps": result.steps,
+        metrics = {"model": name, "kind": decoder_name, "parameters": n_params, "steps": result.steps,
                    "final_loss": result.final_loss, "uniform_loss": uniform,
                    "world_size": info.world_size, "weights": "ema" if cfg.ema > 0 else "final",
                    "ema_decay": cfg.ema,
@@ -190,8 +191,8 @@ def _run_train(params, kind: str, info, device: torch.device) -> dict | None:
                              "train_tokens_per_s": result.tokens_per_s, "train_wall_s": result.wall_s},
                             result.steps)
         final = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
-        print(f"{kind}: {result.steps} steps, final loss {final} vs "
+        print(f"{decoder_name}: {result.steps} steps, final loss {final} vs "
               f"uniform-guess ln({codebook_size(params)}) = {uniform:.4f}; {result.tokens_per_s:,.0f} tokens/s, "
               f"{result.wall_s:.1f} s; sampling weights: {metrics['weights']}")
-        _write_outputs(params, kind, model, metrics, tracker)
+        _write_outputs(params, decoder_name, model, metrics, tracker)
         return metrics

@@ -56,7 +56,7 @@ def merge_batches(parts: Sequence[dict]) -> tuple[torch.Tensor, list]:
     return torch.cat([merged[b][0] for b in keys]), [merged[b][1] for b in keys]
 
 
-def make_draw(model_kind: str, generator_model, tokenizer, opts, order: str):
+def make_draw(decoder: str, generator_model, tokenizer, opts, order: str):
     """labels_B, torch.Generator -> (tokens [B, h, w], uint8 images [B, H, W, C])."""
     from arpg.data.pixels import to_uint8
     from arpg.engine.sampler import generate_arpg, generate_raster
@@ -65,7 +65,7 @@ def make_draw(model_kind: str, generator_model, tokenizer, opts, order: str):
 
     @torch.inference_mode()
     def draw(labels_B, gen):
-        if DECODERS[model_kind].parallel:
+        if DECODERS[decoder].parallel:
             tokens_BN = generate_arpg(generator_model, labels_B, steps=opts.steps, cfg=opts.cfg,
                                       cfg_schedule=opts.cfg_schedule, schedule=opts.schedule,
                                       temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,

@@ -104,13 +104,13 @@ def token_batches(n: int, cfg: TrainConfig) -> EpochBatches:
                         items="training sequences")
 
 
-def draw_conditioning(labels_B: torch.Tensor, seq_len: int, kind: str, class_dropout: float,
+def draw_conditioning(labels_B: torch.Tensor, seq_len: int, decoder_name: str, class_dropout: float,
                       gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Class dropout (label -> -1, the null class) and, for a parallel decoder, one random permutation
     per sample (its training order)."""
     drop_B = torch.rand(labels_B.shape[0], generator=gen) < class_dropout  # [B]
     labels_B = torch.where(drop_B, torch.full_like(labels_B, -1), labels_B)
-    if not decoder(kind).parallel:
+    if not decoder(decoder_name).parallel:
         return labels_B, None
     orders_BN = torch.argsort(torch.rand(labels_B.shape[0], seq_len, generator=gen), dim=1)  # [B, N]
     return labels_B, orders_BN
@@ -119,9 +119,9 @@ def draw_conditioning(labels_B: torch.Tensor, seq_len: int, kind: str, class_dro
 class LossModule(nn.Module):
     """forward() = the model's training loss, so DDP's hooks and torch.compile see the whole step."""
 
-    def __init__(self, model: nn.Module, kind: str):
+    def __init__(self, model: nn.Module, decoder_name: str):
         super().__init__()
-        self.model, self.parallel = model, decoder(kind).parallel
+        self.model, self.parallel = model, decoder(decoder_name).parallel
 
     def forward(self, tokens_BN, labels_B, orders_BN=None):
         if self.parallel:  # trained on the random orders of draw_conditioning
@@ -129,9 +129,10 @@ class LossModule(nn.Module):
         return self.model.loss(tokens_BN, labels_B)
 
 
-def loss_engine(model: nn.Module, kind: str, cfg: TrainConfig, device: torch.device, info: DistInfo) -> nn.Module:
+def loss_engine(model: nn.Module, decoder_name: str, cfg: TrainConfig, device: torch.device,
+                info: DistInfo) -> nn.Module:
     """The loss module, wrapped in DDP under torchrun and compiled when asked (CUDA only)."""
-    engine: nn.Module = LossModule(model, kind)
+    engine: nn.Module = LossModule(model, decoder_name)
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -155,9 +156,9 @@ def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return True
 
 
-def micro_batch(kind: str, cfg: TrainConfig, info: DistInfo) -> int:
+def micro_batch(decoder_name: str, cfg: TrainConfig, info: DistInfo) -> int:
     """Samples per micro-step on this rank: the global batch over grad_accum x processes."""
-    decoder(kind)  # a registered decoder, or an error naming those that are
+    decoder(decoder_name)  # a registered decoder, or an error naming those that are
     shards = cfg.grad_accum * info.world_size
     if cfg.batch_size % shards:
         raise ConfigError(f"train.batch_size={cfg.batch_size} must be divisible by train.grad_accum x processes "
@@ -192,41 +193,41 @@ class TrainResult:
     sampling_state: dict          # EMA weights when enabled, else the trained weights
 
 
-def train(model: nn.Module, kind: str, data: TokenData, cfg: TrainConfig, *, state_path: Path,
+def train(model: nn.Module, decoder_name: str, data: TokenData, cfg: TrainConfig, *, state_path: Path,
           device: torch.device, dist_info: DistInfo = DistInfo(), tracker=None, name: str = "",
           progress: bool = True) -> TrainResult:
     """Train `model` in place (resuming from `state_path` if it exists) and return the result.
 
     Rank 0 writes the state every `checkpoint_every` steps and when it stops."""
-    micro = micro_batch(kind, cfg, dist_info)
+    micro = micro_batch(decoder_name, cfg, dist_info)
     state_path, main = Path(state_path), dist_info.is_main
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
     gen = make_generator(derive_seed(cfg.seed, STREAM_SAMPLES))  # conditioning of the global batch
-    identity = run_identity(kind, name, model, cfg.trajectory())
+    identity = run_identity(decoder_name, name, model, cfg.trajectory())
     run, ema_state = restore(state_path, identity, model, optimizer, gen, device, verbose=main and progress)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 and main else None  # only rank 0 saves, so only rank 0 averages
     if ema is not None and ema_state is not None:
         ema.load_state_dict(ema_state)
-    engine = loss_engine(model, kind, cfg, device, dist_info)
+    engine = loss_engine(model, decoder_name, cfg, device, dist_info)
     bf16 = use_bf16(cfg, device)
     batches = token_batches(len(data), cfg)
     batches.seek(run.step)
 
-    bar = Progress(cfg.max_steps, f"train {name or kind}", initial=run.step, enabled=main and progress)
+    bar = Progress(cfg.max_steps, f"train {name or decoder_name}", initial=run.step, enabled=main and progress)
     tick, tick_tokens = time.perf_counter(), run.tokens_seen
     loop_start, tokens_at_start = time.perf_counter(), run.tokens_seen
     while run.step < cfg.max_steps:
         lr = set_lr(optimizer.param_groups, cfg.lr_at(run.step))
         tokens_BN, labels_B = data.batch(batches.next().numpy())  # [B, N], [B] (global batch)
-        labels_B, orders_BN = draw_conditioning(labels_B, data.seq_len, kind, cfg.class_dropout, gen)
+        labels_B, orders_BN = draw_conditioning(labels_B, data.seq_len, decoder_name, cfg.class_dropout, gen)
         batch = [tokens_BN, labels_B] + ([orders_BN] if orders_BN is not None else [])
         step_loss = accumulate_gradients(engine, batch, micro, cfg, run.step, dist_info, device, bf16)
         # The norm of the all-reduced gradients is the same on every rank, so all ranks stop together
         # when any rank's loss diverged; the step is never applied, and the state file keeps the last
         # good checkpoint. An infinite max_norm only measures (the clip factor is exactly 1).
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-        require_finite(float(step_loss) + float(grad_norm), f"{name or kind} training loss (or its gradient)",
+        require_finite(float(step_loss) + float(grad_norm), f"{name or decoder_name} training loss (or its gradient)",
                        run.step + 1, "lower train.lr or raise train.warmup_steps", state_path)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

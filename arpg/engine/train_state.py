@@ -1,6 +1,6 @@
 """The generator training's state file: everything a killed run needs to continue bit-exactly.
 
-It holds the run's identity (kind, registry name, model config, the trajectory-setting config),
+It holds the run's identity (the decoder, the size's registry name, model config, the trajectory-setting config),
 the weights, optimizer, EMA, the conditioning generator and the progress below. Written
 atomically by rank 0; a state file of a different run is refused, never silently resumed.
 """
@@ -48,10 +48,10 @@ class Progress:
         return self.last_loss
 
 
-def run_identity(kind: str, name: str, model: nn.Module, trajectory: dict) -> dict:
+def run_identity(decoder_name: str, name: str, model: nn.Module, trajectory: dict) -> dict:
     """What a resume must match exactly."""
     config = getattr(model, "config", None)
-    return {"kind": kind, "name": name, "model_config": asdict(config) if is_dataclass(config) else None,
+    return {"kind": decoder_name, "name": name, "model_config": asdict(config) if is_dataclass(config) else None,
             "trajectory": trajectory}
 
 

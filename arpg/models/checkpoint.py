@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from arpg.checkpoint_io import check_state_dict, read_checkpoint
 from arpg.errors import CheckpointError
-from arpg.models.registry import NETWORKS, build_model, kind_of, model_kind
+from arpg.models.registry import NETWORKS, build_model, network_of, network_of_size
 from arpg.utils import atomic_torch_save
 
 _STATE_KEYS = ("state_dict", "model", "module")
@@ -30,7 +30,7 @@ def save_generator(model: nn.Module, path: str | os.PathLike, name: str) -> dict
     payload = {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "config": asdict(model.config),
-        "kind": kind_of(model),
+        "kind": network_of(model),
         "name": name,
     }
     atomic_torch_save(payload, path)
@@ -99,7 +99,8 @@ def load_generator(
         if name is not None and obj.get("name") not in (None, name):
             raise CheckpointError(f"{path} holds {obj.get('name')!r}, not {name!r}; fix the model name")
         if obj["kind"] not in NETWORKS:
-            raise CheckpointError(f"{path}: unknown model kind {obj['kind']!r} (expected one of {', '.join(NETWORKS)})")
+            raise CheckpointError(f"{path}: unknown network (\"kind\") {obj['kind']!r} (expected one of "
+                                  f"{', '.join(NETWORKS)})")
         net = NETWORKS[obj["kind"]]
         with torch.device("meta"):  # shapes only; real tensors come from the checkpoint
             model = net.model(net.config(**config))
@@ -111,7 +112,7 @@ def load_generator(
             )
         if grid_size is None:
             raise CheckpointError(f"{path}: released checkpoints need grid_size (16 for ImageNet 256x256)")
-        inferred_v, inferred_c = NETWORKS[model_kind(name)].model.token_space(sd)
+        inferred_v, inferred_c = NETWORKS[network_of_size(name)].model.token_space(sd)
         V = codebook_size if codebook_size is not None else inferred_v
         C = num_classes if num_classes is not None else inferred_c
         if V is None or C is None:
@@ -125,7 +126,7 @@ def load_generator(
     return model.to(device).eval()
 
 
-def load_study_models(params, model: str, device: torch.device):
+def load_study_models(params, decoder_name: str, device: torch.device):
     """The trained generator and the tokenizer, strictly loaded, eval mode, on `device`; the generator
     decodes at sample.precision (cpu_kernels.STUDY_KERNEL on a CPU)."""
     from arpg.config import token_grid
@@ -136,12 +137,13 @@ def load_study_models(params, model: str, device: torch.device):
     layout = params.layout
     tokenizer = load_tokenizer(layout.tokenizer_checkpoint, VQConfig.from_params(params),
                                written_by=TRAIN_COMMAND).to(device).eval()
-    generator = load_generator(layout.model_checkpoint(model), codebook_size=params["tokenizer"]["codebook_size"],
+    path = layout.model_checkpoint(decoder_name)
+    generator = load_generator(path, codebook_size=params["tokenizer"]["codebook_size"],
                                num_classes=params["data"]["num_classes"], grid_size=token_grid(params),
-                               device=device, written_by=f"arpg train --model {model}")
-    if kind_of(generator) != decoder(model).size_kind:  # e.g. another decoder's model.pt copied here
-        raise CheckpointError(f"{layout.model_checkpoint(model)} holds a {type(generator).__name__}, not a model "
-                              f"of the {decoder(model).label}; rerun `arpg train --model {model}` (or snakemake) "
-                              "to write it")
+                               device=device, written_by=f"arpg train --model {decoder_name}")
+    if network_of(generator) != decoder(decoder_name).network:  # e.g. another decoder's model.pt copied here
+        raise CheckpointError(f"{path} holds a {type(generator).__name__}, not a model of the "
+                              f"{decoder(decoder_name).label}; rerun `arpg train --model {decoder_name}` (or "
+                              "snakemake) to write it")
     prepare_for_decoding(generator, params["sample"]["precision"], "sample.precision")
     return generator, tokenizer

@@ -20,43 +20,43 @@ from arpg.sizes import SIZES  # the named sizes live in a torch-free module: the
 
 @dataclass(frozen=True)
 class Network:
-    """A network kind: its module (with token_space(state_dict)) and its config dataclass."""
+    """A network: its module (with token_space(state_dict)) and its config dataclass."""
 
     model: type[nn.Module]
     config: type
 
 
-# network kind -> Network; a size of arpg/sizes.py names its kind, and a checkpoint stores it
+# network name -> Network; a size of arpg/sizes.py names its network, and a checkpoint stores it (as "kind")
 NETWORKS: dict[str, Network] = {"arpg": Network(ARPG, ARPGConfig), "raster": Network(RasterGPT, RasterConfig)}
 
 
-def network(kind: str) -> Network:
-    if kind not in NETWORKS:
-        raise ArpgError(f"unknown model kind {kind!r}; known: {', '.join(NETWORKS)} (arpg/models/registry.py)")
-    return NETWORKS[kind]
+def network(name: str) -> Network:
+    if name not in NETWORKS:
+        raise ArpgError(f"unknown network {name!r}; known: {', '.join(NETWORKS)} (arpg/models/registry.py)")
+    return NETWORKS[name]
 
 
-def kind_of(model: nn.Module) -> str:
-    """The network kind of a built model."""
-    for kind, net in NETWORKS.items():
+def network_of(model: nn.Module) -> str:
+    """The network of a built model."""
+    for name, net in NETWORKS.items():
         if isinstance(model, net.model):
-            return kind
+            return name
     raise ArpgError(f"{type(model).__name__} is none of the networks {', '.join(NETWORKS)} (arpg/models/registry.py)")
 
 
-def _build(kind: str, size: dict, **kwargs) -> nn.Module:
+def _build(network_name: str, size: dict, **kwargs) -> nn.Module:
     generator = kwargs.pop("generator", None)
-    net = network(kind)
+    net = network(network_name)
     return net.model(net.config(**size, **kwargs), generator=generator)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    name: partial(_build, kind, size) for name, (kind, size) in SIZES.items()
+    name: partial(_build, network_name, size) for name, (network_name, size) in SIZES.items()
 }
 
 
-def model_kind(name: str) -> str:
-    """The network kind (a key of NETWORKS) a registry name builds."""
+def network_of_size(name: str) -> str:
+    """The network (a key of NETWORKS) a size builds."""
     _check_name(name)
     return SIZES[name][0]
 
@@ -66,15 +66,15 @@ def _check_name(name: str) -> None:
         from arpg.decoders import DECODERS
 
         keys = " / ".join(d.param_keys[0] for d in DECODERS.values())
-        raise ArpgError(f"unknown model {name!r}; known models: {', '.join(SIZES)} (set {keys})")
+        raise ArpgError(f"unknown size {name!r}; known sizes: {', '.join(SIZES)} (set {keys})")
 
 
 def build_model(name: str, *, codebook_size: int, num_classes: int, grid_size: int, **overrides) -> nn.Module:
     """Build a registry size for a given token space; overrides set other config fields
     (e.g. dropouts) and `generator=` seeds the init from a dedicated stream."""
     _check_name(name)
-    kind, size = SIZES[name]
-    known = set(network(kind).config.__dataclass_fields__) | {"generator"}
+    network_name, size = SIZES[name]
+    known = set(network(network_name).config.__dataclass_fields__) | {"generator"}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ArpgError(f"{name}: unknown config field(s) {unknown}; valid: {sorted(known)}")
