@@ -173,7 +173,7 @@ def ensure_experiment(client, name: str, uri: str) -> str:
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
-        if NOTE_TAG not in experiment.tags:  # an experiment made before descriptions were written
+        if experiment.tags.get(NOTE_TAG) != experiment_note(name):  # the description says what this code logs
             client.set_experiment_tag(experiment.experiment_id, NOTE_TAG, experiment_note(name))
         return experiment.experiment_id
     location = None

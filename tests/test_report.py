@@ -61,7 +61,8 @@ def study(params_file):
             _json(lay.metrics(p), {"model": p.model, "steps": p.steps, "cfg": p.cfg, "order": p.order,
                                    "fid_classifier": _fid(p.model, p.steps, p.cfg, p.order),
                                    "is_classifier": 2.0 * p.steps, "accuracy_classifier": 0.25,
-                                   "num_samples": 100, "reference_split": "test", "extractors": ["classifier"]})
+                                   "num_samples": 100, "reference_split": "test", "extractors": ["classifier"],
+                                   "bootstrap": {**BOOTSTRAP, "replicates": 0}, "intervals": {}})
         if job.rule == "sample":
             _png(lay.sample_grid(report.point_of(job)), 1)
     _json(lay.tokenizer_metrics, {"steps": 60, "stopped_by": "max_steps", "pretrained": None})
@@ -237,6 +238,10 @@ def test_a_damaged_stage_output_is_named_with_the_command_that_remakes_it(study,
     err = capsys.readouterr().err
     assert f"stage output {victim} is unreadable (JSONDecodeError: " in err and "Traceback" not in err
     assert err.rstrip().endswith(f"delete it and rerun `arpg {' '.join(job.args)}`")
+    victim.write_text(json.dumps({"fid_classifier": 1.0, "intervals": {}}))  # whole, but not this code's layout
+    assert main(["report", "--params", str(study.path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{victim} lacks bootstrap: it was not written by this `arpg evaluate`; delete it and rerun " in err
 
 
 def test_pareto_front_matches_brute_force():

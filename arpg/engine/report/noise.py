@@ -25,7 +25,6 @@ class Bootstrap:
     level: float | None  # interval level (None: no point has intervals)
     methods: list[str]
     kid_subsets: list[int]
-    points_without: int  # points whose file has no intervals (bootstrap 0, or written before intervals)
 
     @property
     def on(self) -> bool:
@@ -38,7 +37,7 @@ class Bootstrap:
 
 
 def bootstrap_of(points: list[Point]) -> Bootstrap:
-    with_band = [p for p in points if p.bootstrap and p.bootstrap.get("replicates") and p.intervals]
+    with_band = [p for p in points if p.bootstrap["replicates"] and p.intervals]
     records = [p.bootstrap for p in with_band]
     levels = sorted({float(r["level"]) for r in records})
     if len(levels) > 1:
@@ -47,15 +46,13 @@ def bootstrap_of(points: list[Point]) -> Bootstrap:
     return Bootstrap(replicates=sorted({int(r["replicates"]) for r in records}),
                      level=levels[0] if levels else None,
                      methods=sorted({str(r.get("method")) for r in records if r.get("method")}),
-                     kid_subsets=sorted({int(r["kid_subsets"]) for r in records if r.get("kid_subsets")}),
-                     points_without=len(points) - len(with_band))
+                     kid_subsets=sorted({int(r["kid_subsets"]) for r in records if r.get("kid_subsets")}))
 
 
 def interval_text(boot: Bootstrap) -> str:
     """One paragraph: how the quality tables' intervals were made (or that there are none)."""
     if not boot.on:
-        return ("Intervals are off (`evaluate.bootstrap: 0`, or metrics files written without intervals): the "
-                "tables show bare point estimates.\n")
+        return "Intervals are off (`evaluate.bootstrap: 0`): the tables show bare point estimates.\n"
     count = " or ".join(str(b) for b in boot.replicates)
     text = (f"Figures read `value ± h`: the full sample set's value and the half-width h of its {boot.level:.0%} "
             f"interval (value ± {boot.z:.2f} se), from {count} bootstrap replicates per point "
@@ -64,8 +61,6 @@ def interval_text(boot: Bootstrap) -> str:
         text += (f" Within a replicate KID averages {' or '.join(map(str, boot.kid_subsets))} random subsets, "
                  "fewer than its headline value does, so its interval also carries that average's subset noise "
                  "(slightly wide).")
-    if boot.points_without:
-        text += f" {boot.points_without} point(s) have no interval (bare numbers)."
     return text + "\n"
 
 
@@ -125,7 +120,7 @@ def noise_section(params, points: list[Point], metrics: list[str], boot: Bootstr
     """Markdown of "Which differences exceed the noise" and its CSV rows."""
     md = ["## Which differences exceed the noise\n"]
     if not boot.on:
-        md.append("Intervals are off (`evaluate.bootstrap: 0`, or metrics files without intervals), so no "
+        md.append("Intervals are off (`evaluate.bootstrap: 0`), so no "
                   "difference between sweep points can be told from sampling noise. Set `evaluate.bootstrap` "
                   "(e.g. 20) and rerun `arpg evaluate` to get them.\n")
         return md, []

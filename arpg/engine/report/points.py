@@ -28,7 +28,7 @@ class Point:
     point: SweepPoint
     metrics: dict[str, float]
     intervals: dict[str, Mapping[str, Any]] = field(default_factory=dict)  # metric -> {"se", "lo", "hi", ...}
-    bootstrap: Mapping[str, Any] | None = None  # the metrics file's "bootstrap" record (None: it has none)
+    bootstrap: Mapping[str, Any] | None = None  # the metrics file's "bootstrap" record
 
     def band(self, metric: str) -> tuple[float, float, float] | None:
         """(se, lo, hi) of `metric` when its metrics file holds a finite interval for it."""
@@ -85,11 +85,15 @@ def read_points(evaluate_jobs: list[pipeline.Job], layout: Layout) -> list[Point
     points = []
     for job in evaluate_jobs:
         point = point_of(job)
-        doc = read_output(layout.metrics(point), f"evaluate --model {point.model} --steps {point.steps} "
-                         f"--cfg {format_cfg(point.cfg)} --order {point.order}")
+        command = (f"evaluate --model {point.model} --steps {point.steps} --cfg {format_cfg(point.cfg)} "
+                   f"--order {point.order}")
+        doc = read_output(layout.metrics(point), command)
+        lacking = [k for k in ("bootstrap", "intervals") if k not in doc]
+        if lacking:
+            raise ArpgError(f"{layout.metrics(point)} lacks {' and '.join(lacking)}: it was not written by this "
+                            f"`arpg evaluate`; delete it and rerun `arpg {command}`")
         # the interval records are read apart: flattened they would pose as metric columns
-        intervals = doc.pop("intervals", None) or {}
-        bootstrap = doc.pop("bootstrap", None)
+        intervals, bootstrap = doc.pop("intervals"), doc.pop("bootstrap")
         metrics = {k: v for k, v in numeric_leaves(doc).items() if k not in _POINT_KEYS}
         points.append(Point(point, metrics, intervals, bootstrap))
     return points

@@ -54,7 +54,7 @@ def zero_shot_section(params, doc: Mapping, sweep: list[Point], boot: Bootstrap
     from arpg.commands.zero_shot import csv_rows
 
     cells, cfg = list(doc["cells"]), doc["cfg"]
-    points = [cell_point(c, cfg, doc.get("bootstrap")) for c in cells]
+    points = [cell_point(c, cfg, doc["bootstrap"]) for c in cells]
     shown = _shown(cells)
     table = [{"task": c["task"], "mask": c["mask"], "known": f"{c['fraction']:.0%}",
               "model": DECODERS[c["model"]].short_label, "steps": c["steps"],
