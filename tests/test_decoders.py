@@ -207,7 +207,7 @@ def test_the_report_compares_every_step_count_with_each_sequential_baseline(toy_
 
 
 def test_the_profile_gives_each_parallel_decoder_a_speed_up_over_each_sequential_one(toy):
-    from arpg.engine.profile.results import speedups, summary
+    from arpg.engine.profile.sweep import speedups, summary
 
     def row(kind, steps, img_s):
         return {"status": "ok", "kind": kind, "order": "random" if kind == "arpg" else "raster", "model": "default",

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from arpg.engine.profile.planning import RANDOM_VQ16, RunSpec
+from arpg.commands.profile import RANDOM_VQ16, RunSpec
 from arpg.decoders import DECODERS
 from arpg.errors import ArpgError, CheckpointError
 from arpg.machine import cpu_name

@@ -1,4 +1,7 @@
-"""The parent of `arpg profile`: each configuration in its own child process, skips, the sweep.
+"""The parent of `arpg profile`: each configuration in its own child process, skips, the sweep; then
+what it writes: each parallel decoder's speed-up over each sequential one, profile.csv /
+profile.json, the text summary and the flat MLflow metrics (its figures:
+`arpg.figures.profile_figures`).
 
 A configuration is skipped when it cannot finish within `profile.max_seconds`: a cheaper one
 already did not, or its first call ran over and was stopped.
@@ -10,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -17,11 +21,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from arpg.engine.profile.child import base_row, measure
-from arpg.engine.profile.planning import RunSpec, dominated_by
-from arpg.engine.profile.results import attach_end_to_end
+from arpg.commands.profile import RunSpec, dominated_by, reference_record
+from arpg.decoders import DECODERS, in_native_order, labels
+from arpg.engine.profile.child import base_row, measure, spread
 from arpg.errors import ArpgError
+from arpg.machine import cpu_name
 from arpg.paths import REPO_ROOT
+from arpg.utils import write_csv, write_json
 
 CHILD_ENTRY = "arpg.engine.profile.child:main"
 # What the configurations' warm server imports: torch and every arpg module (the models, the sampler).
@@ -141,3 +147,199 @@ def _precision_unavailable(spec: RunSpec) -> str:
     if spec.precision != "bf16" or resolve_device(spec.device).type != "cpu" or bf16_hardware():
         return ""
     return "bf16: this CPU has no AVX512-BF16 or AMX-BF16 (oneDNN would emulate it, slower than fp32)"
+
+
+# --------------------------------------------------------------------------- what the profile writes
+
+# Issue 7's goal: speed-up >= 7x at 32 and >= 3.5x at 64 of 256 tokens, i.e. 7/8 of the step ratio.
+GOAL_FRACTION_OF_STEP_RATIO = 0.875
+
+CSV_COLUMNS = [
+    "model", "net", "kind", "backbone", "params", "grid", "tokens", "steps", "order", "batch", "cfg", "status",
+    "skip_reason",
+    "gen_s_median", "gen_s_min", "gen_s_max", "gen_img_s_median", "gen_img_s_min", "gen_img_s_max",
+    "e2e_s_median", "e2e_s_min", "e2e_s_max", "e2e_img_s_median", "e2e_img_s_min", "e2e_img_s_max",
+    "decode_s_median", "decode_s_min", "decode_s_max", "decode_timed_in",
+    "first_call_s", "peak_mem_bytes", "loaded_mem_bytes", "gen_mem_bytes", "mem_kind", "kv_cache_bytes",
+    "repeats", "warmup", "device", "device_name", "threads", "precision", "kernel", "kernel_cached", "kernel_seconds",
+    "compile", "torch", "cpu",
+    "load_avg_1m", "load_avg_1m_after", "omp_wait_policy",
+]
+SPEEDUP_COLUMNS = [
+    "decoder", "baseline", "model", "precision", "decoder_kernel", "baseline_kernel", "batch", "steps", "tokens",
+    "step_ratio", "goal", "speedup_gen", "speedup_gen_low", "speedup_gen_high", "speedup_e2e", "kv_ratio",
+    "gen_mem_ratio",
+]
+PRECISION_SPEEDUP_COLUMNS = ["model", "kind", "net", "steps", "order", "batch", "fp32_kernel", "bf16_kernel",
+                             "fp32_img_s", "bf16_img_s", "speedup"]
+BEST = "best"  # the speed-ups' precision label for each decoder at its fastest precision and kernel
+
+
+def attach_end_to_end(rows: list[dict], groups: list[tuple]) -> None:
+    """End to end = each timed generation call + the median VQ decoding time of its decode group
+    (groups[i]: rows[i]'s RunSpec.decode_group(); the one row of a group that timed decoding carries
+    decode_s_*). Rows of a group without a timed decoding (no tokenizer) get no end-to-end figures."""
+    timed = {}
+    for row, group in zip(rows, groups):
+        if row["status"] == "ok" and "decode_s_median" in row:
+            timed[group] = row
+    for row, group in zip(rows, groups):
+        source = timed.get(group)
+        if row["status"] != "ok" or source is None:
+            continue
+        decode_s = source["decode_s_median"]
+        row.update({k: source[k] for k in ("decode_s_median", "decode_s_min", "decode_s_max")})
+        row["decode_timed_in"] = f"{source['kind']} steps={source['steps']} order={source['order']}"
+        e2e_s = [g + decode_s for g in row["gen_s_all"]]
+        row["e2e_s_median"], row["e2e_s_min"], row["e2e_s_max"] = spread(e2e_s)
+        row["e2e_img_s_median"], row["e2e_img_s_min"], row["e2e_img_s_max"] = spread([row["batch"] / s for s in e2e_s])
+
+
+def speedups(rows: list[dict]) -> list[dict]:
+    """Each parallel decoder at S steps over each sequential one at the same model, batch and precision
+    (each at the kernel measured fastest for it), with the step ratio n/S beside it; where several
+    precisions were measured, also each decoder at its own fastest precision (precision "best")."""
+    ok = [r for r in rows if r["status"] == "ok" and in_native_order(r)]  # strategies: in the rows, not the speed-ups
+    if len({r["precision"] for r in ok}) > 1:
+        fastest: dict[tuple, dict] = {}
+        for r in ok:
+            key = _config(r)
+            if key not in fastest or r["gen_img_s_median"] > fastest[key]["gen_img_s_median"]:
+                fastest[key] = r
+        ok = ok + [dict(r, precision=BEST) for r in fastest.values()]
+    parallel = {d.name for d in DECODERS.values() if d.parallel}
+    sequential = [{(r["model"], r["batch"], r["precision"]): r for r in ok if r["kind"] == d.name}
+                  for d in DECODERS.values() if not d.parallel]
+    out = []
+    for r, base in ((r, by_size.get((r["model"], r["batch"], r["precision"]))) for by_size in sequential
+                    for r in ok):
+        if r["kind"] not in parallel or base is None:
+            continue
+        if r["backbone"] != base["backbone"]:
+            raise ArpgError(f"{r['model']}: {r['kind']} backbone {r['backbone']} differs from its "
+                            f"{base['kind']} twin's "
+                            f"{base['backbone']} ({base['net']}); fix RASTER_TWIN in "
+                            "arpg/sizes.py")
+        ratio = r["tokens"] / r["steps"]
+        item = {
+            "decoder": r["kind"], "baseline": base["kind"], "model": r["model"], "precision": r["precision"],
+            "decoder_kernel": r.get("kernel"), "baseline_kernel": base.get("kernel"), "batch": r["batch"],
+            "steps": r["steps"], "tokens": r["tokens"],
+            "step_ratio": ratio, "goal": GOAL_FRACTION_OF_STEP_RATIO * ratio,
+            "speedup_gen": r["gen_img_s_median"] / base["gen_img_s_median"],
+            # worst and best pairing of the two spreads
+            "speedup_gen_low": r["gen_img_s_min"] / base["gen_img_s_max"],
+            "speedup_gen_high": r["gen_img_s_max"] / base["gen_img_s_min"],
+            "speedup_e2e": (r["e2e_img_s_median"] / base["e2e_img_s_median"]
+                            if r.get("e2e_img_s_median") and base.get("e2e_img_s_median") else None),
+            "kv_ratio": r["kv_cache_bytes"] / base["kv_cache_bytes"],
+            "gen_mem_ratio": (r["gen_mem_bytes"] / base["gen_mem_bytes"] if base["gen_mem_bytes"] > 0 else None),
+        }
+        out.append(item)
+    return out
+
+
+def precision_speedups(rows: list[dict]) -> list[dict]:
+    """bf16 over fp32 for every configuration measured at both (each at its fastest kernel)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    fp32 = {_config(r): r for r in ok if r["precision"] == "fp32"}
+    out = []
+    for r in ok:
+        base = fp32.get(_config(r))
+        if r["precision"] != "bf16" or base is None:
+            continue
+        out.append({"model": r["model"], "kind": r["kind"], "net": r["net"], "steps": r["steps"],
+                    "order": r["order"], "batch": r["batch"],
+                    "fp32_kernel": base.get("kernel"), "bf16_kernel": r.get("kernel"),
+                    "fp32_img_s": base["gen_img_s_median"], "bf16_img_s": r["gen_img_s_median"],
+                    "speedup": r["gen_img_s_median"] / base["gen_img_s_median"]})
+    return out
+
+
+def _config(r: dict) -> tuple:
+    return r["model"], r["kind"], r["steps"], r["order"], r["batch"], r["device"]
+
+
+def precision_suffix(precision: str) -> str:
+    """What a metric name gains for a precision other than fp32 (fp32 names stay as they were)."""
+    return "" if precision == "fp32" else f".{precision}"
+
+
+def environment() -> dict:
+    import torch
+
+    from arpg.models.cpu_kernels import bf16_hardware
+
+    return {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),
+            "bf16_hardware": bf16_hardware(),
+            "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def write_outputs(rows: list[dict], csv_path: Path, json_path: Path, meta: dict) -> dict:
+    """profile.csv (one row per configuration) and profile.json (rows, speed-ups, anchors); the document."""
+    write_csv(csv_path, rows, CSV_COLUMNS)
+    doc = {"meta": meta, "rows": rows, "speedups": speedups(rows), "precision_speedups": precision_speedups(rows),
+           "reference": reference_record(rows)}
+    write_json(json_path, doc)
+    return doc
+
+
+def summary(doc: dict) -> str:
+    """The speed-up table (issue 7's 'done when' figures) and the reference comparison as text."""
+    par, seq = labels(parallel=True, short=True), labels(parallel=False, short=True)
+    lines = [f"{par} speed-up over {seq} decoding (generation only, median; [worst, best] from the spreads)",
+             f"{'model':<10}{'prec':>5}{'batch':>6}{'steps':>7}{'speed-up':>10}{'[low, high]':>16}{'n/S':>7}"
+             f"{'goal':>7}{'e2e':>8}{'kv':>7}{'mem':>7}"]
+    several_pairs = len({(g["decoder"], g["baseline"]) for g in doc["speedups"]}) > 1
+    for g in doc["speedups"]:
+        e2e = f"{g['speedup_e2e']:.2f}x" if g["speedup_e2e"] else "-"
+        mem = f"{g['gen_mem_ratio']:.2f}" if g["gen_mem_ratio"] else "-"
+        pair = f"{g['decoder']} over {g['baseline']}: " if several_pairs else ""
+        lines.append(f"{pair}{g['model']:<10}{g['precision']:>5}{g['batch']:>6}{g['steps']:>7}{g['speedup_gen']:>9.2f}x"
+                     f"{'[%.2f, %.2f]' % (g['speedup_gen_low'], g['speedup_gen_high']):>16}"
+                     f"{g['step_ratio']:>6.0f}x{g['goal']:>6.1f}x{e2e:>8}{g['kv_ratio']:>7.2f}{mem:>7}")
+    if doc["precision_speedups"]:
+        lines.append("bf16 over fp32 (generation img/s, each at its fastest measured kernel)")
+        for p in doc["precision_speedups"]:
+            order = "" if in_native_order(p) else f" order={p['order']}"
+            lines.append(f"  {p['model']}/{p['kind']} steps={p['steps']}{order} batch={p['batch']}: {p['fp32_img_s']:.4g} "
+                         f"({p['fp32_kernel']}) -> {p['bf16_img_s']:.4g} ({p['bf16_kernel']}) = {p['speedup']:.2f}x")
+    skipped = [r for r in doc["rows"] if r["status"] == "skipped"]
+    for r in skipped:
+        lines.append(f"skipped: {r['model']}/{r['kind']} steps={r['steps']} batch={r['batch']} {r['precision']}: "
+                     f"{r['skip_reason']}")
+    comparison = doc["reference"]["comparison"]
+    if comparison:
+        lines.append("vs the public releases (issue 7 anchors, same machine class; ours / theirs in img/s)")
+        for c in comparison:
+            lines.append(f"  {c['name']:<26} {c['kind']:<7} steps={c['steps']:<4} batch={c['batch']}: ours "
+                         f"{c['ours_img_s']:.4g} vs {c['img_s']:.4g} = {c['ratio']:.2f}x "
+                         f"(target >= {c['target_ratio']}x: {'met' if c['met'] else 'NOT met'})")
+    lines.append(f"(kv: {par} / {seq} analytic KV-cache bytes; mem: {par} / {seq} measured generation memory)")
+    busy = [r for r in doc["rows"] if max(r.get("load_avg_1m", 0), r.get("load_avg_1m_after", 0)) > r["threads"]
+            and r["device"] == "cpu"]
+    if busy:
+        peak = max(max(r.get("load_avg_1m", 0), r.get("load_avg_1m_after", 0)) for r in busy)
+        lines.append(f"WARNING: {len(busy)} CPU configurations ran with a 1-minute load average above their "
+                     f"thread count (up to {peak:.1f}): other processes shared the cores, timings are pessimistic")
+    return "\n".join(lines)
+
+
+def metrics(doc: dict) -> dict[str, float]:
+    """Flat MLflow metrics: img/s and memory per configuration, speed-ups."""
+    out: dict[str, float] = {}
+    for r in doc["rows"]:
+        if r["status"] != "ok":
+            continue
+        key = (f"{r['model']}.{r['kind']}.b{r['batch']}.s{r['steps']}"
+               + ("" if in_native_order(r) else f".{r['order']}")
+               + precision_suffix(r["precision"]))
+        out[f"img_s.{key}"] = r["gen_img_s_median"]
+        if r.get("e2e_img_s_median"):
+            out[f"img_s_e2e.{key}"] = r["e2e_img_s_median"]
+        out[f"gen_mem_mib.{key}"] = r["gen_mem_bytes"] / 2**20
+        out[f"kv_mib.{key}"] = r["kv_cache_bytes"] / 2**20
+    for g in doc["speedups"]:
+        out[f"speedup.{g['model']}.b{g['batch']}.s{g['steps']}"
+            + precision_suffix(g["precision"])] = g["speedup_gen"]
+    return out

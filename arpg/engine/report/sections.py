@@ -13,7 +13,7 @@ from typing import Any
 
 from arpg import figures
 from arpg.decoders import DECODERS, labels, zero_shot_decoder
-from arpg.engine.profile.results import PRECISION_SPEEDUP_COLUMNS, precision_suffix
+from arpg.engine.profile.sweep import PRECISION_SPEEDUP_COLUMNS, precision_suffix
 from arpg.engine.report.document import (COPIED_DIRS, FID_PNG, METRICS_JSON, PARETO_CSV, SPEED_CSV, STRATEGIES_PNG,
                                          Report)
 from arpg.engine.report.noise import (DIFFERENCE_COLUMNS, Bootstrap, bootstrap_of, difference, interval_text,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from arpg.engine.profile.results import SPEEDUP_COLUMNS
+from arpg.engine.profile.sweep import SPEEDUP_COLUMNS
 from arpg.engine.report.points import Point
 from arpg.errors import ArpgError
 from arpg.paths import format_cfg
