@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 from arpg.errors import ArpgError
 
@@ -97,13 +97,18 @@ def zero_shot_decoder() -> Decoder | None:
 
 
 @contextmanager
-def registered(extra: Decoder) -> Iterator[Decoder]:
-    """Register `extra` for the duration of a `with` block (tests). DECODERS is changed in place,
-    so every module that iterates it sees the new entry."""
-    if extra.name in DECODERS:
-        raise ArpgError(f"decoder {extra.name!r} is registered already")
-    DECODERS[extra.name] = extra
+def registered_in(registry: dict, extra: Any, what: str) -> Iterator[Any]:
+    """Add `extra` to `registry` under its name for the duration of a `with` block (tests). The
+    registry is changed in place, so every module that iterates it sees the new entry."""
+    if extra.name in registry:
+        raise ArpgError(f"{what} {extra.name!r} is registered already")
+    registry[extra.name] = extra
     try:
         yield extra
     finally:
-        del DECODERS[extra.name]
+        del registry[extra.name]
+
+
+def registered(extra: Decoder):
+    """Register the decoder `extra` for the duration of a `with` block (tests)."""
+    return registered_in(DECODERS, extra, "decoder")

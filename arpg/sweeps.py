@@ -10,12 +10,11 @@ Imported by Snakemake on every invocation: no torch here.
 from __future__ import annotations
 
 import itertools
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from arpg.config import dotted, token_count
-from arpg.decoders import DECODERS, Decoder
+from arpg.decoders import DECODERS, Decoder, registered_in
 from arpg.errors import ArpgError, ConfigError
 from arpg.paths import SweepPoint, format_cfg
 
@@ -242,14 +241,6 @@ def sweep_points(values: Mapping) -> list[SweepPoint]:
     return sorted(owner, key=lambda p: (p.model, p.order, p.steps, p.cfg))
 
 
-@contextmanager
-def registered(extra: Sweep) -> Iterator[Sweep]:
-    """Register `extra` for the duration of a `with` block (tests). SWEEPS is changed in place, so
-    every module that iterates it sees the new entry."""
-    if extra.name in SWEEPS:
-        raise ArpgError(f"sweep {extra.name!r} is registered already")
-    SWEEPS[extra.name] = extra
-    try:
-        yield extra
-    finally:
-        del SWEEPS[extra.name]
+def registered(extra: Sweep):
+    """Register the sweep `extra` for the duration of a `with` block (tests)."""
+    return registered_in(SWEEPS, extra, "sweep")
