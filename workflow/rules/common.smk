@@ -1,4 +1,5 @@
-# Load and validate the params file before the DAG is built; helpers for the rules.
+# Load and validate the params file before the DAG is built; helpers for the rules (stages.smk makes
+# one rule per stage declared in arpg/commands/<stage>.py, report.smk the report's).
 import os
 import sys
 from pathlib import Path
@@ -109,8 +110,8 @@ def fingerprint(rule):
 
 
 def command(rule):
-    """params: the job's whole command line (torchrun prefix included), as its declaration in
-    arpg/pipeline.py spells it: no shell line restates a stage's arguments."""
+    """params: the job's whole command line (torchrun prefix included), as its declaration (RULE in
+    arpg/commands/<stage>.py) spells it: no shell line restates a stage's arguments."""
     return lambda wildcards: PIPE.job(PARAMS, rule, dict(wildcards)).command(None)
 
 
