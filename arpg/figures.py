@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from arpg.decoders import DECODERS, in_native_order
+from arpg.report_catalog import MEMORY_PNG as MEMORY, THROUGHPUT_PNG as THROUGHPUT
 from arpg.utils import save_figure
 
-# The profile's figures, in the order `profile_figures` writes them.
-THROUGHPUT = "throughput_vs_steps.png"
-MEMORY = "memory.png"
+# The profile's figures, in the order `profile_figures` writes them (the report draws the first two
+# too, under the names arpg/report_catalog.py gives them).
 SPEEDUP = "speedup_vs_steps.png"
 
 

@@ -25,38 +25,56 @@ QUALITY, SPEED, SAMPLES, ZERO_SHOT, MODELS, PIPELINE, TEXT = (
     "1 Quality", "2 Speed", "3 Samples", "4 Zero-shot editing", "5 Tokenizer, classifier, training",
     "6 Pipeline", "0 Report text")
 
+# The files of report.dir, each spelled here only (the report writes them by these names).
+README_MD = "README.md"
+QUALITY_CSV = "quality.csv"
+FID_PNG = "fid_vs_steps.png"
+STRATEGIES_PNG = "quality_vs_steps_strategies.png"
+DIFFERENCES_CSV = "differences.csv"
+EXTRACTORS_CSV = "metric_extractors.csv"
+SPEED_CSV = "speed.csv"
+SPEEDUPS_CSV = "speedups.csv"
+PRECISION_SPEEDUPS_CSV = "precision_speedups.csv"
+PARETO_CSV = "pareto.csv"
+FID_VS_THROUGHPUT_PNG = "fid_vs_throughput.png"
+THROUGHPUT_PNG = "throughput_vs_steps.png"
+MEMORY_PNG = "memory.png"
+TOKENIZER_CSV = "tokenizer.csv"
+RECONSTRUCTIONS_PNG = "tokenizer_reconstructions.png"
+CLASSIFIER_CSV = "classifier.csv"
+TRAINING_CSV = "training.csv"
+ZERO_SHOT_CSV = "zeroshot.csv"
+METRICS_JSON = "metrics.json"
+STAGE_TIMES_CSV = "stage_times.csv"
+
 FILES: dict[str, Shown] = {
-    "README.md": Shown(TEXT, "The whole report as markdown: every table below with the text that reads it, "
-                             "including which differences exceed the noise."),
-    "quality.csv": Shown(QUALITY, "Every sweep point: FID, KID, IS, precision/recall and class accuracy, each "
-                                  "with its bootstrap standard error and 95% interval."),
-    "fid_vs_steps.png": Shown(QUALITY, "FID against decoding steps, each decoder a line, 95% bootstrap intervals "
-                                       "as bars."),
-    "quality_vs_steps_strategies.png": Shown(QUALITY, "Quality against steps per decoding strategy, with "
-                                                      "95% intervals."),
-    "differences.csv": Shown(QUALITY, "The sweeps' differences with their 95% intervals and whether each "
-                                      "exceeds the noise."),
-    "metric_extractors.csv": Shown(QUALITY, "Which feature extractor each metric column was computed with."),
-    "speed.csv": Shown(SPEED, "Measured decoding speed per model, steps, batch size and precision: images/s, "
-                              "latency spread, peak memory and KV-cache size (CPU model in the report text)."),
-    "speedups.csv": Shown(SPEED, "ARPG over raster speed-ups at matched batch sizes, per precision and best."),
-    "precision_speedups.csv": Shown(SPEED, "bf16 over fp32 speed-ups per decoder and configuration."),
-    "pareto.csv": Shown(SPEED, "Quality-speed pairs (FID with interval, images/s) and the Pareto front."),
-    "fid_vs_throughput.png": Shown(SPEED, "FID against images/s, each sweep point a marker, the Pareto front "
-                                          "drawn."),
-    "throughput_vs_steps.png": Shown(SPEED, "Images/s against decoding steps, one line per model and batch size."),
-    "memory.png": Shown(SPEED, "Peak decoding memory and KV-cache size against batch size."),
-    "tokenizer.csv": Shown(MODELS, "The VQ tokenizer: reconstruction PSNR/SSIM and codebook usage."),
-    "tokenizer_reconstructions.png": Shown(MODELS, "Test images (top) and their tokenizer reconstructions "
-                                                   "(bottom)."),
-    "classifier.csv": Shown(MODELS, "The evaluation classifier's test accuracy and the real-data sanity row."),
-    "training.csv": Shown(MODELS, "Each generator's training: steps, tokens, final loss and its setup."),
-    "zeroshot.csv": Shown(ZERO_SHOT, "Inpainting, outpainting, continuation and resolution expansion, measured: "
-                                     "accuracy, FID, KID and PSNR per cell with intervals."),
-    "metrics.json": Shown(TEXT, "The report's headline metrics (DVC's `metrics`, so `dvc exp show` compares "
-                                "experiments by them)."),
-    "stage_times.csv": Shown(PIPELINE, "Wall time, CPU time and peak memory of every stage, from Snakemake's "
-                                       "benchmark files."),
+    README_MD: Shown(TEXT, "The whole report as markdown: every table below with the text that reads it, including "
+                           "which differences exceed the noise."),
+    QUALITY_CSV: Shown(QUALITY, "Every sweep point: FID, KID, IS, precision/recall and class accuracy, each with "
+                                "its bootstrap standard error and 95% interval."),
+    FID_PNG: Shown(QUALITY, "FID against decoding steps, each decoder a line, 95% bootstrap intervals as bars."),
+    STRATEGIES_PNG: Shown(QUALITY, "Quality against steps per decoding strategy, with 95% intervals."),
+    DIFFERENCES_CSV: Shown(QUALITY, "The sweeps' differences with their 95% intervals and whether each exceeds the "
+                                    "noise."),
+    EXTRACTORS_CSV: Shown(QUALITY, "Which feature extractor each metric column was computed with."),
+    SPEED_CSV: Shown(SPEED, "Measured decoding speed per model, steps, batch size and precision: images/s, latency "
+                            "spread, peak memory and KV-cache size (CPU model in the report text)."),
+    SPEEDUPS_CSV: Shown(SPEED, "ARPG over raster speed-ups at matched batch sizes, per precision and best."),
+    PRECISION_SPEEDUPS_CSV: Shown(SPEED, "bf16 over fp32 speed-ups per decoder and configuration."),
+    PARETO_CSV: Shown(SPEED, "Quality-speed pairs (FID with interval, images/s) and the Pareto front."),
+    FID_VS_THROUGHPUT_PNG: Shown(SPEED, "FID against images/s, each sweep point a marker, the Pareto front drawn."),
+    THROUGHPUT_PNG: Shown(SPEED, "Images/s against decoding steps, one line per model and batch size."),
+    MEMORY_PNG: Shown(SPEED, "Peak decoding memory and KV-cache size against batch size."),
+    TOKENIZER_CSV: Shown(MODELS, "The VQ tokenizer: reconstruction PSNR/SSIM and codebook usage."),
+    RECONSTRUCTIONS_PNG: Shown(MODELS, "Test images (top) and their tokenizer reconstructions (bottom)."),
+    CLASSIFIER_CSV: Shown(MODELS, "The evaluation classifier's test accuracy and the real-data sanity row."),
+    TRAINING_CSV: Shown(MODELS, "Each generator's training: steps, tokens, final loss and its setup."),
+    ZERO_SHOT_CSV: Shown(ZERO_SHOT, "Inpainting, outpainting, continuation and resolution expansion, measured: "
+                                    "accuracy, FID, KID and PSNR per cell with intervals."),
+    METRICS_JSON: Shown(TEXT, "The report's headline metrics (DVC's `metrics`, so `dvc exp show` compares "
+                              "experiments by them)."),
+    STAGE_TIMES_CSV: Shown(PIPELINE, "Wall time, CPU time and peak memory of every stage, from Snakemake's "
+                                     "benchmark files."),
 }
 
 

@@ -15,7 +15,7 @@ stage-time table `stage_times`, DVC's plot series `plots`, the markdown helpers 
 """
 
 from arpg.engine.report.points import Point, extractor_of, numeric_leaves, point_of, read_points
-from arpg.engine.report.document import METRICS_JSON, PARETO_CSV
+from arpg.report_catalog import METRICS_JSON, PARETO_CSV
 from arpg.engine.report.plots import plot_specs
 from arpg.engine.report.sections import EXTRACTOR_TEXT, build
 from arpg.engine.report.speed import pareto_front, pareto_pairs

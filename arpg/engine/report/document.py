@@ -1,7 +1,7 @@
-"""The report being written (`Report`: its folder, the study's jobs planned once, what it wrote) and
-the names of the files report.dir holds that other code refers to (DVC's plots and metrics).
+"""The report being written (`Report`: its folder, the study's jobs planned once, what it wrote).
 
-Every file written goes through `Report`, which records it; arpg/report_catalog.py captions each.
+Every file written goes through `Report`, which records it; arpg/report_catalog.py names and
+captions each.
 """
 
 from __future__ import annotations
@@ -15,12 +15,6 @@ from arpg import pipeline
 from arpg.errors import ArpgError
 from arpg.utils import atomic_path, atomic_write_text, write_csv
 
-# Files of report.dir that DVC's `plots:` also names (plot_specs).
-FID_PNG, SPEED_CSV = "fid_vs_steps.png", "speed.csv"
-PARETO_CSV = "pareto.csv"  # the quality-vs-speed pairs (arpg report logs them onto MLflow runs too)
-STRATEGIES_PNG = "quality_vs_steps_strategies.png"
-# The headline numbers (the report's MLflow metrics): DVC's `metrics:`, what `dvc exp show` compares.
-METRICS_JSON = "metrics.json"
 # Folders of report.dir that hold only what one build writes: copies, and the plot series.
 PLOTS_DIR = "plots"
 COPIED_DIRS = ("grids", "gallery", PLOTS_DIR)

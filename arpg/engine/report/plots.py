@@ -8,10 +8,11 @@ from typing import Any
 
 from arpg import figures
 from arpg.decoders import DECODERS
-from arpg.engine.report.document import FID_PNG, PLOTS_DIR, Report, fid_vs_img_s_series, fid_vs_steps_series
+from arpg.engine.report.document import PLOTS_DIR, Report, fid_vs_img_s_series, fid_vs_steps_series
 from arpg.engine.report.points import read_output, suffix
 from arpg.engine.report.speed import pareto_pairs, speed_rows
 from arpg.paths import format_cfg
+from arpg.report_catalog import FID_PNG, MEMORY_PNG, THROUGHPUT_PNG
 
 def _plot_fid_columns(params) -> list[str]:
     return [f"fid_{suffix(x)}" for x in params["evaluate"]["extractors"]]
@@ -51,6 +52,6 @@ def plot_specs(params) -> list[tuple[str, Any]]:
                                  "y": {str(out / fid_vs_img_s_series(m)): fid for m in DECODERS},
                                  "title": "FID vs images/s (the profile's largest batch), one line per decoder"}),
         ("fid_vs_steps_image", str(out / FID_PNG)),
-        ("throughput_image", str(out / figures.THROUGHPUT)),
-        ("memory_image", str(out / figures.MEMORY)),
+        ("throughput_image", str(out / THROUGHPUT_PNG)),
+        ("memory_image", str(out / MEMORY_PNG)),
     ]

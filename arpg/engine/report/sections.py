@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from arpg import figures
+from arpg import figures, report_catalog as catalog
 from arpg.decoders import DECODERS, labels, zero_shot_decoder
 from arpg.engine.profile.sweep import PRECISION_SPEEDUP_COLUMNS, precision_suffix
-from arpg.engine.report.document import (COPIED_DIRS, FID_PNG, METRICS_JSON, PARETO_CSV, SPEED_CSV, STRATEGIES_PNG,
-                                         Report)
+from arpg.engine.report.document import COPIED_DIRS, Report
 from arpg.engine.report.noise import (DIFFERENCE_COLUMNS, Bootstrap, bootstrap_of, difference, interval_text,
                                      judged, noise_section)
 from arpg.engine.report.plots import write_plot_series
@@ -96,10 +95,10 @@ def build(params, out_dir: Path | None = None) -> dict[str, Any]:
     md += _galleries(rep)
     md += stage_times_section(rep)
     write_plot_series(rep, quality.sweep, quality.fid_cols)
-    rep.text("README.md", "\n".join(md))
+    rep.text(catalog.README_MD, "\n".join(md))
     rep.headline.update(_fid_headline(quality))
-    write_json(rep.out / METRICS_JSON, rep.headline)
-    rep.written.append(rep.out / METRICS_JSON)
+    write_json(rep.out / catalog.METRICS_JSON, rep.headline)
+    rep.written.append(rep.out / catalog.METRICS_JSON)
     return {"paths": rep.written, "metrics": rep.headline, "dir": rep.out}
 
 
@@ -134,7 +133,7 @@ def _extractors(rep: Report, q: Quality) -> list[str]:
     if unattributed:
         md.append("- not feature-based: " + ", ".join(f"`{c}`" for c in unattributed))
     md.append("")
-    rep.csv("metric_extractors.csv", [{"metric": c, "extractor": extractor_of(c, extractors) or "-"}
+    rep.csv(catalog.EXTRACTORS_CSV, [{"metric": c, "extractor": extractor_of(c, extractors) or "-"}
                                       for c in q.cols], ["metric", "extractor"])
     return md
 
@@ -142,7 +141,7 @@ def _extractors(rep: Report, q: Quality) -> list[str]:
 def _quality(rep: Report, q: Quality) -> list[str]:
     """The quality CSVs (every point, and each sweep's table) and each sweep's section."""
     csv_cols = POINT_COLUMNS + interval_columns(q.cols, q.points)
-    rep.csv("quality.csv", [csv_row(p, q.cols) for p in q.points], csv_cols)
+    rep.csv(catalog.QUALITY_CSV, [csv_row(p, q.cols) for p in q.points], csv_cols)
     md, first = [], True
     for sweep in SWEEPS.values():
         rows = q.tables[sweep.name]
@@ -166,8 +165,8 @@ def _steps_figure(rep: Report, q: Quality) -> list[str]:
     curves = {col: {model: [(p.point.steps, p.metrics[col], half_width(p, col)) for p in q.sweep
                             if p.point.model == model and col in p.metrics] for model in DECODERS}
               for col in q.fid_cols}
-    rep.figure(figures.fid_vs_steps(rep.out / FID_PNG, curves, q.boot.level))
-    return [f"![FID vs steps]({FID_PNG})\n"]
+    rep.figure(figures.fid_vs_steps(rep.out / catalog.FID_PNG, curves, q.boot.level))
+    return [f"![FID vs steps]({catalog.FID_PNG})\n"]
 
 
 def _strategies_figure(rep: Report, q: Quality) -> list[str]:
@@ -177,8 +176,8 @@ def _strategies_figure(rep: Report, q: Quality) -> list[str]:
                                                   [(p.point.steps, p.metrics[col], half_width(p, col)) for p in rows])
                     for d, order, rows in _strategy_lines(q.strategies, col)} for col in cols}
     if any(panels.values()):
-        rep.figure(figures.curves_vs_steps(rep.out / STRATEGIES_PNG, panels, q.boot.level))
-    return [f"![quality vs steps per strategy]({STRATEGIES_PNG})\n", *_strategy_findings(q, cols)]
+        rep.figure(figures.curves_vs_steps(rep.out / catalog.STRATEGIES_PNG, panels, q.boot.level))
+    return [f"![quality vs steps per strategy]({catalog.STRATEGIES_PNG})\n", *_strategy_findings(q, cols)]
 
 
 def _strategy_findings(q: Quality, cols: list[str]) -> list[str]:
@@ -224,7 +223,7 @@ def _noise(rep: Report, q: Quality) -> list[str]:
     md, rows = noise_section(rep.params, q.points, [c for c in q.shown if c.startswith(("fid_", "accuracy_"))],
                              q.boot)
     if rows:
-        rep.csv("differences.csv", rows, DIFFERENCE_COLUMNS)
+        rep.csv(catalog.DIFFERENCES_CSV, rows, DIFFERENCE_COLUMNS)
     return md
 
 
@@ -235,8 +234,8 @@ def _speed(rep: Report, q: Quality) -> list[str]:
     profile_doc = read_output(rep.layout.profile_json, "profile")
     speed = speed_rows(profile_doc)
     gains = profile_doc.get("speedups", [])
-    rep.csv(SPEED_CSV, speed, SPEED_COLUMNS)
-    rep.csv("speedups.csv", gains, GAIN_COLUMNS)
+    rep.csv(catalog.SPEED_CSV, speed, SPEED_COLUMNS)
+    rep.csv(catalog.SPEEDUPS_CSV, gains, GAIN_COLUMNS)
     par, seq = labels(parallel=True, short=True), labels(parallel=False, short=True)
     md = ["## Throughput and memory\n", f"Timings from: {hardware(profile_doc)}.\n",
           "`img_s`: generated token grids per second (median over repeats); `img_s_e2e`: images per second "
@@ -250,15 +249,15 @@ def _speed(rep: Report, q: Quality) -> list[str]:
           markdown_table(gains, GAIN_COLUMNS)]
     by_precision = profile_doc.get("precision_speedups", [])
     if by_precision:
-        rep.csv("precision_speedups.csv", by_precision, PRECISION_SPEEDUP_COLUMNS)
+        rep.csv(catalog.PRECISION_SPEEDUPS_CSV, by_precision, PRECISION_SPEEDUP_COLUMNS)
         md += ["### bf16 over fp32\n", markdown_table(by_precision, PRECISION_SPEEDUP_COLUMNS)]
     lacking = sorted({r["skip_reason"] for r in profile_doc["rows"] if r.get("status") == "skipped"
                       and r["skip_reason"].startswith("bf16:")})
     md += [f"_Not measured: {reason}._\n" for reason in lacking]
     if speed:
-        rep.figure(figures.throughput_vs_steps(profile_doc, rep.out / figures.THROUGHPUT))
-        rep.figure(figures.memory(profile_doc, rep.out / figures.MEMORY))
-        md += [f"![images/s vs steps]({figures.THROUGHPUT})\n", f"![memory]({figures.MEMORY})\n"]
+        rep.figure(figures.throughput_vs_steps(profile_doc, rep.out / catalog.THROUGHPUT_PNG))
+        rep.figure(figures.memory(profile_doc, rep.out / catalog.MEMORY_PNG))
+        md += [f"![images/s vs steps]({catalog.THROUGHPUT_PNG})\n", f"![memory]({catalog.MEMORY_PNG})\n"]
     if q.fid_cols:
         md += _quality_vs_speed(rep, q, speed)
     for g in gains:
@@ -274,13 +273,14 @@ def _quality_vs_speed(rep: Report, q: Quality, speed: list[dict]) -> list[str]:
     if not pairs:
         return ["_No FID-vs-speed pairs: the profile has no rows of the study models (`default` in "
                 "profile.models) at the sampled step counts._\n"]
-    rep.csv(PARETO_CSV, pairs)
-    rep.figure(figures.fid_vs_throughput(rep.out / "fid_vs_throughput.png", pairs, pareto_front(pairs, fid), fid))
+    rep.csv(catalog.PARETO_CSV, pairs)
+    rep.figure(figures.fid_vs_throughput(rep.out / catalog.FID_VS_THROUGHPUT_PNG, pairs, pareto_front(pairs, fid),
+                                         fid))
     by_point = {(p.point.model, p.point.steps, format_cfg(p.point.cfg), p.point.order): p for p in shown}
     rows = [{**r, fid: with_interval(by_point[r["model"], r["steps"], r["cfg"], r["order"]], fid)} for r in pairs]
     return [f"### Quality vs speed ({fid} vs images/s of the study models)\n",
             markdown_table(rows, ["model", "steps", "cfg", "order", "img_s", "batch", fid]),
-            "![FID vs images/s](fid_vs_throughput.png)\n"]
+            f"![FID vs images/s]({catalog.FID_VS_THROUGHPUT_PNG})\n"]
 
 
 def _tokenizer(rep: Report) -> list[str]:
@@ -290,10 +290,10 @@ def _tokenizer(rep: Report) -> list[str]:
     md = ["## Tokenizer\n", f"Weights: {source} ({tok_train.get('steps')} steps).\n"]
     if "tokenize" in rep.rules:
         tok = numeric_leaves(read_output(rep.layout.tokenize_metrics, "tokenize"))
-        rep.csv("tokenizer.csv", [tok], list(tok))
-        rep.copy(rep.layout.reconstructions, "tokenizer_reconstructions.png")
+        rep.csv(catalog.TOKENIZER_CSV, [tok], list(tok))
+        rep.copy(rep.layout.reconstructions, catalog.RECONSTRUCTIONS_PNG)
         md += ["Reconstruction and codebook use (`arpg tokenize`):\n", markdown_kv(tok),
-               "![reconstructions](tokenizer_reconstructions.png)\n"]
+               f"![reconstructions]({catalog.RECONSTRUCTIONS_PNG})\n"]
     return md
 
 
@@ -301,7 +301,7 @@ def _classifier(rep: Report) -> list[str]:
     if "train_classifier" not in rep.rules:
         return []
     clf = numeric_leaves(read_output(rep.layout.classifier_metrics, "train-classifier"))
-    rep.csv("classifier.csv", [clf], list(clf))
+    rep.csv(catalog.CLASSIFIER_CSV, [clf], list(clf))
     return ["## Evaluation classifier (sanity row)\n", markdown_kv(clf)]
 
 
@@ -312,7 +312,7 @@ def _training(rep: Report) -> list[str]:
         rows.append({"model": model, "name": doc.get("model") if isinstance(doc, dict) else None,
                      **numeric_leaves(doc)})
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    rep.csv("training.csv", rows, cols)
+    rep.csv(catalog.TRAINING_CSV, rows, cols)
     return ["## Training\n", markdown_table(rows, cols)]
 
 
@@ -334,7 +334,7 @@ def _zero_shot(rep: Report, q: Quality) -> list[str]:
     if "zero_shot" not in rep.rules:
         return []
     md, rows, cols, headline = zero_shot_section(rep.params, read_tasks(rep.params, rep.layout), q.sweep, q.boot)
-    rep.csv("zeroshot.csv", rows, cols)
+    rep.csv(catalog.ZERO_SHOT_CSV, rows, cols)
     rep.headline.update(headline)
     return md
 

@@ -12,6 +12,7 @@ from arpg.config import unrecorded
 from arpg.engine.report.document import Report
 from arpg.engine.report.points import read_output
 from arpg.engine.report.text import markdown_table
+from arpg.report_catalog import STAGE_TIMES_CSV
 
 STAGE_TIME_COLUMNS = ["rule", "jobs", "timed", "wall_s", "longest_s", "longest_job", "cpu_s", "max_rss_mib",
                       "unit", "units", "cpu_ms_per_unit"]
@@ -84,7 +85,7 @@ def stage_times_section(rep: Report) -> list[str]:
             cpu_s = rows[-1]["cpu_s"]
             rows[-1].update(unit=counted[0][0], units=units,
                             cpu_ms_per_unit=round(1000 * cpu_s / units, 1) if math.isfinite(cpu_s) else None)
-    rep.csv("stage_times.csv", rows, STAGE_TIME_COLUMNS)
+    rep.csv(STAGE_TIMES_CSV, rows, STAGE_TIME_COLUMNS)
     md = ["## Stage times\n",
           "Read from Snakemake's `benchmark:` files (`" + pipeline.log_dir(rep.params) + "/<rule>/...tsv`, beside the logs; "
           "one per job, written where the job ran; the report's own job is not in it). `wall_s` and `cpu_s` "
