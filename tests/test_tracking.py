@@ -324,3 +324,22 @@ def test_a_stage_that_fails_while_loading_ends_its_run_failed(params_file, monke
     with pytest.raises(RuntimeError, match="load failed"):
         main([argv[0], "--params", str(params.path), *argv[1:]])
     assert _statuses(params, run_name) == ["FAILED"]
+
+
+@pytest.mark.parametrize("argv, run_name", [
+    (["train-tokenizer"], "train-tokenizer"), (["tokenize"], "tokenize"), (["train-classifier"], "train-classifier"),
+    (["train", "--model", "arpg"], "train-arpg"),
+    (["sample", "--model", "arpg", "--steps", "4", "--cfg", "2.0", "--order", "random"],
+     "sample-arpg-steps4_cfg2.0_random"),
+    (["reference-stats", "--extractor", "classifier"], "reference-stats-classifier-test"),
+    (["evaluate", "--model", "arpg", "--steps", "4", "--cfg", "2.0", "--order", "random"],
+     "evaluate-arpg-steps4_cfg2.0_random"),
+    (["zero-shot", "--task", "inpainting"], "zero-shot-inpainting"), (["gallery"], "gallery"), (["report"], "report"),
+], ids=lambda v: v[0] if isinstance(v, list) else None)
+def test_every_stage_opens_its_run_before_reading_its_inputs(params_file, argv, run_name):
+    """Nothing has run: each stage's first read fails (a message, exit 2) inside its run, which ends FAILED."""
+    from arpg.cli import main
+
+    params = load_params(params_file())
+    assert main([argv[0], "--params", str(params.path), *argv[1:]]) == 2
+    assert _statuses(params, run_name) == ["FAILED"]

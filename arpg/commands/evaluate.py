@@ -51,17 +51,18 @@ def run(args, params) -> None:
     layout = params.layout
     point = SweepPoint(args.model, args.steps, args.cfg, args.order)
     path = layout.samples(point)
-    blob = read_npz(path, f"samples of {point.model} {point.tag}", keys=("arr_0", "labels"),
-                    written_by=f"arpg sample --model {point.model} --steps {point.steps} --cfg {args.cfg:g} "
-                               f"--order {point.order}")
-    images, labels = blob["arr_0"], blob["labels"]
     device = resolve_device(params["device"])
     bootstrap = BootstrapConfig.from_params(params)
     split = params["evaluate"]["reference_split"]
     run_params = {"model": point.model, "steps": point.steps, "cfg": point.cfg, "order": point.order,
                   "seed": params["sample"]["seed"], "extractors": ",".join(params["evaluate"]["extractors"])}
+    # the run is open before any work (reading the samples), so any failure ends it FAILED
     with stage_run(params, "evaluate", run_name=f"evaluate-{point.model}-{point.tag}",
                    run_params=run_params) as run:
+        blob = read_npz(path, f"samples of {point.model} {point.tag}", keys=("arr_0", "labels"),
+                        written_by=f"arpg sample --model {point.model} --steps {point.steps} --cfg {args.cfg:g} "
+                                   f"--order {point.order}")
+        images, labels = blob["arr_0"], blob["labels"]
         metrics, intervals, bootstrap_seconds = evaluate_images(params, images, labels, device)
         out = {"model": point.model, "steps": point.steps, "cfg": point.cfg, "order": point.order,
                "seed": params["sample"]["seed"], "num_samples": int(len(images)), "reference_split": split,

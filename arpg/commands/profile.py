@@ -54,9 +54,9 @@ def run(args, params) -> None:
     from arpg.warm import record_own_usage
 
     layout = params.layout
-    specs = prof.plan(params, args.model)
     settings = {f"profile.{k}": v for k, v in unrecorded(params)["profile"].items()}  # MLflow labels
-    with stage_run(params, "profile", run_params=settings) as run:
+    with stage_run(params, "profile", run_params=settings) as run:  # open before any work: a failure ends it FAILED
+        specs = plan(params, args.model)
         print(f"profiling {len(specs)} configurations (one child process each; "
               f"threads={params['profile']['threads']}, repeats={params['profile']['repeats']})")
         bar = Progress(len(specs), "profile", unit="configuration")

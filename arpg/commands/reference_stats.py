@@ -46,11 +46,12 @@ def run(args, params) -> None:
     layout = params.layout
     split = params["evaluate"]["reference_split"]
     device = resolve_device(params["device"])
-    weights = extractor_weights(params, args.extractor)
-    images = load_images(layout, split)
     out = layout.reference_stats(args.extractor, split)
+    # the run is open before any work (the weights, the images), so any failure ends it FAILED
     with stage_run(params, "reference-stats", run_name=f"reference-stats-{args.extractor}-{split}",
                    run_params={"extractor": args.extractor, "split": split}) as run:
+        weights = extractor_weights(params, args.extractor)
+        images = load_images(layout, split)
         start = time.monotonic()
         reference = compute_reference(images, args.extractor, weights, params["evaluate"]["batch_size"], device)
         save_reference(out, reference, args.extractor, split, file_digest(weights))

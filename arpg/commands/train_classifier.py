@@ -51,11 +51,12 @@ def run(args, params) -> None:
     device = resolve_device(params["device"])
     train_cfg = ClassifierTrainConfig.from_params(params)
     model_cfg = model_config_from_params(params)
-    train_x, train_y = load_images(layout, "train"), load_labels(layout, "train")
-    test_x, test_y = load_images(layout, "test"), load_labels(layout, "test")
     plain = unrecorded(params)  # MLflow labels
     run_params = {"seed": plain["seed"], **{f"classifier.{k}": v for k, v in plain["classifier"].items()}}
+    # the run is open before any work (reading the images), so any failure ends it FAILED
     with stage_run(params, "train-classifier", run_params=run_params) as run:
+        train_x, train_y = load_images(layout, "train"), load_labels(layout, "train")
+        test_x, test_y = load_images(layout, "test"), load_labels(layout, "test")
         start = time.monotonic()
         model, stats = train_classifier(train_x, train_y, model_cfg, train_cfg, device, log=run.log_metrics)
         logits_NK, _ = predict(model, test_x, params["evaluate"]["batch_size"], device)
