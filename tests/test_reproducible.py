@@ -23,7 +23,7 @@ import yaml
 
 from arpg import pipeline, warm
 from arpg.cli import RECORD_READS_ENV
-from arpg.config import load_params, schema, unrecorded
+from arpg.config import NOT_RESULT_KEYS, load_params, schema, unrecorded
 from arpg.decoders import DECODERS
 from arpg.errors import ArpgError
 from arpg.paths import REPO_ROOT
@@ -193,6 +193,7 @@ ALTERNATIVES = {"name": ["smokex"], "device": ["cpu"], "train.arpg_model": ["ARP
                 # (the smoke list is empty), a default step count that sample.steps holds
                 "sample.cfg": [[1.0]], "sample.steps_default": [2]}
 # Keys that place or label work rather than compute it, or name user files: no mutation is tried.
+_NOT_RESULT = {f"{section}.{key}" for section, keys in NOT_RESULT_KEYS.items() for key in keys}
 NOT_MUTATED = {"output_dir", "data.path", "report.dir", "tracking.enabled", "tracking.uri",
                "tracking.experiment"}
 
@@ -279,6 +280,9 @@ def test_each_params_key_reruns_exactly_the_jobs_that_read_it(study, tmp_path):
         if got != want:
             wrong.append(f"{key}: Snakemake reruns {sorted(got - want)} too, and not {sorted(want - got)}")
     assert not wrong, "\n".join(wrong)
+    # the keys no result depends on (config.NOT_RESULT_KEYS) rerun nothing at all
+    quiet = {key: ran[str(path)] for key, path in mutations if key in _NOT_RESULT}
+    assert set(quiet) == _NOT_RESULT and not any(quiet.values()), quiet
 
 
 def _executed(out: str) -> dict[str, int]:
@@ -642,6 +646,8 @@ def test_dvc_status_names_exactly_the_stages_that_read_a_changed_key(dvc_study, 
     wrong = [f"{key}: dvc status names {sorted(set(map(job_name, status[str(path)])) ^ want)} wrongly"
              for key, path, want in same_shape if set(map(job_name, status[str(path)])) != want]
     assert not wrong, "\n".join(wrong)
+    quiet = {key: status[str(path)] for key, path, _ in same_shape if key in _NOT_RESULT}
+    assert set(quiet) == _NOT_RESULT and not any(quiet.values()), quiet  # keys no result depends on: nothing
 
 
 @pytest.mark.slow
