@@ -421,7 +421,7 @@ def test_an_mlflow_server_on_the_study_serves_what_comparing_quality_and_speed_n
     experiments = _api(mlflow_server, "experiments/search", {"max_results": 100})["experiments"]
     experiment = next(e for e in experiments if e["name"] == "arpg-smoke")
     note = {t["key"]: t["value"] for t in experiment.get("tags", [])}.get("mlflow.note.content", "")
-    assert "img_s" in note and "fid_classifier" in note, note
+    assert "img_s" in note and "fid_<extractor>" in note and "pareto.csv" in note, note
     runs, token = [], None
     while True:
         page = _api(mlflow_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]],
