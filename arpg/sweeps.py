@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from arpg.config import dotted, token_count
-from arpg.decoders import DECODERS, Decoder, registered_in
+from arpg.decoders import DECODERS, Decoder, labels, native_orders, registered_in
 from arpg.errors import ArpgError, ConfigError
 from arpg.paths import SweepPoint, format_cfg
 
@@ -44,7 +44,7 @@ class Sweep:
     """One sweep. `parallel` / `sequential`: the (steps, cfg, order) sources of its points for each
     kind of decoder (None: that kind does not run it); each source is a literal, a `Param`, a `Swept`
     list or a `Derived` value. A point is compared against its `baseline`: the same point with those
-    wildcards replaced. The text fields are str.format templates over `Sweep.names`."""
+    wildcards replaced. The text fields are str.format templates over `names()`."""
 
     name: str                         # dvc.yaml stage `sample-<decoder>-<name>`, the report's group
     parallel: tuple | None
@@ -112,9 +112,9 @@ class Sweep:
             if self.adjacent:
                 out += list(zip(rows, rows[1:]))
             if self.baseline:
-                bases = [p for p in rows if self.baseline_of(p, values) == p]
-                out += [(base, p) for base in bases for p in rows
-                        if p != base and self.baseline_of(p, values) == base]
+                base_of = {p: self.baseline_of(p, values) for p in rows}
+                out += [(base, p) for base in rows if base_of[base] == base for p in rows
+                        if p != base and base_of[p] == base]
         return out
 
     def point_label(self, p: SweepPoint) -> str:
@@ -128,8 +128,6 @@ class Sweep:
 
 def names(values: Mapping) -> dict[str, Any]:
     """What the sweeps' text templates may say: the decoders' labels and the sweep defaults."""
-    from arpg.decoders import labels, native_orders
-
     s = values["sample"]
     return {"par": labels(parallel=True), "seq": labels(parallel=False),
             "seq_short": labels(parallel=False, short=True), "native": native_orders(parallel=True),

@@ -27,7 +27,7 @@ def _job(ctx: Ctx, w) -> Job:
     if "default" in prof["models"]:  # the study's own models (+ tokenizer, end-to-end, strategies) are timed too
         inputs = (*(str(lay.model_checkpoint(m)) for m in DECODERS), str(lay.tokenizer_checkpoint))
         keys += key_list(TOKEN_SPACE_KEYS, *(f"train.{d.model_key}" for d in DECODERS.values()),
-                      "sample.strategies", "sample.strategy_steps")
+                         "sample.strategies", "sample.strategy_steps")
     return Job("profile", {}, ("profile",), inputs, (str(lay.profile_csv), str(lay.profile_json)), keys,
                threads=prof["threads"], gpus=gpu_count(params), log=log_path(ctx, "profile", w, ()))
 

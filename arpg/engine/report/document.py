@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
 
 from arpg import pipeline
+from arpg.engine.report.points import read_output
 from arpg.errors import ArpgError
 from arpg.utils import atomic_path, atomic_write_text, write_csv
 
@@ -59,6 +61,11 @@ class Report:
 
     def jobs_of(self, rule: str) -> list[pipeline.Job]:
         return [j for j in self.jobs if j.rule == rule]
+
+    @cached_property
+    def profile(self) -> dict:
+        """profile.json, read once (the speed section, the plot series and the stage times use it)."""
+        return read_output(self.layout.profile_json, "profile")
 
     @property
     def layout(self):

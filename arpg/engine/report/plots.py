@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from arpg import figures
 from arpg.decoders import DECODERS
 from arpg.engine.report.document import PLOTS_DIR, Report, fid_vs_img_s_series, fid_vs_steps_series
-from arpg.engine.report.points import read_output, suffix
+from arpg.engine.report.points import suffix
 from arpg.engine.report.speed import pareto_pairs, speed_rows
 from arpg.paths import format_cfg
 from arpg.report_catalog import FID_PNG, MEMORY_PNG, THROUGHPUT_PNG
@@ -24,7 +23,7 @@ def write_plot_series(rep: Report, sweep: list, fid_cols: list[str]) -> None:
     fids = _plot_fid_columns(rep.params)
     timed: dict[tuple, dict] = {}
     if "profile" in rep.rules and fid_cols:
-        speed = speed_rows(read_output(rep.layout.profile_json, "profile"))
+        speed = speed_rows(rep.profile)
         pairs = pareto_pairs(sweep, speed, fid_cols[0], rep.params["sample"]["precision"])
         timed = {(r["model"], r["steps"]): r for r in pairs}
     (rep.out / PLOTS_DIR).mkdir(exist_ok=True)

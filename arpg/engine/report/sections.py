@@ -231,7 +231,7 @@ def _speed(rep: Report, q: Quality) -> list[str]:
     """Throughput and memory from profile.json, with the profile's own figures drawn from it."""
     if "profile" not in rep.rules:
         return []
-    profile_doc = read_output(rep.layout.profile_json, "profile")
+    profile_doc = rep.profile
     speed = speed_rows(profile_doc)
     gains = profile_doc.get("speedups", [])
     rep.csv(catalog.SPEED_CSV, speed, SPEED_COLUMNS)

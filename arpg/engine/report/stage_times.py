@@ -10,7 +10,6 @@ from pathlib import Path
 from arpg import pipeline
 from arpg.config import unrecorded
 from arpg.engine.report.document import Report
-from arpg.engine.report.points import read_output
 from arpg.engine.report.text import markdown_table
 from arpg.report_catalog import STAGE_TIMES_CSV
 
@@ -24,7 +23,7 @@ def _work_unit(rep: Report, job) -> tuple[str, int] | None:
     from arpg.commands.zero_shot import cells
 
     if job.rule == "profile":  # the configurations the profile measured (a skipped one costs nothing)
-        rows = read_output(rep.layout.profile_json, "profile")["rows"]
+        rows = rep.profile["rows"]
         return "configurations", sum(r["status"] == "ok" for r in rows)
     params = unrecorded(rep.params)
     gallery = params["gallery"]
