@@ -41,6 +41,7 @@ class Job:
     threads: int = 1
     gpus: int = 0
     local: bool = False             # cheap: runs on the submit host under a cluster executor
+    alone: bool = False             # measures the machine: Snakemake runs nothing beside it (all cores)
     log: str = ""
 
     @property

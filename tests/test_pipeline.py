@@ -143,8 +143,10 @@ def check_three_way(params_path: Path, root: Path, extra_decoders=()) -> list[pi
         assert inputs <= d["upstream_outs"], (job.name, sorted(inputs - d["upstream_outs"]))
         assert d["desc"].startswith(pipeline.RULES[job.rule].desc[:-1]), job.name
         assert d["params"] == list(job.param_keys), job.name
-        assert s["gpu"] == job.gpus and s["threads"] == job.threads, job.name
+        # a job that times the machine holds every core (256 in snakemake_jobs): nothing runs beside it
+        assert s["gpu"] == job.gpus and s["threads"] == (256 if job.alone else job.threads), job.name
         assert s["log"] == [job.log] and s["benchmark"] == job.benchmark, job.name
+    assert [j.rule for j in jobs if j.alone] == ["profile"]
     return jobs
 
 

@@ -77,10 +77,12 @@ def study(params_file):
              "gen_mem_bytes": 2**20, "kv_cache_bytes": 2**19, "mem_kind": "rss", "device": "cpu",
              "device_name": "cpu", "threads": 1, "precision": "fp32", "cpu": "Test CPU 9000", "torch": "2.x"}
             for r in PROFILE_ROWS]
-    _json(lay.profile_json, {"meta": {"cpu": "Test CPU 9000", "cpu_count": 2, "torch": "2.x", "load_avg_1m": 1.5},
+    _json(lay.profile_json, {"meta": {"cpu": "Test CPU 9000", "cpu_count": 2, "torch": "2.x", "load_avg_1m": 1.5,
+                                      "profile": {"max_wait_share": 0.05, "max_ratio_spread": 1.5}},
                              "rows": rows, "speedups": [{"model": "default", "precision": "fp32", "batch": 4,
-                                                         "steps": 4, "tokens": 64,
-                                                         "step_ratio": 16.0, "speedup_gen": 10.0}]})
+                                                         "steps": 4, "tokens": 64, "speedup_rounds": 6,
+                                                         "step_ratio": 16.0, "speedup_gen": 10.0,
+                                                         "wait_share": 0.004}]})
     lay.profile_csv.write_text("model\n")
     for task in params["gallery"]["tasks"]:
         _png(lay.gallery_image(task), 3)
@@ -213,6 +215,9 @@ def test_markdown_states_extractors_hardware_and_images(study):
     text = (out / "README.md").read_text()
     assert report.EXTRACTOR_TEXT["classifier"] in text
     assert "Test CPU 9000" in text and "1 threads" in text
+    # how the speed-ups were timed, and the contention measured against the limits that were checked
+    assert "interleaved" in text and "stops when a wait share exceeds 5%" in text
+    assert "largest wait share here was 0.4%" in text and "not checked" not in text
     for name in ("fid_vs_steps.png", "throughput_vs_steps.png", "memory.png", "fid_vs_throughput.png",
                  "tokenizer_reconstructions.png", "gallery/inpainting.png", "grids/arpg/steps2_cfg2.0_random.png"):
         assert (out / name).is_file(), name

@@ -28,8 +28,9 @@ def _job(ctx: Ctx, w) -> Job:
         inputs = (*(str(lay.model_checkpoint(m)) for m in DECODERS), str(lay.tokenizer_checkpoint))
         keys += key_list(TOKEN_SPACE_KEYS, *(f"train.{d.model_key}" for d in DECODERS.values()),
                          "sample.strategies", "sample.strategy_steps")
+    # alone: every other job's processes would share the cores it times on
     return Job("profile", {}, ("profile",), inputs, (str(lay.profile_csv), str(lay.profile_json)), keys,
-               threads=prof["threads"], gpus=gpu_count(params), log=log_path(ctx, "profile", w, ()))
+               threads=prof["threads"], gpus=gpu_count(params), log=log_path(ctx, "profile", w, ()), alone=True)
 
 
 RULE = Rule("profile", (), _job, lambda p: [{}],
@@ -66,7 +67,8 @@ def run(args, params) -> None:
             bar.update(1)
             bar.report(last=line.strip())
 
-        rows = prof.run_profile(specs, log=log)  # every configuration's process has ended here
+        rows = prof.run_profile(specs, log=log, rounds=params["profile"]["rounds"],
+                                quiet=prof.Quiet.from_params(params))  # every child process has ended here
         record_own_usage()  # the stage times' CPU of this job includes its configurations'
         bar.close()
         if args.model and layout.profile_json.is_file():

@@ -164,8 +164,18 @@ def report_labels(wildcards):
 
 
 def threads(rule):
-    """Per job: one rule's jobs may differ (a decoder importing released weights runs no torchrun)."""
-    return lambda wildcards: PIPE.job(PARAMS, rule, dict(wildcards)).threads
+    """Per job: one rule's jobs may differ (a decoder importing released weights runs no torchrun). A job
+    declared `alone` (the profile: it times the machine) holds every core, so nothing runs beside it."""
+
+    def of(wildcards):
+        job = PIPE.job(PARAMS, rule, dict(wildcards))
+        if job.alone and workflow.local_exec:
+            try:
+                return max(job.threads, workflow.cores)
+            except WorkflowError:  # no --cores (a dry run): nothing runs beside it anyway
+                pass
+        return job.threads
+    return of
 
 
 def gpus(rule):

@@ -55,6 +55,48 @@ def _rss_peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class Contention:
+    """How much of a timed window this process was kept from the CPU: its threads' run-queue wait
+    (/proc/self/task/*/schedstat: CPU ns, wait ns) against their CPU time, and its CPU share of the
+    window's wall time over the threads it uses. A quiet machine waits ~0; every process beside it
+    that wants a core shows up at once (the 1-minute load average lags by a minute)."""
+
+    def __init__(self, threads: int):
+        self.threads, self.cpu_ns, self.wait_ns, self.wall_s = threads, 0, 0, 0.0
+        self.available = Path("/proc/self/task").is_dir()
+
+    @staticmethod
+    def _sched() -> tuple[int, int]:
+        cpu = wait = 0
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                fields = (task / "schedstat").read_text().split()
+            except OSError:  # a thread that ended meanwhile
+                continue
+            cpu, wait = cpu + int(fields[0]), wait + int(fields[1])
+        return cpu, wait
+
+    def window(self) -> Callable[[], None]:
+        """start(); the returned stop() adds the window to the totals."""
+        if not self.available:
+            return lambda: None
+        begin_s, (cpu0, wait0) = time.perf_counter(), self._sched()
+
+        def stop() -> None:
+            cpu1, wait1 = self._sched()
+            self.cpu_ns += cpu1 - cpu0
+            self.wait_ns += wait1 - wait0
+            self.wall_s += time.perf_counter() - begin_s
+        return stop
+
+    def record(self) -> dict:
+        """wait_share: run-queue wait / (wait + CPU); cpu_share: CPU / (wall * threads); None: unknown."""
+        if not self.available or self.cpu_ns + self.wait_ns == 0:
+            return {"wait_share": None, "cpu_share": None}
+        return {"wait_share": self.wait_ns / (self.wait_ns + self.cpu_ns),
+                "cpu_share": self.cpu_ns / 1e9 / (self.wall_s * self.threads)}
+
+
 class MemoryMeter:
     """Peak memory above the loaded model: start() after loading, peak() after generating.
 
@@ -269,11 +311,14 @@ def measure(spec: RunSpec, marker_dir: Path | None = None) -> dict:
         sample = _sampler(spec)
         timer = _timer(device)
         meter = MemoryMeter(device)
+        contention = Contention(spec.threads)
 
         def call() -> tuple[float, torch.Tensor]:
-            stop = timer()
+            stop, waited = timer(), contention.window()
             tokens_BN = sample(model, labels_B, gen)  # [B, N]
-            return stop(), tokens_BN
+            seconds = stop()
+            waited()
+            return seconds, tokens_BN
 
         row["loaded_mem_bytes"] = meter.start()
         row["mem_kind"] = meter.kind
@@ -302,11 +347,57 @@ def measure(spec: RunSpec, marker_dir: Path | None = None) -> dict:
                 decode_s.append(stop())
             row["decode_s_median"], row["decode_s_min"], row["decode_s_max"] = spread(decode_s)
 
-    row.update(status="ok", skip_reason="", load_avg_1m_after=os.getloadavg()[0])
+    row.update(status="ok", skip_reason="", load_avg_1m_after=os.getloadavg()[0], **contention.record())
     row["gen_s_median"], row["gen_s_min"], row["gen_s_max"] = spread(gen_s)
     row["gen_img_s_median"], row["gen_img_s_min"], row["gen_img_s_max"] = spread([spec.batch / s for s in gen_s])
     row["gen_s_all"] = gen_s
     return row
+
+
+def measure_rounds(specs: list[RunSpec], rounds: int, marker_dir: Path | None = None) -> dict:
+    """Time `specs` (one model, batch and precision: each decoder's configurations) interleaved in
+    this process: after one untimed call each, `rounds` rounds that call each configuration once, so
+    whatever slows the machine meanwhile slows both sides of a round alike. Returns {"seconds":
+    [per spec: one time per round], "load_avg_1m", "load_avg_1m_after", "wait_share", "cpu_share"}."""
+    import torch
+
+    from arpg.models.cpu_kernels import use_kernel
+    from arpg.utils import make_generator, resolve_device
+
+    torch.set_num_threads(specs[0].threads)
+    device = resolve_device(specs[0].device)
+    load_before = os.getloadavg()[0]
+    timer, contention = _timer(device), Contention(specs[0].threads)
+    with torch.inference_mode():
+        models: dict[tuple, object] = {}
+        calls = []
+        for spec in specs:
+            model = models.get((spec.net, spec.checkpoint))
+            if model is None:
+                model = models[(spec.net, spec.checkpoint)] = _build_generator(spec, device)
+            kernel = choose_cpu_kernel(model, spec)["kernel"] if device.type == "cpu" else None
+            labels_B = (torch.arange(spec.batch) % spec.num_classes).to(device)  # [B]
+            calls.append((model, kernel, _sampler(spec), labels_B, make_generator(spec.seed, device)))
+
+        def call(model, kernel, sample, labels_B, gen) -> float:
+            if kernel is not None:
+                use_kernel(model, kernel)  # untimed: the kernel each configuration was measured fastest with
+            stop, waited = timer(), contention.window()
+            sample(model, labels_B, gen)  # [B, N] tokens
+            seconds = stop()
+            waited()
+            return seconds
+
+        for c in calls:  # warm-up (each configuration's first call ran within max_seconds already)
+            call(*c)
+        _mark(marker_dir, "loaded")
+        _mark(marker_dir, "first")
+        seconds = [[] for _ in calls]
+        for _ in range(rounds):
+            for i, c in enumerate(calls):
+                seconds[i].append(call(*c))
+    return {"seconds": seconds, "load_avg_1m": load_before, "load_avg_1m_after": os.getloadavg()[0],
+            **contention.record()}
 
 
 def _mark(marker_dir: Path | None, name: str) -> None:
@@ -321,10 +412,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", required=True, help="RunSpec JSON file")
     parser.add_argument("--out", required=True, help="where to write the result row (JSON)")
     parser.add_argument("--markers", default=None, help="directory for progress markers")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="--one holds a list of specs: time them interleaved for this many rounds")
     args = parser.parse_args(argv)
-    spec = RunSpec(**json.loads(Path(args.one).read_text()))
+    payload = json.loads(Path(args.one).read_text())
+    markers = Path(args.markers) if args.markers else None
     try:
-        row = measure(spec, Path(args.markers) if args.markers else None)
+        if args.rounds:
+            row = measure_rounds([RunSpec(**s) for s in payload], args.rounds, markers)
+        else:
+            row = measure(RunSpec(**payload), markers)
     except ArpgError as exc:
         print(f"ArpgError: {exc}", file=sys.stderr)
         return 2

@@ -12,18 +12,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from arpg.commands.profile import RunSpec, dominated_by, reference_record
 from arpg.decoders import DECODERS, in_native_order, labels
-from arpg.engine.profile.child import base_row, measure, spread
+from arpg.engine.profile.child import base_row, measure, measure_rounds, spread
 from arpg.errors import ArpgError
 from arpg.machine import cpu_name
 from arpg.paths import REPO_ROOT
@@ -52,14 +55,20 @@ def child_env(spec: RunSpec) -> dict:
     return env
 
 
-def run_isolated(spec: RunSpec, poll_s: float = 0.05, server: str | None = None) -> dict:
+def run_isolated(spec: RunSpec, poll_s: float = 0.05, server: str | None = None,
+                 group: list[RunSpec] | None = None, rounds: int = 0) -> dict:
     """Measure `spec` in a process of its own (a fork of the warm `server` when given, which has
-    imported torch and arpg already); stop it if its first call runs past max_seconds."""
+    imported torch and arpg already); stop it if its first call runs past max_seconds. With `group`
+    (spec's model, batch and precision: each decoder's configurations), time those interleaved for
+    `rounds` rounds instead (child.measure_rounds)."""
     with tempfile.TemporaryDirectory(prefix="arpg-profile-") as tmp:
         tmp = Path(tmp)
-        (tmp / "spec.json").write_text(json.dumps(dataclasses.asdict(spec)))
+        payload = [dataclasses.asdict(s) for s in group] if group else dataclasses.asdict(spec)
+        (tmp / "spec.json").write_text(json.dumps(payload))
         env = child_env(spec)
         args = ["--one", str(tmp / "spec.json"), "--out", str(tmp / "row.json"), "--markers", str(tmp)]
+        if group:
+            args += ["--rounds", str(rounds)]
         cmd = ([sys.executable, "-m", "arpg.warm", "run", server, CHILD_ENTRY, *args] if server
                else [sys.executable, "-m", "arpg.engine.profile", *args])
         with open(tmp / "stderr.txt", "w") as err:
@@ -80,6 +89,8 @@ def run_isolated(spec: RunSpec, poll_s: float = 0.05, server: str | None = None)
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
+        if reason and group:
+            raise ArpgError(f"timing {spec.model} batch {spec.batch} {spec.precision} interleaved: {reason}")
         if reason:
             row = base_row(spec)
             row.update(status="skipped", skip_reason=reason, device=spec.device)
@@ -93,12 +104,47 @@ def run_isolated(spec: RunSpec, poll_s: float = 0.05, server: str | None = None)
         return json.loads((tmp / "row.json").read_text())
 
 
-def run_profile(specs: list[RunSpec], *, isolate: bool = True,
-                log: Callable[[str], None] = print) -> list[dict]:
+@dataclass(frozen=True)
+class Quiet:
+    """What a measurement may show before the profile calls the machine busy and stops (None: not
+    checked; the report then says its timings are unchecked)."""
+
+    max_wait_share: float | None    # run-queue wait / (wait + CPU) of the measuring process
+    max_ratio_spread: float | None  # max / min of a speed-up's per-round ratios
+
+    @classmethod
+    def from_params(cls, params) -> "Quiet":
+        prof = params["profile"]
+        return cls(prof["max_wait_share"], prof["max_ratio_spread"])
+
+    @property
+    def checked(self) -> bool:
+        return self.max_wait_share is not None or self.max_ratio_spread is not None
+
+
+def busy(what: str, detail: str, load: float | None) -> ArpgError:
+    load_text = f"; 1-minute load average {load:.2f} on {os.cpu_count()} cores" if load is not None else ""
+    return ArpgError(f"profile: the machine was busy while timing {what}: {detail}{load_text}. Other processes "
+                     "shared its cores, so these timings are not results. Stop them (`uptime`, `top`) and rerun "
+                     "`arpg profile` (or the study, which reruns only the profile).")
+
+
+def check_quiet(row: dict, quiet: Quiet, what: str) -> None:
+    """Stop when a measurement (a configuration's row or a group's rounds) shows contention."""
+    share = row.get("wait_share")
+    if quiet.max_wait_share is not None and share is not None and share > quiet.max_wait_share:
+        raise busy(what, f"its threads waited for a CPU {share:.0%} of the time they were ready to run "
+                         f"(profile.max_wait_share {quiet.max_wait_share:.0%})", row.get("load_avg_1m"))
+
+
+def run_profile(specs: list[RunSpec], *, isolate: bool = True, log: Callable[[str], None] = print,
+                rounds: int = 0, quiet: Quiet = Quiet(None, None)) -> list[dict]:
     """Measure every spec (skipping those a skipped cheaper one rules out); rows in spec order.
     VQ decoding is timed in the first measured configuration of each decode group and added to
     every row of the group (end to end). Isolated, each configuration runs in a fork of a warm
-    server (one per child environment), so none pays for importing torch."""
+    server (one per child environment), so none pays for importing torch. Then, with `rounds`, each
+    group of one model, batch and device is timed interleaved (`time_rounds`): the speed-ups' source.
+    A measurement showing contention (`quiet`) stops the profile."""
     from arpg import warm
 
     rows: list[dict] = []
@@ -124,6 +170,7 @@ def run_profile(specs: list[RunSpec], *, isolate: bool = True,
                 row = run_isolated(spec, server=servers[key])
             else:
                 row = measure(spec)
+            check_quiet(row, quiet, spec.label())
             if row["status"] == "skipped":
                 skipped.append(spec)
                 log(f"  {spec.label()}: skipped ({row['skip_reason']})")
@@ -134,8 +181,68 @@ def run_profile(specs: list[RunSpec], *, isolate: bool = True,
             rows.append(row)
             if "decode_s_median" in row:
                 decoded.add(spec.decode_group())
+        if rounds:
+            for group in round_groups(specs, rows):
+                first = specs[group[0]]
+                what = f"{first.model} batch {first.batch} interleaved"
+                if isolate:
+                    key = tuple(sorted(warm.load_time_env(child_env(first)).items()))
+                    result = run_isolated(first, server=servers.get(key), group=[specs[i] for i in group],
+                                          rounds=rounds)
+                else:
+                    result = measure_rounds([specs[i] for i in group], rounds)
+                check_quiet(result, quiet, what)
+                for i, seconds in zip(group, result["seconds"]):
+                    rows[i].update(round_s=seconds, round_group=group[0],
+                                   **{f"round_{k}": result[k] for k in ROUND_RECORD})
+                log(f"  {what}: {rounds} rounds of {len(group)} configurations, waited "
+                    f"{_share(result['wait_share'])} of the time ready to run, CPU share {_share(result['cpu_share'])}")
     attach_end_to_end(rows, [s.decode_group() for s in specs])
+    if rounds:
+        check_spread(speedups(rows), quiet)
     return rows
+
+
+ROUND_RECORD = ("wait_share", "cpu_share", "load_avg_1m", "load_avg_1m_after")  # rows' round_<key>
+
+
+def _share(value: float | None) -> str:
+    return "?" if value is None else f"{value:.1%}"
+
+
+def round_groups(specs: list[RunSpec], rows: list[dict]) -> list[list[int]]:
+    """Indices of the measured native-order configurations of each model, batch and device (every
+    precision), where a parallel and a sequential decoder were both measured: what a speed-up pairs."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (spec, row) in enumerate(zip(specs, rows)):
+        if row["status"] == "ok" and in_native_order(row):
+            groups.setdefault((spec.model, spec.batch, spec.device), []).append(i)
+    return [g for g in groups.values() if len({DECODERS[specs[i].kind].parallel for i in g}) == 2]
+
+
+def check_spread(gains: list[dict], quiet: Quiet) -> None:
+    for g in gains:
+        spread_ = g["speedup_spread"]
+        if quiet.max_ratio_spread is not None and spread_ > quiet.max_ratio_spread:
+            raise busy(f"{g['model']} batch {g['batch']} {g['steps']} steps",
+                       f"its per-round speed-ups range over a factor {spread_:.2f} (profile.max_ratio_spread "
+                       f"{quiet.max_ratio_spread:g})", g.get("load_avg_1m"))
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(lo, hi, coverage): the distribution-free interval of a median from order statistics, the
+    narrowest [x(k), x(n+1-k)] whose coverage 1 - 2 P(Binomial(n, 1/2) < k) reaches `level`
+    (n = 6: [min, max], 96.9%); below that n, [min, max] and its smaller coverage."""
+    x = sorted(values)
+    n = len(x)
+
+    def coverage(k: int) -> float:
+        return 1 - 2 * sum(math.comb(n, j) for j in range(k)) / 2 ** n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return x[k - 1], x[n - k], coverage(k)
 
 
 def _precision_unavailable(spec: RunSpec) -> str:
@@ -163,12 +270,14 @@ CSV_COLUMNS = [
     "first_call_s", "peak_mem_bytes", "loaded_mem_bytes", "gen_mem_bytes", "mem_kind", "kv_cache_bytes",
     "repeats", "warmup", "device", "device_name", "threads", "precision", "kernel", "kernel_cached", "kernel_seconds",
     "compile", "torch", "cpu",
-    "load_avg_1m", "load_avg_1m_after", "omp_wait_policy",
+    "load_avg_1m", "load_avg_1m_after", "wait_share", "cpu_share", "omp_wait_policy", "round_group",
+    "round_wait_share", "round_cpu_share", "round_load_avg_1m", "round_load_avg_1m_after",
 ]
 SPEEDUP_COLUMNS = [
     "decoder", "baseline", "model", "precision", "decoder_kernel", "baseline_kernel", "batch", "steps", "tokens",
-    "step_ratio", "goal", "speedup_gen", "speedup_gen_low", "speedup_gen_high", "speedup_e2e", "kv_ratio",
-    "gen_mem_ratio",
+    "step_ratio", "goal", "speedup_gen", "speedup_gen_low", "speedup_gen_high", "speedup_level", "speedup_rounds",
+    "speedup_spread", "speedup_e2e", "kv_ratio", "gen_mem_ratio", "wait_share", "cpu_share", "load_avg_1m",
+    "load_avg_1m_after",
 ]
 PRECISION_SPEEDUP_COLUMNS = ["model", "kind", "net", "steps", "order", "batch", "fp32_kernel", "bf16_kernel",
                              "fp32_img_s", "bf16_img_s", "speedup"]
@@ -198,7 +307,9 @@ def attach_end_to_end(rows: list[dict], groups: list[tuple]) -> None:
 def speedups(rows: list[dict]) -> list[dict]:
     """Each parallel decoder at S steps over each sequential one at the same model, batch and precision
     (each at the kernel measured fastest for it), with the step ratio n/S beside it; where several
-    precisions were measured, also each decoder at its own fastest precision (precision "best")."""
+    precisions were measured, also each decoder at its own fastest precision (precision "best").
+    A speed-up is the median of the per-round ratios of the two timed interleaved (rows' `round_s`),
+    with the order-statistic interval of that median; rows not timed in rounds give none."""
     ok = [r for r in rows if r["status"] == "ok" and in_native_order(r)]  # strategies: in the rows, not the speed-ups
     if len({r["precision"] for r in ok}) > 1:
         fastest: dict[tuple, dict] = {}
@@ -220,18 +331,25 @@ def speedups(rows: list[dict]) -> list[dict]:
                             f"{base['kind']} twin's "
                             f"{base['backbone']} ({base['net']}); fix RASTER_TWIN in "
                             "arpg/sizes.py")
+        if r.get("round_group") is None or r.get("round_group") != base.get("round_group"):
+            continue  # not timed interleaved with its twin: no speed-up
         ratio = r["tokens"] / r["steps"]
+        # one ratio per round: both timed within a few seconds of each other, in one process
+        ratios = [b / a for a, b in zip(r["round_s"], base["round_s"])]
+        lo, hi, level = median_interval(ratios)
+        e2e = None
+        if r.get("decode_s_median") is not None and base.get("decode_s_median") is not None:
+            e2e = statistics.median((b + base["decode_s_median"]) / (a + r["decode_s_median"])
+                                    for a, b in zip(r["round_s"], base["round_s"]))
         item = {
             "decoder": r["kind"], "baseline": base["kind"], "model": r["model"], "precision": r["precision"],
             "decoder_kernel": r.get("kernel"), "baseline_kernel": base.get("kernel"), "batch": r["batch"],
             "steps": r["steps"], "tokens": r["tokens"],
             "step_ratio": ratio, "goal": GOAL_FRACTION_OF_STEP_RATIO * ratio,
-            "speedup_gen": r["gen_img_s_median"] / base["gen_img_s_median"],
-            # worst and best pairing of the two spreads
-            "speedup_gen_low": r["gen_img_s_min"] / base["gen_img_s_max"],
-            "speedup_gen_high": r["gen_img_s_max"] / base["gen_img_s_min"],
-            "speedup_e2e": (r["e2e_img_s_median"] / base["e2e_img_s_median"]
-                            if r.get("e2e_img_s_median") and base.get("e2e_img_s_median") else None),
+            "speedup_gen": statistics.median(ratios), "speedup_gen_low": lo, "speedup_gen_high": hi,
+            "speedup_level": level, "speedup_rounds": len(ratios), "speedup_spread": max(ratios) / min(ratios),
+            "speedup_e2e": e2e,
+            **{k: r[f"round_{k}"] for k in ROUND_RECORD},
             "kv_ratio": r["kv_cache_bytes"] / base["kv_cache_bytes"],
             "gen_mem_ratio": (r["gen_mem_bytes"] / base["gen_mem_bytes"] if base["gen_mem_bytes"] > 0 else None),
         }
@@ -287,7 +405,8 @@ def write_outputs(rows: list[dict], csv_path: Path, json_path: Path, meta: dict)
 def summary(doc: dict) -> str:
     """The speed-up table (issue 7's 'done when' figures) and the reference comparison as text."""
     par, seq = labels(parallel=True, short=True), labels(parallel=False, short=True)
-    lines = [f"{par} speed-up over {seq} decoding (generation only, median; [worst, best] from the spreads)",
+    lines = [f"{par} speed-up over {seq} decoding (generation only, timed interleaved: median of the per-round "
+             "ratios, [low, high] its order-statistic interval)",
              f"{'model':<10}{'prec':>5}{'batch':>6}{'steps':>7}{'speed-up':>10}{'[low, high]':>16}{'n/S':>7}"
              f"{'goal':>7}{'e2e':>8}{'kv':>7}{'mem':>7}"]
     several_pairs = len({(g["decoder"], g["baseline"]) for g in doc["speedups"]}) > 1
@@ -316,12 +435,10 @@ def summary(doc: dict) -> str:
                          f"{c['ours_img_s']:.4g} vs {c['img_s']:.4g} = {c['ratio']:.2f}x "
                          f"(target >= {c['target_ratio']}x: {'met' if c['met'] else 'NOT met'})")
     lines.append(f"(kv: {par} / {seq} analytic KV-cache bytes; mem: {par} / {seq} measured generation memory)")
-    busy = [r for r in doc["rows"] if max(r.get("load_avg_1m", 0), r.get("load_avg_1m_after", 0)) > r["threads"]
-            and r["device"] == "cpu"]
-    if busy:
-        peak = max(max(r.get("load_avg_1m", 0), r.get("load_avg_1m_after", 0)) for r in busy)
-        lines.append(f"WARNING: {len(busy)} CPU configurations ran with a 1-minute load average above their "
-                     f"thread count (up to {peak:.1f}): other processes shared the cores, timings are pessimistic")
+    waits = [x["wait_share"] for x in doc["rows"] + doc["speedups"] if x.get("wait_share") is not None]
+    if waits:
+        lines.append(f"contention: the measuring processes waited for a CPU at most {max(waits):.1%} of the time "
+                     "they were ready to run")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ from arpg.engine.report.plots import write_plot_series
 from arpg.engine.report.points import (POINT_COLUMNS, Point, csv_row, extractor_of, half_width, headline_columns,
                                        interval_columns, md_row, metric_columns, numeric_leaves, point_of,
                                        read_output, read_points, sweep_rows, with_interval)
-from arpg.engine.report.speed import GAIN_COLUMNS, SPEED_COLUMNS, hardware, pareto_front, pareto_pairs, speed_rows
+from arpg.engine.report.speed import GAIN_COLUMNS, SPEED_COLUMNS, hardware, measured_how, pareto_front, pareto_pairs, speed_rows
 from arpg.engine.report.stage_times import stage_times_section
 from arpg.engine.report.text import markdown_kv, markdown_table, signed
 from arpg.engine.report.zero_shot import read_tasks, zero_shot_section
@@ -245,7 +245,7 @@ def _speed(rep: Report, q: Quality) -> list[str]:
           markdown_table(speed, SPEED_COLUMNS), f"### Speed-up of {par} over {seq} decoding\n",
           "Each decoder at each precision runs the linear kernel measured fastest for its own row counts "
           "on this machine (`kernel` above; arpg/models/cpu_kernels.py); precision `best`: each decoder at its "
-          "own fastest precision and kernel.\n",
+          "own fastest precision and kernel. " + measured_how(profile_doc) + "\n",
           markdown_table(gains, GAIN_COLUMNS)]
     by_precision = profile_doc.get("precision_speedups", [])
     if by_precision:

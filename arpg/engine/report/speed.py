@@ -14,7 +14,7 @@ from arpg.paths import format_cfg
 SPEED_COLUMNS = ["model", "kind", "net", "precision", "kernel", "steps", "order", "batch", "img_s", "img_s_e2e",
                  "peak_mem_mib", "gen_mem_mib", "kv_cache_mib", "mem_kind"]
 # speedups.csv: profile.json's speed-ups without the goal column
-GAIN_COLUMNS = [c for c in SPEEDUP_COLUMNS if c != "goal"]
+GAIN_COLUMNS = [c for c in SPEEDUP_COLUMNS if c not in ("goal", "load_avg_1m_after")]
 
 
 def speed_rows(profile_doc: Mapping) -> list[dict[str, Any]]:
@@ -56,6 +56,30 @@ def hardware(profile_doc: Mapping) -> str:
     if meta.get("time"):
         parts.append(f"measured {meta['time']}")
     return ", ".join(str(p) for p in parts)
+
+
+def measured_how(profile_doc: Mapping) -> str:
+    """How the speed-ups were timed and what the measurements say about a busy machine."""
+    limits = profile_doc.get("meta", {}).get("profile", {})
+    gains = profile_doc.get("speedups", [])
+    text = ("Each speed-up comes from one process timing both decoders interleaved, one call each per round "
+            f"({', '.join(sorted({str(g['speedup_rounds']) for g in gains})) or '-'} rounds): the median of "
+            "the per-round ratios, and its distribution-free interval from order statistics (`speedup_gen_low` / "
+            "`_high`, coverage `speedup_level`; 6 rounds: [min, max], 96.9%). Every row records the 1-minute load "
+            "average, the measuring process's CPU share of the window over its threads (`cpu_share`) and the "
+            "share of its ready time it waited for a CPU (`wait_share`: other processes on its cores).")
+    waits = [x["wait_share"] for x in [*profile_doc["rows"], *gains] if x.get("wait_share") is not None]
+    peak = f"{max(waits):.1%}" if waits else "unknown"
+    if limits.get("max_wait_share") is None and limits.get("max_ratio_spread") is None:
+        return text + (f" **Contention was not checked** (`profile.max_wait_share` and `max_ratio_spread` null; "
+                       f"the largest wait share was {peak}): these timings are not results.")
+    return text + (f" Checked: the profile stops when a wait share exceeds {_limit(limits.get('max_wait_share'), '.0%')} "
+                   f"or a speed-up's rounds range over more than a factor "
+                   f"{_limit(limits.get('max_ratio_spread'), 'g')}; the largest wait share here was {peak}.")
+
+
+def _limit(value, spec: str) -> str:
+    return "(unchecked)" if value is None else format(value, spec)
 
 
 def pareto_pairs(points: list[Point], speed: list[dict], fid_col: str, precision: str) -> list[dict[str, Any]]:
