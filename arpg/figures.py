@@ -210,3 +210,25 @@ def fid_vs_throughput(path: Path, pairs: list[dict], front: list[dict], fid_col:
     ax.grid(alpha=0.3)
     ax.legend()
     return save_figure(fig, path)
+
+
+def guidance_frontier(path: Path, curves: Mapping[str, list[tuple[float, float, float | None, float, float | None]]],
+                      fid_col: str, acc_col: str) -> Path:
+    """Each decoder's guidance frontier: {decoder name: [(cfg, fid, half-width, accuracy, half-width)]},
+    FID against class accuracy, a point per guidance value (labelled), intervals as bars."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for d in DECODERS.values():
+        pts = sorted(curves.get(d.name, []))
+        if not pts:
+            continue
+        ax.errorbar([p[3] for p in pts], [p[1] for p in pts], xerr=_yerr(p[4] for p in pts),
+                    yerr=_yerr(p[2] for p in pts), fmt="o-" if d.parallel else "s-", capsize=3, label=d.label)
+        for cfg, fid, _, acc, _ in pts:
+            ax.annotate(f"cfg {cfg:g}", (acc, fid), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(acc_col)
+    ax.set_ylabel(fid_col)
+    ax.set_title("Guidance frontier (lower right is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)

@@ -30,6 +30,7 @@ README_MD = "README.md"
 QUALITY_CSV = "quality.csv"
 FID_PNG = "fid_vs_steps.png"
 STRATEGIES_PNG = "quality_vs_steps_strategies.png"
+GUIDANCE_PNG = "guidance_frontier.png"
 DIFFERENCES_CSV = "differences.csv"
 EXTRACTORS_CSV = "metric_extractors.csv"
 SPEED_CSV = "speed.csv"
@@ -54,6 +55,8 @@ FILES: dict[str, Shown] = {
                                 "its bootstrap standard error and 95% interval."),
     FID_PNG: Shown(QUALITY, "FID against decoding steps, each decoder a line, 95% bootstrap intervals as bars."),
     STRATEGIES_PNG: Shown(QUALITY, "Quality against steps per decoding strategy, with 95% intervals."),
+    GUIDANCE_PNG: Shown(QUALITY, "Each decoder's guidance frontier: FID against class accuracy over the guidance "
+                                 "sweep, with 95% intervals."),
     DIFFERENCES_CSV: Shown(QUALITY, "The sweeps' differences with their 95% intervals and whether each exceeds the "
                                     "noise."),
     EXTRACTORS_CSV: Shown(QUALITY, "Which feature extractor each metric column was computed with."),

@@ -79,10 +79,12 @@ def study(params_file):
             for r in PROFILE_ROWS]
     _json(lay.profile_json, {"meta": {"cpu": "Test CPU 9000", "cpu_count": 2, "torch": "2.x", "load_avg_1m": 1.5,
                                       "profile": {"max_wait_share": 0.05, "max_ratio_spread": 1.5}},
-                             "rows": rows, "speedups": [{"model": "default", "precision": "fp32", "batch": 4,
-                                                         "steps": 4, "tokens": 64, "speedup_rounds": 6,
-                                                         "step_ratio": 16.0, "speedup_gen": 10.0,
-                                                         "wait_share": 0.004}]})
+                             "rows": rows, "speedups": [{"model": "default", "decoder": "arpg", "baseline": "raster",
+                                                         "precision": "fp32", "batch": 4, "steps": 4, "tokens": 64,
+                                                         "speedup_rounds": 6, "step_ratio": 16.0, "speedup_gen": 10.0,
+                                                         "speedup_gen_low": 9.0, "speedup_gen_high": 11.0,
+                                                         "speedup_level": 0.969, "gen_mem_ratio": 0.5,
+                                                         "kv_ratio": 0.625, "wait_share": 0.004}]})
     lay.profile_csv.write_text("model\n")
     for task in params["gallery"]["tasks"]:
         _png(lay.gallery_image(task), 3)
@@ -294,6 +296,20 @@ def test_intervals_in_tables_plots_and_the_noise_section(study, monkeypatch):
     out = report.build(params)["dir"]
     text = (out / "README.md").read_text()
 
+    # What this study finds: first, at most 8 claims, each with its interval, the paper's figure, a verdict.
+    # ARPG 4 steps (27 +- 0.98) vs raster (7.0625 +- 39.2): +19.94 +- 39.21 within the noise, at one guidance and at
+    # each one's best (smoke sweeps no other guidance); 64 of 64 ARPG steps were not sampled: no few-steps line
+    head = text[text.index("## What this study finds"):text.index("## Data")]
+    assert text.index("## What this study finds") < text.index("## Data") < text.index("## Quality")
+    bullets = [line for line in head.splitlines() if line.startswith("- ")]
+    assert 1 <= len(bullets) <= 8 and "Few steps" not in head
+    assert "vs raster, one guidance (cfg 2.0)" in bullets[0] and "(+19.9, 95% [-19.3, 59.1])" in bullets[0]
+    assert "Paper: ARPG-L FID 2.44" in bullets[0] and "**Cannot tell at this scale (within the noise).**" in bullets[0]
+    assert "each at its best guidance" in bullets[1] and "Cannot tell at this scale" in bullets[1]
+    assert "10.00x [9.00, 11.00] (97%)" in bullets[2] and "26.1x" in bullets[2] and "Agrees in direction" in bullets[2]
+    assert "Generation memory 0.50x" in bullets[3] and "0.25x" in bullets[3]
+    assert "Training noise: cannot tell" in bullets[4]
+
     rows = {(r["model"], r["steps"], r["order"]): r for r in _csv(out / "quality.csv")}
     arpg2 = rows["arpg", "2", "random"]
     assert float(arpg2["fid_classifier_se"]) == 0.5
@@ -446,3 +462,27 @@ def test_stage_times_come_from_the_benchmark_files(study, tmp_path, monkeypatch)
     assert "report" not in rows
     text = (out / "README.md").read_text()
     assert "## Stage times" in text and "Sum of all jobs' wall times: 7.0 min." in text
+
+
+def test_a_finding_agrees_disagrees_or_cannot_tell_from_its_interval():
+    from arpg.engine.report.findings import _compare
+    from arpg.engine.report.noise import Bootstrap
+    from arpg.paper import VERSUS_RASTER
+    from arpg.paths import SweepPoint
+
+    boot = Bootstrap([20], 0.95, ["test"], [])
+
+    def point(fid, se):
+        return report.Point(SweepPoint("arpg", 8, 4.0, "random"), {"fid_classifier": fid},
+                            {"fid_classifier": {"se": se, "lo": fid - 1.96 * se, "hi": fid + 1.96 * se}})
+
+    def verdict(a, b, **kw):
+        return _compare("x", a, b, "fid_classifier", boot, VERSUS_RASTER, **kw).rsplit("**", 2)[1]
+
+    # b - a = -3 with se sqrt(0.5): half-width 1.39
+    assert verdict(point(13, 0.5), point(10, 0.5)) == "Agrees (beyond the noise)."
+    assert verdict(point(10, 0.5), point(13, 0.5)) == "Disagrees (beyond the noise)."
+    assert verdict(point(10, 0.5), point(11, 0.5)) == "Cannot tell at this scale (within the noise)."
+    # a claim that b is no worse: within the noise agrees
+    assert verdict(point(10, 0.5), point(11, 0.5), worse_only=True) == "Agrees (within the noise)."
+    assert verdict(point(10, 0.5), point(13, 0.5), worse_only=True) == "Disagrees (beyond the noise)."
