@@ -67,6 +67,7 @@ def run(args, params) -> None:
             bar.update(1)
             bar.report(last=line.strip())
 
+        machine = prof.environment()  # its load and time: when profiling starts
         rows = prof.run_profile(specs, log=log, rounds=params["profile"]["rounds"],
                                 quiet=prof.Quiet.from_params(params))  # every child process has ended here
         record_own_usage()  # the stage times' CPU of this job includes its configurations'
@@ -75,7 +76,7 @@ def run(args, params) -> None:
             earlier = read_json(layout.profile_json, "the profile", written_by="arpg profile")
             kept = [r for r in earlier["rows"] if r["model"] not in args.model]
             rows = kept + rows
-        meta = {**prof.environment(), "params_file": str(params.path), "params_hash": params.digest,
+        meta = {**machine, "params_file": str(params.path), "params_hash": params.digest,
                 "profile": params["profile"]}
         doc = prof.write_outputs(rows, layout.profile_csv, layout.profile_json, meta)
         plots = profile_figures(doc, layout.profile_dir)
