@@ -18,7 +18,7 @@ from arpg.errors import ArpgError
 # configure(parser) and run(args, params) do the work, and its docstring's first paragraph
 # ("`arpg NAME ...`: what it does") is the help, read as text so no module is imported for it.
 COMMAND_NAMES = ("info", "prepare-data", "train-tokenizer", "tokenize", "train-classifier", "train", "sample",
-                 "reference-stats", "evaluate", "profile", "gallery", "zero-shot", "report",
+                 "reference-stats", "evaluate", "select", "profile", "gallery", "zero-shot", "report",
                  "export-dvc")
 
 

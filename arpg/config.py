@@ -281,7 +281,7 @@ def stage_threads(values: Mapping, command: str) -> int:
 
 # The commands of the many small jobs (per sweep point, and the zero-shot ones): at `point_threads`
 # each, so that on a small machine several run side by side.
-POINT_COMMANDS = ("sample", "evaluate", "zero-shot", "gallery")
+POINT_COMMANDS = ("sample", "evaluate", "select", "zero-shot", "gallery")
 
 
 def token_grid(values: Mapping) -> int:

@@ -20,6 +20,16 @@ def format_cfg(cfg: float) -> str:
     return f"{float(cfg):g}" if float(cfg) != int(cfg) else f"{float(cfg):.1f}"
 
 
+def seed_run(seed: int) -> str:
+    """How a training seed names its models and points: '' for seed 0 (the study's own), '_seed3'."""
+    return f"_seed{int(seed)}" if int(seed) else ""
+
+
+def run_seed(run: str) -> int:
+    """The training seed a `seed_run` names."""
+    return int(run[len("_seed"):]) if run else 0
+
+
 @dataclass(frozen=True)
 class SweepPoint:
     """One sampling configuration: the unit of sampling and evaluation."""
@@ -28,10 +38,15 @@ class SweepPoint:
     steps: int
     cfg: float
     order: str
+    run: str = ""  # the training seed of its model: seed_run(seed)
+
+    @property
+    def seed(self) -> int:
+        return run_seed(self.run)
 
     @property
     def tag(self) -> str:
-        return f"steps{self.steps}_cfg{format_cfg(self.cfg)}_{self.order}"
+        return f"steps{self.steps}_cfg{format_cfg(self.cfg)}_{self.order}{self.run}"
 
 
 class _Under:
@@ -105,10 +120,20 @@ class Layout:
 
     # --- generators -----------------------------------------------------------
     models_dir = _OUT / "models"
-    model_dir = models_dir.each("{}")  # layout.model_dir(decoder name)
-    model_checkpoint = models_dir.each("{}/model.pt")
-    model_state = models_dir.each("{}/train_state.pt")
-    model_metrics = models_dir.each("{}/train_metrics.json")
+
+    def model_dir(self, decoder: str, run: str = "") -> Path:
+        """One decoder's model trained from one seed (`run`: paths.seed_run)."""
+        return self.models_dir / f"{decoder}{run}"
+
+    def model_checkpoint(self, decoder: str, run: str = "") -> Path:
+        return self.model_dir(decoder, run) / "model.pt"
+
+    def model_state(self, decoder: str, run: str = "") -> Path:
+        return self.model_dir(decoder, run) / "train_state.pt"
+
+    def model_metrics(self, decoder: str, run: str = "") -> Path:
+        return self.model_dir(decoder, run) / "train_metrics.json"
+
     reference_stats = _OUT.each("reference/{}_{}.npz")  # layout.reference_stats(extractor, split)
 
     # --- sampling / evaluation ------------------------------------------------
@@ -123,6 +148,10 @@ class Layout:
 
     def metrics(self, point: SweepPoint) -> Path:
         return self.out / "metrics" / point.model / f"{point.tag}.json"
+
+    def selection_metrics(self, point: SweepPoint) -> Path:
+        """The point measured on its selection set (`arpg select`), on which guidance is chosen."""
+        return self.out / "metrics" / point.model / f"{point.tag}.selection.json"
 
     # --- profiling / galleries / report ------------------------------------------
     profile_dir = _OUT / "profile"

@@ -34,7 +34,7 @@ from arpg.commands.zero_shot import TASKS
 
 # The study's stages in DAG order, each the module arpg/commands/<stage>.py that declares and runs it.
 STAGES = ("prepare_data", "train_tokenizer", "tokenize", "train_classifier", "train", "sample", "reference_stats",
-          "evaluate", "profile", "gallery", "zero_shot", "report")
+          "evaluate", "select", "profile", "gallery", "zero_shot", "report")
 RULES: dict[str, Rule] = {name: importlib.import_module(f"arpg.commands.{name}").RULE for name in STAGES}
 
 
@@ -85,7 +85,8 @@ def pattern(params: Mapping, rule: str) -> Job:
 def wildcard_constraints() -> dict[str, str]:
     """Regexes that keep Snakemake from splitting paths at the wrong place."""
     return {"model": "|".join(DECODERS), "steps": r"[0-9]+", "cfg": r"[0-9]+(\.[0-9]+)?",
-            "order": r"[a-z]+(-[a-z0-9]+)?", "extractor": r"[a-z]+(-[a-z]+)?", "task": "|".join(TASKS)}
+            "order": r"[a-z]+(-[a-z0-9]+)?", "extractor": r"[a-z]+(-[a-z]+)?", "task": "|".join(TASKS),
+            "run": r"(_seed[0-9]+)?"}  # empty: training seed 0
 
 
 def param_values(params: Mapping, keys: tuple[str, ...]) -> dict[str, Any]:

@@ -31,7 +31,9 @@ QUALITY_CSV = "quality.csv"
 FID_PNG = "fid_vs_steps.png"
 STRATEGIES_PNG = "quality_vs_steps_strategies.png"
 GUIDANCE_PNG = "guidance_frontier.png"
+GUIDANCE_CHOICE_CSV = "guidance_choice.csv"
 DIFFERENCES_CSV = "differences.csv"
+SEEDS_CSV = "seeds.csv"
 EXTRACTORS_CSV = "metric_extractors.csv"
 SPEED_CSV = "speed.csv"
 SPEEDUPS_CSV = "speedups.csv"
@@ -59,6 +61,10 @@ FILES: dict[str, Shown] = {
                                  "sweep, with 95% intervals."),
     DIFFERENCES_CSV: Shown(QUALITY, "The sweeps' differences with their 95% intervals and whether each exceeds the "
                                     "noise."),
+    GUIDANCE_CHOICE_CSV: Shown(QUALITY, "Each decoder's guidance values measured on their selection sets (another "
+                                        "sampling seed) and the one chosen."),
+    SEEDS_CSV: Shown(QUALITY, "The step and guidance sweeps over training seeds: each seed's value, their mean with an "
+                              "interval holding training and sampling noise, the between-training sd."),
     EXTRACTORS_CSV: Shown(QUALITY, "Which feature extractor each metric column was computed with."),
     SPEED_CSV: Shown(SPEED, "Measured decoding speed per model, steps, batch size and precision: images/s, latency "
                             "spread, peak memory and KV-cache size (CPU model in the report text)."),

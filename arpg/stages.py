@@ -21,10 +21,10 @@ from typing import Any, Callable, Mapping
 
 from arpg.decoders import DECODERS
 from arpg.errors import ConfigError
-from arpg.paths import Layout, SweepPoint, format_cfg
+from arpg.paths import Layout, SweepPoint, format_cfg, run_seed, seed_run
 from arpg.sweeps import sweep_points
 
-POINT_WILDCARDS = ("model", "steps", "cfg", "order")
+POINT_WILDCARDS = ("model", "steps", "cfg", "order", "run")
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,8 @@ class Job:
         """Unique name of the job within its rule ('' for one-job rules)."""
         w = self.wildcards
         if set(w) == set(POINT_WILDCARDS):
-            return f"{w['model']}-steps{w['steps']}_cfg{w['cfg']}_{w['order']}"
-        return "-".join(w[k] for k in sorted(w))
+            return f"{w['model']}-steps{w['steps']}_cfg{w['cfg']}_{w['order']}{w['run']}"
+        return "-".join(w[k] for k in sorted(w) if k != "run") + w.get("run", "")
 
     @property
     def name(self) -> str:
@@ -105,13 +105,58 @@ class Rule:
 # --------------------------------------------------------------------------- helpers
 
 def point_wildcards(point: SweepPoint) -> dict[str, str]:
-    return {"model": point.model, "steps": str(point.steps), "cfg": format_cfg(point.cfg), "order": point.order}
+    return {"model": point.model, "steps": str(point.steps), "cfg": format_cfg(point.cfg), "order": point.order,
+            "run": point.run}
+
+
+def point_args(w: Mapping[str, str]) -> tuple[str, ...]:
+    """A point command's arguments: --model --steps --cfg --order, and --seed for another training seed's
+    model (a placeholder run, in a pattern, stays as it is)."""
+    return ("--model", w["model"], "--steps", w["steps"], "--cfg", w["cfg"], "--order", w["order"], *seed_args(w["run"]))
+
+
+def seed_args(run: str) -> tuple[str, ...]:
+    """--seed S for the model of training seed S (none for seed 0); a placeholder run (a pattern's) stays."""
+    return () if not run else ("--seed", str(run_seed(run)) if run.startswith("_seed") else run)
+
+
+def add_point_arguments(parser, models) -> None:
+    parser.add_argument("--model", required=True, choices=tuple(models), help="which trained generator")
+    parser.add_argument("--steps", type=int, required=True,
+                        help="decoding steps (a sequential decoder: must equal the token count)")
+    parser.add_argument("--cfg", type=float, required=True, help="classifier-free guidance scale (1: off)")
+    parser.add_argument("--order", required=True,
+                        help="generation order: random, raster, spiral-in, spiral-out, z-curve, alternate "
+                             "(a sequential decoder: its native order)")
+    parser.add_argument("--seed", type=int, default=0, help="the training seed of the model (one of train.seeds)")
+
+
+def point_command(point: SweepPoint) -> str:
+    """A point's arguments as a user types them (messages naming the command that remakes a file)."""
+    return " ".join(point_args(point_wildcards(point)))
+
+
+def point_from_args(args) -> SweepPoint:
+    return SweepPoint(args.model, args.steps, args.cfg, args.order, seed_run(args.seed))
+
+
+def check_train_seed(params: Mapping, seed: int) -> None:
+    from arpg.config import unrecorded
+
+    seeds = unrecorded(params)["train"]["seeds"]  # which models exist, not what this job does
+    if seed not in seeds:
+        raise ConfigError(f"--seed {seed} is not in train.seeds {seeds}; add it there or pick one of them")
+
+
+def point_of(w: Mapping[str, str]) -> SweepPoint:
+    return SweepPoint(w["model"], int(w["steps"]), float(w["cfg"]), w["order"], w["run"])
 
 
 # Sentinel point used to turn Layout's point paths into patterns ({model}, {steps}, ...),
 # so the path of a sweep point is still spelled only in arpg/paths.py.
-_SENTINEL = SweepPoint("MODELWILDCARD", 987654321, 7.25, "ORDERWILDCARD")
-SENTINEL_WILDCARDS = {"model": "MODELWILDCARD", "steps": "987654321", "cfg": format_cfg(7.25), "order": "ORDERWILDCARD"}
+_SENTINEL = SweepPoint("MODELWILDCARD", 987654321, 7.25, "ORDERWILDCARD", "RUNWILDCARD")
+SENTINEL_WILDCARDS = {"model": "MODELWILDCARD", "steps": "987654321", "cfg": format_cfg(7.25), "order": "ORDERWILDCARD",
+                      "run": "RUNWILDCARD"}
 
 
 def point_path(path_fn: Callable[[SweepPoint], Path], w: Mapping[str, str]) -> str:
@@ -162,8 +207,8 @@ def log_path(ctx: Ctx, rule: str, w: Mapping[str, str], wildcards: tuple[str, ..
     if not wildcards:
         return f"{ctx.log_dir}/{rule}.log"
     if wildcards == POINT_WILDCARDS:
-        return f"{ctx.log_dir}/{rule}/{w['model']}/steps{w['steps']}_cfg{w['cfg']}_{w['order']}.log"
-    return f"{ctx.log_dir}/{rule}/" + "_".join(w[k] for k in wildcards) + ".log"
+        return f"{ctx.log_dir}/{rule}/{w['model']}/steps{w['steps']}_cfg{w['cfg']}_{w['order']}{w['run']}.log"
+    return f"{ctx.log_dir}/{rule}/" + "_".join(w[k] for k in wildcards if k != "run") + w.get("run", "") + ".log"
 
 
 def pretrained_weights(params: Mapping, model: str) -> str | None:

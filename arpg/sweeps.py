@@ -16,9 +16,9 @@ from typing import Any, Mapping
 from arpg.config import dotted, token_count
 from arpg.decoders import DECODERS, Decoder, labels, native_orders, registered_in
 from arpg.errors import ArpgError, ConfigError
-from arpg.paths import SweepPoint, format_cfg
+from arpg.paths import SweepPoint, format_cfg, seed_run
 
-WILDCARDS = ("steps", "cfg", "order")  # a point's fields besides its decoder, in SweepPoint's order
+WILDCARDS = ("steps", "cfg", "order")  # a point's fields besides its decoder and run, in SweepPoint's order
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,10 @@ class Sweep:
     versus_sequential: bool = False   # each parallel point also against every sequential point of the sweep
     adjacent: bool = False            # each point also against the next one
     sort_by: tuple[str, ...] = ()     # the table's order within a decoder
+    over_seeds: bool = False          # its points sampled from the model of every training seed (train.seeds),
+                                      # not only the first's: the headline's between-training noise
+    selection: bool = False           # its table's points also draw a selection set (another sampling seed), on
+                                      # which each decoder's guidance is chosen; the reported figure never sees it
     csv: str = ""                     # the report's table of the sweep
     heading: str = ""                 # its markdown heading
     intro: str = ""                   # the paragraph under the heading ('' for none)
@@ -73,30 +77,38 @@ class Sweep:
     def sources(self, d: Decoder) -> tuple | None:
         return self.parallel if d.parallel else self.sequential
 
-    def family(self, d: Decoder, values: Mapping, *, baseline: bool = False) -> SweepFamily | None:
-        """The sweep's points for decoder `d` (None: it does not run it); with `baseline`, the points
-        they are compared against (which exist even where a swept list is empty)."""
+    def family(self, d: Decoder, values: Mapping, *, baseline: bool = False, run: str = "") -> SweepFamily | None:
+        """The sweep's points for decoder `d` from the model of training seed `run` (None: it does not
+        run it); with `baseline`, the points they are compared against (which exist even where a swept
+        list is empty)."""
         sources = self.sources(d)
         if sources is None:
             return None
         if baseline:
             sources = tuple(self.baseline.get(w, s) for w, s in zip(WILDCARDS, sources))
         fields = (("model", d.name),) + tuple((w, _resolve(s, d, values)) for w, s in zip(WILDCARDS, sources))
-        return SweepFamily(self.name, fields)
+        return SweepFamily(self.name + run, fields + (("run", run),))
+
+    def runs(self, values: Mapping) -> list[str]:
+        """The training seeds (as paths.seed_run) whose models the sweep samples: the first, or every one."""
+        seeds = values["train"]["seeds"]
+        return [seed_run(s) for s in (seeds if self.over_seeds else seeds[:1])]
 
     def baseline_of(self, p: SweepPoint, values: Mapping) -> SweepPoint:
         d = DECODERS[p.model]
         changed = {w: _value(_resolve(s, d, values), values) for w, s in self.baseline.items()}
-        return SweepPoint(p.model, **{w: changed.get(w, getattr(p, w)) for w in WILDCARDS})
+        return SweepPoint(p.model, **{w: changed.get(w, getattr(p, w)) for w in WILDCARDS}, run=p.run)
 
-    def table(self, values: Mapping) -> list[SweepPoint]:
-        """The points the report shows for the sweep: its own and their baselines, per decoder."""
+    def table(self, values: Mapping, run: str | None = None) -> list[SweepPoint]:
+        """The points the report shows for the sweep: its own and their baselines, per decoder, from the
+        model of training seed `run` (None: the first of train.seeds)."""
+        run = first_run(values) if run is None else run
         rows = []
         for d in DECODERS.values():
-            family = self.family(d, values)
+            family = self.family(d, values, run=run)
             if family is None:
                 continue
-            bases = self.family(d, values, baseline=True).points(values) if self.baseline else []
+            bases = self.family(d, values, baseline=True, run=run).points(values) if self.baseline else []
             rows += sorted({*family.points(values), *bases}, key=lambda p: tuple(getattr(p, w) for w in self.sort_by))
         return rows
 
@@ -176,7 +188,7 @@ _STEPS, _CFG = Param("sample.steps_default"), Param("sample.cfg_default")
 
 SWEEPS: dict[str, Sweep] = {s.name: s for s in (
     Sweep("steps", (Swept("sample.steps"), _CFG, NATIVE), (TOKENS, _CFG, NATIVE),
-          versus_sequential=True, adjacent=True, sort_by=("steps",), csv="fid_vs_steps.csv",
+          versus_sequential=True, adjacent=True, over_seeds=True, sort_by=("steps",), csv="fid_vs_steps.csv",
           heading="Quality vs decoding steps: {par} and the {seq}",
           intro="{par} decodes in the given number of steps ({native} order, cfg {cfg}); the {seq} predicts "
                 "one token per step ({tokens} steps). Table: `{csv}`; all points: `quality.csv`.",
@@ -185,7 +197,7 @@ SWEEPS: dict[str, Sweep] = {s.name: s for s in (
                    "order, cfg {cfg})",
           label="{decoder} {steps} steps", label_sequential="{decoder}"),
     Sweep("guidance", (_STEPS, Swept("sample.cfg"), NATIVE), (TOKENS, Swept("sample.cfg"), NATIVE),
-          baseline={"cfg": _CFG}, sort_by=("cfg",), csv="guidance.csv",
+          baseline={"cfg": _CFG}, over_seeds=True, selection=True, sort_by=("cfg",), csv="guidance.csv",
           heading="Guidance scale ({par} at {steps} steps, {seq_short})",
           caption="The guidance sweep at the default step count, with intervals.",
           compared="each guidance value against cfg {cfg} ({par} at {steps} steps, and the {seq})",
@@ -220,9 +232,21 @@ def sweep_keys() -> tuple[str, ...]:
     return tuple(keys)
 
 
+def first_run(values: Mapping) -> str:
+    """The training seed every sweep samples (paths.seed_run of train.seeds[0])."""
+    return seed_run(values["train"]["seeds"][0])
+
+
 def sweep_families(values: Mapping) -> list[SweepFamily]:
-    """Each sweep of each registered decoder that runs it."""
-    return [f for d in DECODERS.values() for s in SWEEPS.values() if (f := s.family(d, values)) is not None]
+    """Each sweep of each registered decoder that runs it, per training seed it samples."""
+    return [f for d in DECODERS.values() for s in SWEEPS.values() for run in s.runs(values)
+            if (f := s.family(d, values, run=run)) is not None]
+
+
+def selection_points(values: Mapping) -> set[SweepPoint]:
+    """The points that also draw a selection set: every point of a `selection` sweep's table, of every
+    training seed that sweep samples."""
+    return {p for s in SWEEPS.values() if s.selection for run in s.runs(values) for p in s.table(values, run)}
 
 
 def sweep_points(values: Mapping) -> list[SweepPoint]:
@@ -236,7 +260,7 @@ def sweep_points(values: Mapping) -> list[SweepPoint]:
                 raise ConfigError(f"{p.model} {p.tag} is in {owner[p]} and in {where}: two stages may not "
                                   "write one point; change one sweep's params lists")
             owner[p] = where
-    return sorted(owner, key=lambda p: (p.model, p.order, p.steps, p.cfg))
+    return sorted(owner, key=lambda p: (p.model, p.run, p.order, p.steps, p.cfg))
 
 
 def registered(extra: Sweep):

@@ -106,7 +106,7 @@ def test_a_truncated_samples_archive_is_named_with_the_command_that_remakes_it(p
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"samples of arpg steps4_cfg2.0_random {samples} is unreadable" in err and "Traceback" not in err
-    assert err.rstrip().endswith("delete it and rerun `arpg sample --model arpg --steps 4 --cfg 2 --order random`")
+    assert err.rstrip().endswith("delete it and rerun `arpg sample --model arpg --steps 4 --cfg 2.0 --order random`")
     np.savez(samples, arr_0=np.zeros((8, 4, 4, 1), np.uint8))  # complete, but without its labels
     assert main(argv) == 2
     assert "lacks labels (has arr_0); delete it and rerun `arpg sample" in capsys.readouterr().err

@@ -103,8 +103,11 @@ def test_a_sequential_decoder_is_swept_like_the_raster_baseline(params_file):
     points = sweep_points(params)
     s, n = params["sample"], token_count(params)
     cfgs = sorted({*s["cfg"], s["cfg_default"]})
-    assert [p for p in points if p.model == "toy"] == [SweepPoint("toy", n, cfg, "raster") for cfg in cfgs]
-    assert [(p.steps, p.cfg, p.order) for p in points if p.model == "raster"] == [(n, c, "raster") for c in cfgs]
+    runs = ["", "_seed1"]  # smoke's two training seeds: the step and guidance sweeps sample both models
+    assert [p for p in points if p.model == "toy"] == [SweepPoint("toy", n, cfg, "raster", r) for r in runs
+                                                       for cfg in cfgs]
+    assert [(p.steps, p.cfg, p.order, p.run) for p in points if p.model == "raster"] == [
+        (n, c, "raster", r) for r in runs for c in cfgs]
 
 
 def test_the_toy_has_its_jobs_folders_and_keys(params_file):
@@ -131,10 +134,12 @@ def test_the_toy_has_its_jobs_folders_and_keys(params_file):
 def test_the_toy_is_in_the_snakemake_dag_and_dvc_yaml(params_file, tmp_path):
     """One `train` rule serves every decoder: Snakemake (told of the toy) and dvc.yaml list its jobs."""
     jobs = check_three_way(params_file("configs/smoke.yaml"), tmp_path, [TOY])
-    assert [j.name for j in jobs if j.rule == "train"] == ["train@arpg", "train@raster", "train@toy"]
+    assert [j.name for j in jobs if j.rule == "train"] == [f"train@{m}{r}" for m in ("arpg", "raster", "toy")
+                                                           for r in ("", "_seed1")]
     stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
-    assert {"train-arpg", "train-raster", "train-toy"} <= set(stages)
+    assert {"train-arpg", "train-raster", "train-toy", "train-toy_seed1"} <= set(stages)
     assert stages["train-toy"]["cmd"] == "arpg train --params params.yaml --model toy"
+    assert stages["train-toy_seed1"]["cmd"] == "arpg train --params params.yaml --model toy --seed 1"
 
 
 # --------------------------------------------------------------------------- CLI
@@ -168,10 +173,11 @@ def _csv(path):
 @pytest.fixture
 def toy_study(study):  # noqa: F811 - the imported fixture
     """test_report's study (its metrics and grids written for every sweep point, the toy's included)
-    plus the toy's training metrics, which that fixture writes for arpg and raster only."""
-    path = study.layout.model_metrics("toy")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"model": "LlamaGen-T", "final_loss": 4.5}))
+    plus the toy's training metrics (each training seed's), which that fixture writes for arpg and raster only."""
+    for run in ("", "_seed1"):
+        path = study.layout.model_metrics("toy", run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"model": "LlamaGen-T", "final_loss": 4.5}))
     return study
 
 
@@ -207,13 +213,15 @@ def test_the_report_compares_every_step_count_with_each_sequential_baseline(toy_
 
 
 def test_the_profile_gives_each_parallel_decoder_a_speed_up_over_each_sequential_one(toy):
-    from arpg.engine.profile.sweep import speedups, summary
+    from arpg.engine.profile.sweep import ROUND_RECORD, speedups, summary
 
     def row(kind, steps, img_s):
         return {"status": "ok", "kind": kind, "order": "random" if kind == "arpg" else "raster", "model": "default",
                 "batch": 1, "backbone": "64x4x4", "net": kind, "tokens": 16, "steps": steps, "threads": 1, "device": "cpu", "precision": "fp32",
                 "gen_img_s_median": img_s,
-                "gen_img_s_min": img_s, "gen_img_s_max": img_s, "kv_cache_bytes": 1.0, "gen_mem_bytes": 0}
+                "gen_img_s_min": img_s, "gen_img_s_max": img_s, "kv_cache_bytes": 1.0, "gen_mem_bytes": 0,
+                "round_s": [1 / img_s] * 3, "round_group": 0,  # timed together, interleaved
+                **{f"round_{k}": 0.0 for k in ROUND_RECORD}}
 
     rows = [row("arpg", 4, 12.0), row("raster", 16, 3.0), row("toy", 16, 2.0)]
     gains = speedups(rows)

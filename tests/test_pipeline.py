@@ -104,6 +104,10 @@ def dvc_jobs(params, root: Path) -> list[dict]:
     return out
 
 
+def jobs_named(jobs, name):
+    return next(j for j in jobs if j.name == name)
+
+
 def _by_outputs(items, key):
     table = {}
     for item in items:
@@ -156,8 +160,15 @@ def test_smoke_dag_equals_dvc_and_pipeline(params_file, tmp_path):
     jobs = check_three_way(params_file("configs/smoke.yaml"), tmp_path)
     rules = {j.rule for j in jobs}
     assert rules == set(pipeline.RULES)  # every stage is in the smoke study
-    assert [j.name for j in jobs if j.rule == "train"] == [f"train@{m}" for m in DECODERS]  # one per decoder
-    assert len([j for j in jobs if j.rule == "sample"]) == 7  # 2 steps, 2 orders, 3 strategies, 1 raster
+    # one per decoder and training seed (smoke: 0 and 1); the seed's run names its model and the sweep points
+    # sampled from it, the guidance points also draw selection sets
+    assert [j.name for j in jobs if j.rule == "train"] == [f"train@{m}{r}" for m in DECODERS for r in ("", "_seed1")]
+    assert jobs_named(jobs, "train@arpg_seed1").args == ("train", "--model", "arpg", "--seed", "1")
+    assert {j.key for j in jobs if j.rule == "select"} == {
+        f"{m}-steps{s}_cfg2.0_{o}{r}" for m, s, o in (("arpg", 4, "random"), ("raster", 64, "raster"))
+        for r in ("", "_seed1")}
+    # 2 steps, 2 orders, 3 strategies, 1 raster; seed 1's model: the step sweep's 2 steps and raster
+    assert len([j for j in jobs if j.rule == "sample"]) == 7 + 3
 
 
 def test_paper_dag_equals_dvc_and_pipeline(params_file, tmp_path):
@@ -238,15 +249,16 @@ def test_sweep_change_touches_only_the_jobs_it_feeds(params_file):
     base = _prints(params_file("configs/smoke.yaml"))
     more = _prints(params_file("configs/smoke.yaml", **{"sample.steps": [2, 4, 8]}))
     added = set(more) - set(base)
-    assert added == {"sample@arpg-steps8_cfg2.0_random", "evaluate@arpg-steps8_cfg2.0_random"}
+    assert added == {f"{rule}@arpg-steps8_cfg2.0_random{r}" for rule in ("sample", "evaluate") for r in ("", "_seed1")}
     # nothing existing reruns but the report, which reads every point (and the sweep lists: arpg.sweeps)
     assert {name for name, fp in base.items() if more[name] != fp} == {"report"}
     hotter = _prints(params_file("configs/smoke.yaml", **{"sample.temperature": 0.9}))
     changed = {n for n in base if hotter[n] != base[n]}
-    assert changed == {n for n in base if n.startswith(("sample@", "zero_shot@"))} | {"gallery", "profile"}
+    assert changed == {n for n in base if n.startswith(("sample@", "select@", "zero_shot@"))} | {"gallery", "profile"}
     assert sum(n.startswith("zero_shot@") for n in changed) == 4  # one job per task
     raster = _prints(params_file("configs/smoke.yaml", **{"train.raster_model": "LlamaGen-S"}))
-    assert {n for n in base if raster[n] != base[n]} == {"train@raster", "profile"}  # profile labels rows
+    # each seed's raster training; the profile labels its rows
+    assert {n for n in base if raster[n] != base[n]} == {"train@raster", "train@raster_seed1", "profile"}
 
 
 def test_keys_no_result_depends_on_change_no_fingerprint(params_file):
@@ -258,13 +270,13 @@ def test_keys_no_result_depends_on_change_no_fingerprint(params_file):
     assert set(changed) == {f"{s}.{k}" for s, keys in NOT_RESULT_KEYS.items() for k in keys}
     assert _prints(params_file("configs/smoke.yaml", **changed)) == base
     lr = _prints(params_file("configs/smoke.yaml", **{"train.lr": 0.002}))
-    assert {n for n in base if lr[n] != base[n]} == {"train@arpg", "train@raster"}  # a result key still counts
+    assert {n for n in base if lr[n] != base[n]} == {f"train@{m}{r}" for m in ("arpg", "raster") for r in ("", "_seed1")}
 
 
 def test_weights_file_identity_enters_the_fingerprint(params_file, tmp_path):
     weights = tmp_path / "arpg_300m.pt"
     weights.write_bytes(b"1234")
-    path = params_file("configs/smoke.yaml", **{"train.arpg_pretrained": str(weights)})
+    path = params_file("configs/smoke.yaml", **{"train.arpg_pretrained": str(weights), "train.seeds": [0]})
     first = _prints(path)["train@arpg"]
     weights.write_bytes(b"123456")
     assert _prints(path)["train@arpg"] != first
@@ -288,8 +300,8 @@ def test_paper_dry_run_lists_jobs_and_resources(tmp_path):
                  f"params={REPO_ROOT / 'configs/paper.yaml'}"], REPO_ROOT)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    assert _job_counts(out) == {"prepare_data": 1, "train_tokenizer": 1, "train": len(DECODERS), "sample": 24, "reference_stats": 1, "evaluate": 24, "profile": 1, "gallery": 1, "zero_shot": 4,
-                                "report": 1, "all": 1, "total": 61}
+    assert _job_counts(out) == {"prepare_data": 1, "train_tokenizer": 1, "train": len(DECODERS), "sample": 24, "reference_stats": 1, "evaluate": 24, "select": 4, "profile": 1, "gallery": 1,
+                                "zero_shot": 4, "report": 1, "all": 1, "total": 65}
     assert "note: weights/arpg_300m.pt does not exist yet (needed by train@arpg)" in out
     assert re.search(r"torchrun --standalone --nproc_per_node=8 --no-python arpg sample .*--steps 256", out)
     sample_blocks = re.findall(r"rule sample:\n(?:    .*\n)+", out)
@@ -381,7 +393,7 @@ def test_missing_weights_stop_before_any_job(tmp_path):
 def test_released_weights_skip_training_jobs(params_file, tmp_path):
     paths = {"tokenizer.pretrained": tmp_path / "vq_ds16_c2i.pt", "train.arpg_pretrained": tmp_path / "arpg.pt",
              "train.raster_pretrained": tmp_path / "gpt.pt"}
-    params = load_params(params_file("configs/smoke.yaml", **{k: str(v) for k, v in paths.items()}))
+    params = load_params(params_file("configs/smoke.yaml", **{k: str(v) for k, v in paths.items()}, **{"train.seeds": [0]}))
     jobs = {j.name: j for j in pipeline.jobs(params)}
     assert "tokenize" not in jobs
     lay = params.layout
@@ -420,6 +432,7 @@ def test_released_layout_weights_drive_the_sweep(tmp_path):
     values["output_dir"] = str(tmp_path / "outputs")
     values["report"]["dir"] = str(tmp_path / "report")
     values["tracking"]["enabled"] = False
+    values["train"]["seeds"] = [0]  # released weights are one model
     path = tmp_path / "released.yaml"
     path.write_text(yaml.safe_dump(values))
     params = load_params(path)
@@ -445,7 +458,7 @@ def test_released_layout_weights_drive_the_sweep(tmp_path):
     ran = _executed(out)
     assert "tokenize" not in ran and ran["sample"] == ran["evaluate"] == len(targets)
     for model in DECODERS:
-        log = (tmp_path / pipeline.job(params, "train", {"model": model}).log).read_text()
+        log = (tmp_path / pipeline.job(params, "train", {"model": model, "run": ""}).log).read_text()
         assert "training skipped" in log
     for target in targets:
         metrics = json.loads(Path(target).read_text())

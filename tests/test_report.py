@@ -31,9 +31,11 @@ def _json(path, obj):
     path.write_text(json.dumps(obj))
 
 
-def _fid(model, steps, cfg, order):
-    """A distinct, recomputable value per point (the test's independent reference)."""
-    return round(100.0 / steps + cfg + (0.5 if order != "random" else 0.0) + (3.0 if model == "raster" else 0.0), 6)
+def _fid(model, steps, cfg, order, seed=0):
+    """A distinct, recomputable value per point (the test's independent reference); training seed 1's model
+    scores 2 higher."""
+    return round(100.0 / steps + cfg + (0.5 if order != "random" else 0.0) + (3.0 if model == "raster" else 0.0)
+                 + 2.0 * seed, 6)
 
 
 PROFILE_ROWS = [  # study models at the sampled step counts (batch 4), plus a raster row at 64 tokens
@@ -50,8 +52,19 @@ PROFILE_ROWS = [  # study models at the sampled step counts (batch 4), plus a ra
 
 @pytest.fixture
 def study(params_file):
-    """Smoke params in tmp_path with every stage output the report reads, holding known numbers."""
-    params = load_params(params_file("configs/smoke.yaml"))
+    """Smoke params in tmp_path with every stage output the report reads, holding known numbers (two
+    training seeds, as configs/smoke.yaml has)."""
+    return _study(params_file)
+
+
+@pytest.fixture
+def one_seed_study(params_file):
+    """The same with one training seed: every interval is the sampling one."""
+    return _study(params_file, **{"train.seeds": [0]})
+
+
+def _study(params_file, **overrides):
+    params = load_params(params_file("configs/smoke.yaml", **overrides))
     lay = params.layout
     _json(lay.data_manifest, {"splits": {"train": {"count": 2000, "shape": [2000, 32, 32, 1]},
                                          "test": {"count": 2000, "shape": [2000, 32, 32, 1]}}})
@@ -59,18 +72,26 @@ def study(params_file):
         if job.rule == "evaluate":
             p = report.point_of(job)
             _json(lay.metrics(p), {"model": p.model, "steps": p.steps, "cfg": p.cfg, "order": p.order,
-                                   "fid_classifier": _fid(p.model, p.steps, p.cfg, p.order),
+                                   "fid_classifier": _fid(p.model, p.steps, p.cfg, p.order, p.seed),
                                    "is_classifier": 2.0 * p.steps, "accuracy_classifier": 0.25,
                                    "num_samples": 100, "reference_split": "test", "extractors": ["classifier"],
                                    "bootstrap": {**BOOTSTRAP, "replicates": 0}, "intervals": {}})
         if job.rule == "sample":
             _png(lay.sample_grid(report.point_of(job)), 1)
+        if job.rule == "select":  # the selection set favours strong guidance, the evaluation set weak guidance
+            p = report.point_of(job)
+            _json(lay.selection_metrics(p), {"model": p.model, "steps": p.steps, "cfg": p.cfg, "order": p.order,
+                                             "fid_classifier": _fid(p.model, p.steps, p.cfg, p.order, p.seed)
+                                             - 3 * p.cfg, "intervals": {}})
     _json(lay.tokenizer_metrics, {"steps": 60, "stopped_by": "max_steps", "pretrained": None})
     _json(lay.tokenize_metrics, {"psnr": 21.5, "ssim": 0.75, "codebook_usage": 0.9})
     _png(lay.reconstructions, 2)
     _json(lay.classifier_metrics, {"test_accuracy": 0.81})
-    for model in ("arpg", "raster"):
-        _json(lay.model_metrics(model), {"model": model.upper(), "final_loss": 3.25 if model == "arpg" else 3.5})
+    for job in pipeline.jobs(params):
+        if job.rule == "train":
+            model = job.wildcards["model"]
+            _json(lay.model_metrics(model, job.wildcards["run"]),
+                  {"model": model.upper(), "final_loss": 3.25 if model == "arpg" else 3.5})
     rows = [{**r, "status": "ok", "gen_img_s_min": r["gen_img_s_median"] * 0.9,  # the spread the profile draws
              "gen_img_s_max": r["gen_img_s_median"] * 1.1,
              "e2e_img_s_median": r["gen_img_s_median"] / 2, "peak_mem_bytes": 2**20 * 10,
@@ -164,9 +185,11 @@ def test_tables_hold_the_stage_numbers(study):
     out = result["dir"]
     quality = _csv(out / "quality.csv")
     points = [report.point_of(j) for j in pipeline.jobs(study) if j.rule == "evaluate"]
-    assert len(quality) == len(points) == 7
+    # 7 points of the first training seed; the step and guidance sweeps' 3 again from seed 1's models
+    assert len(quality) == len(points) == 10
+    assert sorted(int(r["train_seed"]) for r in quality) == [0] * 7 + [1] * 3
     for row in quality:
-        expected = _fid(row["model"], int(row["steps"]), float(row["cfg"]), row["order"])
+        expected = _fid(row["model"], int(row["steps"]), float(row["cfg"]), row["order"], int(row["train_seed"]))
         assert float(row["fid_classifier"]) == pytest.approx(expected)
         assert float(row["is_classifier"]) == 2.0 * int(row["steps"])
     sweep = _csv(out / "fid_vs_steps.csv")  # ARPG random order at cfg_default, and raster
@@ -180,7 +203,8 @@ def test_tables_hold_the_stage_numbers(study):
     assert float(_csv(out / "speedups.csv")[0]["speedup_gen"]) == 10.0
     assert float(_csv(out / "tokenizer.csv")[0]["psnr"]) == 21.5
     assert float(_csv(out / "classifier.csv")[0]["test_accuracy"]) == 0.81
-    assert [float(r["final_loss"]) for r in _csv(out / "training.csv")] == [3.25, 3.5]
+    assert [(r["model"], int(r["train_seed"]), float(r["final_loss"])) for r in _csv(out / "training.csv")] == [
+        ("arpg", 0, 3.25), ("arpg", 1, 3.25), ("raster", 0, 3.5), ("raster", 1, 3.5)]
     pareto = _csv(out / "pareto.csv")  # FID joined with the study models' img/s at the same steps
     assert {(r["model"], int(r["steps"]), r["order"], float(r["img_s"])) for r in pareto} == {
         ("arpg", 2, "random", 40.0), ("arpg", 4, "random", 25.0), ("arpg", 2, "locality", 36.0),
@@ -276,11 +300,11 @@ def _line(text, start):
     return next(line for line in text.splitlines() if line.startswith(start))
 
 
-def test_intervals_in_tables_plots_and_the_noise_section(study, monkeypatch):
+def test_intervals_in_tables_plots_and_the_noise_section(one_seed_study, monkeypatch):
     """FID 52 / 27 / 27.5 / 7.0625 (ARPG 2 and 4 steps, ARPG 4 steps raster order, raster baseline) with
     se 0.5, 0.5, 0.5, 20: 4 vs 2 steps (-25 +- 1.39) and 2 steps vs raster (+44.9 +- 39.2) exceed the noise,
     4 steps vs raster (+19.9) and raster vs random order (+0.5 +- 1.39) do not."""
-    params = _with_intervals(study)
+    params = _with_intervals(one_seed_study)
     bars = {}
 
     from matplotlib.container import ErrorbarContainer
@@ -305,10 +329,11 @@ def test_intervals_in_tables_plots_and_the_noise_section(study, monkeypatch):
     assert 1 <= len(bullets) <= 8 and "Few steps" not in head
     assert "vs raster, one guidance (cfg 2.0)" in bullets[0] and "(+19.9, 95% [-19.3, 59.1])" in bullets[0]
     assert "Paper: ARPG-L FID 2.44" in bullets[0] and "**Cannot tell at this scale (within the noise).**" in bullets[0]
-    assert "each at its best guidance" in bullets[1] and "Cannot tell at this scale" in bullets[1]
+    assert "each at its own guidance" in bullets[1] and "Cannot tell at this scale" in bullets[1]
     assert "10.00x [9.00, 11.00] (97%)" in bullets[2] and "26.1x" in bullets[2] and "Agrees in direction" in bullets[2]
     assert "Generation memory 0.50x" in bullets[3] and "0.25x" in bullets[3]
     assert "Training noise: cannot tell" in bullets[4]
+    assert "One training seed per decoder" in text and not (out / "seeds.csv").exists()
 
     rows = {(r["model"], r["steps"], r["order"]): r for r in _csv(out / "quality.csv")}
     arpg2 = rows["arpg", "2", "random"]
@@ -428,7 +453,7 @@ def test_stage_times_come_from_the_benchmark_files(study, tmp_path, monkeypatch)
     jobs = {j.name: j for j in pipeline.jobs(study)}
     train = [j for j in jobs.values() if j.rule == "train"]
     sample = next(j for j in jobs.values() if j.rule == "sample")
-    for job, (wall, rss, cpu) in zip([*train, sample], [(100.0, 500.5, 190.0), (250.0, 700.0, 480.0),
+    for job, (wall, rss, cpu) in zip([*train[:2], sample], [(100.0, 500.5, 190.0), (250.0, 700.0, 480.0),
                                                        (12.5, 300.0, "NA")]):
         path = tmp_path / job.benchmark
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -449,7 +474,7 @@ def test_stage_times_come_from_the_benchmark_files(study, tmp_path, monkeypatch)
     rows = {r["rule"]: r for r in _csv(out / "stage_times.csv")}
     assert (float(rows["profile"]["cpu_s"]), float(rows["profile"]["max_rss_mib"])) == (90.0, 900.0)
     assert int(rows["profile"]["units"]) == len(PROFILE_ROWS)
-    assert (int(rows["train"]["jobs"]), int(rows["train"]["timed"])) == (2, 2)
+    assert (int(rows["train"]["jobs"]), int(rows["train"]["timed"])) == (4, 2)  # two decoders, two seeds
     assert float(rows["train"]["wall_s"]) == 350.0 and float(rows["train"]["cpu_s"]) == 670.0
     assert (float(rows["train"]["longest_s"]), rows["train"]["longest_job"]) == (250.0, train[1].key)
     assert float(rows["train"]["max_rss_mib"]) == 700.0
@@ -477,7 +502,7 @@ def test_a_finding_agrees_disagrees_or_cannot_tell_from_its_interval():
                             {"fid_classifier": {"se": se, "lo": fid - 1.96 * se, "hi": fid + 1.96 * se}})
 
     def verdict(a, b, **kw):
-        return _compare("x", a, b, "fid_classifier", boot, VERSUS_RASTER, **kw).rsplit("**", 2)[1]
+        return _compare("x", a, b, "fid_classifier", boot, None, VERSUS_RASTER, **kw).rsplit("**", 2)[1]
 
     # b - a = -3 with se sqrt(0.5): half-width 1.39
     assert verdict(point(13, 0.5), point(10, 0.5)) == "Agrees (beyond the noise)."
@@ -486,3 +511,60 @@ def test_a_finding_agrees_disagrees_or_cannot_tell_from_its_interval():
     # a claim that b is no worse: within the noise agrees
     assert verdict(point(10, 0.5), point(11, 0.5), worse_only=True) == "Agrees (within the noise)."
     assert verdict(point(10, 0.5), point(13, 0.5), worse_only=True) == "Disagrees (beyond the noise)."
+
+
+def test_over_training_seeds_the_headline_and_comparisons_use_the_seed_means(study):
+    """Two training seeds, seed 1's FIDs 2 higher: each mean's se is 1 (the two values' sd / sqrt 2), its
+    half-width t(1) 12.71; a difference of two means: se sqrt 2, Welch df 2, t 4.303, half-width 6.09."""
+    out = report.build(_with_intervals(study))["dir"]
+    text = (out / "README.md").read_text()
+    # What this study finds (over seeds): first, at most 8 claims, each with its interval, the paper's figure, a verdict.
+    # ARPG 4 steps vs raster over the two training seeds (27 and 29 vs 7.0625 and 9.0625, each se 0.5 / 20):
+    # means 28 vs 8.0625, each mean's se 1 (the seeds' sd / sqrt 2), Welch df 2, t 4.303: +19.94 +- 6.09,
+    # beyond the noise, at one guidance and at each one's best (smoke sweeps no other guidance); 64 of 64 ARPG
+    # steps were not sampled: no few-steps line
+    head = text[text.index("## What this study finds"):text.index("## Data")]
+    assert text.index("## What this study finds") < text.index("## Data") < text.index("## Quality")
+    bullets = [line for line in head.splitlines() if line.startswith("- ")]
+    assert 1 <= len(bullets) <= 8 and "Few steps" not in head
+    assert "vs raster, one guidance (cfg 2.0)" in bullets[0] and "(+19.9, 95% [13.9, 26])" in bullets[0]
+    assert "28 ± 13 (mean of 2 training seeds) vs 8.062 ± 13" in bullets[0]  # t(1) 12.7 x se 1
+    assert "Paper: ARPG-L FID 2.44" in bullets[0] and "**Disagrees (beyond the noise).**" in bullets[0]
+    assert "each at its own guidance" in bullets[1] and "Disagrees (beyond the noise)" in bullets[1]
+    assert "10.00x [9.00, 11.00] (97%)" in bullets[2] and "26.1x" in bullets[2] and "Agrees in direction" in bullets[2]
+    assert "Generation memory 0.50x" in bullets[3] and "0.25x" in bullets[3]
+    # seeds 1.41 apart in sd against a sampling se of 0.5: between-training sd sqrt(2 - 0.25) = 1.32
+    assert "Training noise, measured" in bullets[4] and "sd of `fid_classifier` 1.32 against a sampling se of 0.5" \
+        in bullets[4] and "(2.6x;" in bullets[4]
+
+    rows = {(r["model"], r["steps"], r["cfg"], r["metric"]): r for r in _csv(out / "seeds.csv")}
+    arpg4 = rows["arpg", "4", "2.0", "fid_classifier"]
+    assert (arpg4["per_seed"], float(arpg4["mean"]), float(arpg4["se"])) == ("27 / 29", 28.0, pytest.approx(1.0))
+    assert float(arpg4["hi"]) == pytest.approx(28 + 12.7062, abs=1e-3) and float(arpg4["df"]) == 1.0
+    assert float(arpg4["between_sd"]) == pytest.approx((2 - 0.25) ** 0.5) and float(arpg4["within_sd"]) == 0.5
+    verdicts = {(r["comparison"], r["metric"]): r for r in _csv(out / "differences.csv")}
+    steps = verdicts["ARPG 4 steps vs ARPG 2 steps", "fid_classifier"]
+    assert (float(steps["a"]), float(steps["b"]), steps["noise"]) == (53.0, 28.0, "training seeds and sampling")
+    assert (float(steps["diff_lo"]), float(steps["diff_hi"])) == pytest.approx((-25 - 6.0849, -25 + 6.0849), abs=1e-3)
+    # the orders sweep samples the first seed only: its comparison keeps the sampling interval
+    assert verdicts["raster order vs random order", "fid_classifier"]["noise"] == "sampling"
+    assert "| ARPG 4 steps vs ARPG 2 steps | fid_classifier | 53 ± 13 (2 seeds) | 28 ± 13 (2 seeds) | -25 |" in text
+
+
+def test_each_decoders_guidance_is_chosen_on_its_selection_set(params_file):
+    """Guidance 1, 2 (the default) and 4: the evaluation FID grows with cfg (best at 1), the selection FID
+    falls with it (best at 4). The choice follows the selection set, and the comparison at each decoder's
+    own guidance reports the chosen points' evaluation figures."""
+    params = _with_intervals(_study(params_file, **{"train.seeds": [0], "sample.cfg": [1.0, 4.0]}))
+    out = report.build(params)["dir"]
+    rows = _csv(out / "guidance_choice.csv")
+    assert [(r["model"], r["cfg"], r["chosen"]) for r in rows] == [
+        ("arpg", c, str(c == "4.0")) for c in ("1.0", "2.0", "4.0")] + [
+        ("raster", c, str(c == "4.0")) for c in ("1.0", "2.0", "4.0")]
+    assert float(rows[0]["selection_fid"]) == _fid("arpg", 4, 1.0, "random") - 3.0
+    text = (out / "README.md").read_text()
+    line = next(x for x in text.splitlines() if "each at its own guidance**" in x)
+    assert "(ARPG cfg 4.0, raster cfg 4.0, chosen on a selection set drawn with another sampling seed)" in line
+    arpg4, raster4 = _fid("arpg", 4, 4.0, "random"), _fid("raster", 64, 4.0, "raster")
+    assert f"({arpg4 - raster4:+.3g}, 95% [" in line  # b - a: ARPG at its chosen cfg minus raster at its own
+    assert "**Chosen guidance** (ARPG cfg 4.0; raster cfg 4.0)" in text

@@ -187,6 +187,7 @@ def _candidates(dotted: str, value):
 
 # Changed values for leaves whose schema gives no enum to pick from.
 ALTERNATIVES = {"name": ["smokex"], "device": ["cpu"], "train.arpg_model": ["ARPG-S"],
+                "profile.max_wait_share": [0.05], "profile.max_ratio_spread": [1.5],  # smoke: null (unchecked)
                 "train.raster_model": ["LlamaGen-S"], "profile.models": [["default", "ARPG-T"]],
                 "profile.overrides": [[{"model": "default", "steps": [2], "batch_sizes": [4]}]],
                 # the sweep families stay disjoint (arpg.config): a guidance value besides cfg_default
@@ -482,7 +483,8 @@ def test_a_second_fresh_run_elsewhere_writes_the_same_bytes(study, tmp_path):
     shutil.copy(study / "params.yaml", tmp_path / "params.yaml")
     # every job in its own process this time (no warm server): forking changes no byte
     out = snakemake(tmp_path, tmp_path / "params.yaml", *result_targets(params), env={**ENV, warm.DISABLE_ENV: "0"})
-    assert "train_tokenizer" in out and re.search(rf"^train\s+{len(DECODERS)}$", out, re.M)  # trained again
+    seeds = len(yaml.safe_load(SMOKE.read_text())["train"]["seeds"])  # trained again: each decoder, each seed
+    assert "train_tokenizer" in out and re.search(rf"^train\s+{len(DECODERS) * seeds}$", out, re.M)
     forked = {j.rule for j in pipeline.jobs(params) if (study / j.usage).exists()}
     assert {"sample", "evaluate", "zero_shot"} <= forked, forked  # the first run forked them
     assert not [j.usage for j in pipeline.jobs(params) if (tmp_path / j.usage).exists()]

@@ -136,7 +136,7 @@ def test_two_rank_training_is_one_slurm_job_with_the_same_bytes_as_locally(clust
     for kind, root in roots.items():
         (root / "nproc2.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
         params = load_params(root / "nproc2.yaml")
-        job = pipeline.job(params, "train", {"model": "raster"})
+        job = pipeline.job(params, "train", {"model": "raster", "run": ""})
         assert job.launcher[0] == "torchrun" and job.threads == 2 * values["train"]["threads"]
         # The rerun would resume the finished one-process state (a resume checks the training
         # trajectory, which has no world size) and train nothing: start from scratch.

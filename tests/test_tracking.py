@@ -291,7 +291,7 @@ def test_a_decode_that_raises_ends_the_sample_run_failed(params_file, monkeypatc
     def broken_decode(*args, **kwargs):
         raise RuntimeError("decode failed")
 
-    monkeypatch.setattr(checkpoint, "load_study_models", lambda params, model, device: (None, None))
+    monkeypatch.setattr(checkpoint, "load_study_models", lambda params, model, device, run=None: (None, None))
     monkeypatch.setattr(sample_set, "make_draw", lambda *args: None)
     monkeypatch.setattr(sample_set, "generate_class_balanced", broken_decode)
     params = load_params(params_file())
@@ -334,6 +334,8 @@ def test_a_stage_that_fails_while_loading_ends_its_run_failed(params_file, monke
     (["reference-stats", "--extractor", "classifier"], "reference-stats-classifier-test"),
     (["evaluate", "--model", "arpg", "--steps", "4", "--cfg", "2.0", "--order", "random"],
      "evaluate-arpg-steps4_cfg2.0_random"),
+    (["select", "--model", "arpg", "--steps", "4", "--cfg", "2.0", "--order", "random"],
+     "select-arpg-steps4_cfg2.0_random"),
     (["zero-shot", "--task", "inpainting"], "zero-shot-inpainting"), (["gallery"], "gallery"), (["report"], "report"),
 ], ids=lambda v: v[0] if isinstance(v, list) else None)
 def test_every_stage_opens_its_run_before_reading_its_inputs(params_file, argv, run_name):

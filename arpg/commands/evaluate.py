@@ -10,16 +10,16 @@ Metrics JSON: the point estimates as flat `<metric>_<extractor>` keys, plus
 from __future__ import annotations
 
 from arpg.decoders import DECODERS
-from arpg.stages import (POINT_WILDCARDS, Ctx, Job, Rule, evaluate_keys, extractors_of, gpu_count, inception_external,
-                         log_path, point_eval_inputs, point_instances, point_path)
+from arpg.stages import (POINT_WILDCARDS, Ctx, Job, Rule, add_point_arguments, evaluate_keys, extractors_of, gpu_count,
+                         inception_external, log_path, point_args, point_eval_inputs, point_from_args, point_instances,
+                         point_path)
 
 
 # --------------------------------------------------------------------------- the stage
 
 def _job(ctx: Ctx, w) -> Job:
     params, lay = ctx.params, ctx.layout
-    return Job("evaluate", dict(w),
-               ("evaluate", "--model", w["model"], "--steps", w["steps"], "--cfg", w["cfg"], "--order", w["order"]),
+    return Job("evaluate", dict(w), ("evaluate", *point_args(w)),
                (point_path(lay.samples, w), *point_eval_inputs(ctx, w)),
                (point_path(lay.metrics, w),), evaluate_keys(params),
                external=inception_external(params, extractors_of(params)), threads=params["point_threads"],
@@ -32,10 +32,7 @@ RULE = Rule("evaluate", POINT_WILDCARDS, _job, point_instances,
 
 
 def configure(parser) -> None:
-    parser.add_argument("--model", required=True, choices=tuple(DECODERS))
-    parser.add_argument("--steps", required=True, type=int)
-    parser.add_argument("--cfg", required=True, type=float)
-    parser.add_argument("--order", required=True)
+    add_point_arguments(parser, DECODERS)
     parser.add_argument("--export-adm", metavar="PATH.npz", default=None,
                         help="also write the samples as an ADM-evaluator batch (arr_0 uint8 [N, H, W, 3])")
 
@@ -44,28 +41,27 @@ def run(args, params) -> None:
     from arpg.checkpoint_io import read_npz
     from arpg.engine.bootstrap import BootstrapConfig, evaluate_images
     from arpg.engine.evaluate import export_adm_npz
-    from arpg.paths import SweepPoint
+    from arpg.stages import point_command
     from arpg.tracking import stage_run
     from arpg.utils import resolve_device, write_json
 
     layout = params.layout
-    point = SweepPoint(args.model, args.steps, args.cfg, args.order)
+    point = point_from_args(args)
     path = layout.samples(point)
     device = resolve_device(params["device"])
     bootstrap = BootstrapConfig.from_params(params)
     split = params["evaluate"]["reference_split"]
     run_params = {"model": point.model, "steps": point.steps, "cfg": point.cfg, "order": point.order,
-                  "seed": params["sample"]["seed"], "extractors": ",".join(params["evaluate"]["extractors"])}
+                  "train_seed": point.seed, "seed": params["sample"]["seed"], "extractors": ",".join(params["evaluate"]["extractors"])}
     # the run is open before any work (reading the samples), so any failure ends it FAILED
     with stage_run(params, "evaluate", run_name=f"evaluate-{point.model}-{point.tag}",
                    run_params=run_params) as run:
         blob = read_npz(path, f"samples of {point.model} {point.tag}", keys=("arr_0", "labels"),
-                        written_by=f"arpg sample --model {point.model} --steps {point.steps} --cfg {args.cfg:g} "
-                                   f"--order {point.order}")
+                        written_by=f"arpg sample {point_command(point)}")
         images, labels = blob["arr_0"], blob["labels"]
         metrics, intervals, bootstrap_seconds = evaluate_images(params, images, labels, device)
         out = {"model": point.model, "steps": point.steps, "cfg": point.cfg, "order": point.order,
-               "seed": params["sample"]["seed"], "num_samples": int(len(images)), "reference_split": split,
+               **({"train_seed": point.seed} if point.seed else {}), "seed": params["sample"]["seed"], "num_samples": int(len(images)), "reference_split": split,
                "extractors": list(params["evaluate"]["extractors"]), **metrics,
                "bootstrap": bootstrap.record(), "intervals": intervals}
         write_json(layout.metrics(point), out)

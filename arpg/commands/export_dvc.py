@@ -25,7 +25,7 @@ import yaml
 from arpg import pipeline
 from arpg.config import unrecorded
 from arpg.errors import ArpgError
-from arpg.stages import POINT_WILDCARDS
+from arpg.stages import POINT_WILDCARDS, point_instances
 from arpg.sweeps import Param, Swept, sweep_families
 from arpg.utils import atomic_write_text
 
@@ -119,8 +119,7 @@ def _point_stages(params, rule: pipeline.Rule, rule_jobs: list[pipeline.Job], pa
                           f"{rule.desc[:-1]} ({family.model}, {family.name} sweep).")
         for point in family.points(values):
             job = pipeline.job(params, rule.name, pipeline.point_wildcards(point))
-            item = {_item(k): str(v) for k, v in zip(POINT_WILDCARDS, (point.model, point.steps, point.cfg,
-                                                                        point.order))}
+            item = {_item(k): v for k, v in pipeline.point_wildcards(point).items()}
             want = _stage(concrete.pop(job.key), params_file, root, folders, template["desc"])
             if _substitute(template, {**texts, **item}) != want:
                 raise ArpgError(f"{rule.name}@{job.key}: the {family.model} {family.name} stage of dvc.yaml would "
@@ -145,7 +144,7 @@ def render(params, params_file: str, root: Path | None = None) -> dict[str, Any]
     stages: dict[str, Any] = {}
     for rule in pipeline.RULES.values():
         rule_jobs = [j for j in all_jobs if j.rule == rule.name]
-        if rule.wildcards == POINT_WILDCARDS:  # every family, empty ones too: a params edit may fill them
+        if rule.instances is point_instances:  # every family, empty ones too: a params edit may fill them
             stages.update(_point_stages(params, rule, rule_jobs, params_file, root, folders))
             continue
         if not rule_jobs:

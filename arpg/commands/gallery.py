@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from arpg.decoders import zero_shot_decoder
+from arpg.sweeps import first_run
 from arpg.stages import (POINT_COMPUTE_KEYS, STUDY_DECODING_KEYS, TOKEN_SPACE_KEYS, VQ_KEYS, Ctx, Job, Rule, gpu_count,
                          key_list, log_path)
 
@@ -27,7 +28,7 @@ EXPANSION_CONTEXT = {
 
 def _job(ctx: Ctx, w) -> Job:
     params, lay = ctx.params, ctx.layout
-    inputs = (str(lay.model_checkpoint(zero_shot_decoder().name)), str(lay.tokenizer_checkpoint),
+    inputs = (str(lay.model_checkpoint(zero_shot_decoder().name, first_run(params))), str(lay.tokenizer_checkpoint),
               str(lay.images("test")), str(lay.labels("test")), str(lay.data_manifest))  # + class names
     outputs = tuple(str(lay.gallery_image(t)) for t in params["gallery"]["tasks"]) + (str(lay.gallery_json),)
     return Job("gallery", {}, ("gallery",), inputs, outputs,

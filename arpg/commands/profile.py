@@ -15,6 +15,7 @@ from typing import Iterable
 from arpg.decoders import DECODERS
 from arpg.errors import ArpgError
 from arpg.sizes import RASTER_TWIN
+from arpg.sweeps import first_run
 from arpg.stages import DECODING_KEYS, TOKEN_SPACE_KEYS, Ctx, Job, Rule, gpu_count, key_list, log_path
 
 # --------------------------------------------------------------------------- the stage
@@ -25,7 +26,7 @@ def _job(ctx: Ctx, w) -> Job:
     inputs = ()
     keys = key_list("device", "profile", DECODING_KEYS, "sample.confidence_noise", "seed")
     if "default" in prof["models"]:  # the study's own models (+ tokenizer, end-to-end, strategies) are timed too
-        inputs = (*(str(lay.model_checkpoint(m)) for m in DECODERS), str(lay.tokenizer_checkpoint))
+        inputs = (*(str(lay.model_checkpoint(m, first_run(params))) for m in DECODERS), str(lay.tokenizer_checkpoint))
         keys += key_list(TOKEN_SPACE_KEYS, *(f"train.{d.model_key}" for d in DECODERS.values()),
                          "sample.strategies", "sample.strategy_steps")
     # alone: every other job's processes would share the cores it times on
@@ -160,7 +161,7 @@ def plan(params, models: Iterable[str] | None = None) -> list[RunSpec]:
     """Every configuration `profile.*` asks for, cheapest first within a model. The study's own models
     ("default") also decode with each of sample.strategies at sample.strategy_steps (their native
     order at those steps too) at the largest batch, so every strategy's cost sits beside its quality."""
-    from arpg.config import token_grid
+    from arpg.config import token_grid, unrecorded
 
     prof, sample = params["profile"], params["sample"]
     models = list(models) if models is not None else list(prof["models"])
@@ -180,7 +181,8 @@ def plan(params, models: Iterable[str] | None = None) -> list[RunSpec]:
         batches = sorted(set(limits.get("batch_sizes", prof["batch_sizes"])))
         if model == "default":
             grid = token_grid(params)
-            nets = {d.name: (params["train"][d.model_key], str(layout.model_checkpoint(d.name)))
+            run = first_run(unrecorded(params))  # the first seed's models: the job's input paths name them
+            nets = {d.name: (params["train"][d.model_key], str(layout.model_checkpoint(d.name, run)))
                     for d in DECODERS.values()}
             vocab = (params["tokenizer"]["codebook_size"], params["data"]["num_classes"])
             tokenizer = str(layout.tokenizer_checkpoint)

@@ -15,6 +15,7 @@ def _job(ctx: Ctx, w) -> Job:
     # what the text and tables show besides the stage outputs: titles, sweep defaults, the grid
     keys = key_list("threads", "report", "name", "data.source", "data.num_classes", "data.resolution",
                     "tokenizer.channel_mult", "evaluate.extractors", "gallery.tasks", "zeroshot.tasks", sweep_keys(),
+                    "train.seeds",  # which points are combined over seeds, and the seeds named in the text
                     "sample.precision")  # sample.precision: the profile rows the quality-vs-speed pairs use
     return Job("report", {}, ("report",), tuple(inputs), (str(ctx.layout.report_index),), keys,
                output_dir=str(ctx.params["report"]["dir"]), local=True, log=log_path(ctx, "report", w, ()))

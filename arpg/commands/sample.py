@@ -14,8 +14,9 @@ import time
 
 from arpg.decoders import DECODERS
 from arpg.errors import ArpgError
-from arpg.stages import (POINT_COMPUTE_KEYS, POINT_WILDCARDS, TOKEN_SPACE_KEYS, VQ_KEYS, Ctx, Job, Rule, gpu_count,
-                         key_list, log_path, point_instances, point_path, section_keys, torchrun)
+from arpg.stages import (POINT_COMPUTE_KEYS, POINT_WILDCARDS, TOKEN_SPACE_KEYS, VQ_KEYS, Ctx, Job, Rule,
+                         add_point_arguments, check_train_seed, gpu_count, key_list, log_path, point_args,
+                         point_from_args, point_instances, point_path, section_keys, torchrun)
 from arpg.sweeps import sweep_keys
 
 GRID_COLUMNS = 10  # samples per class shown in the PNG grid
@@ -26,9 +27,8 @@ GRID_COLUMNS = 10  # samples per class shown in the PNG grid
 def _job(ctx: Ctx, w) -> Job:
     params, lay = ctx.params, ctx.layout
     nproc = params["sample"]["nproc"]
-    return Job("sample", dict(w),
-               ("sample", "--model", w["model"], "--steps", w["steps"], "--cfg", w["cfg"], "--order", w["order"]),
-               (str(lay.model_checkpoint(w["model"])), str(lay.tokenizer_checkpoint)),
+    return Job("sample", dict(w), ("sample", *point_args(w)),
+               (str(lay.model_checkpoint(w["model"], w["run"])), str(lay.tokenizer_checkpoint)),
                (point_path(lay.samples, w), point_path(lay.sample_grid, w)),
                # sample.nproc only shards the work: every batch has its own seed, so it is not a result key
                key_list(POINT_COMPUTE_KEYS, VQ_KEYS, TOKEN_SPACE_KEYS,
@@ -47,13 +47,7 @@ RULE = Rule("sample", POINT_WILDCARDS, _job, point_instances,
 
 
 def configure(parser) -> None:
-    parser.add_argument("--model", choices=tuple(DECODERS), required=True, help="which trained generator")
-    parser.add_argument("--steps", type=int, required=True,
-                        help="decoding steps (a sequential decoder: must equal the token count)")
-    parser.add_argument("--cfg", type=float, required=True, help="classifier-free guidance scale (1: off)")
-    parser.add_argument("--order", required=True,
-                        help="generation order: random, raster, spiral-in, spiral-out, z-curve, alternate "
-                             "(a sequential decoder: its native order)")
+    add_point_arguments(parser, DECODERS)
 
 
 def check_point(point, n_tokens: int) -> None:
@@ -80,14 +74,14 @@ def run(args, params) -> None:
     from arpg.engine.sample_set import generate_class_balanced, make_draw, merge_batches
     from arpg.engine.sampler import SamplerConfig
     from arpg.models.checkpoint import load_study_models
-    from arpg.paths import SweepPoint
     from arpg.machine import cpu_name
     from arpg.progress import batch_progress
     from arpg.tracking import stage_run
     from arpg.utils import atomic_save_npz, atomic_save_png
 
-    point = SweepPoint(args.model, args.steps, args.cfg, args.order)
+    point = point_from_args(args)
     check_point(point, token_count(params))
+    check_train_seed(params, args.seed)
     cfg = params["sample"]
     opts = SamplerConfig.from_params(cfg, steps=point.steps, cfg=point.cfg)
     num_classes = params["data"]["num_classes"]
@@ -95,13 +89,13 @@ def run(args, params) -> None:
     layout = params.layout
     with dist.session(params["device"]) as (info, device):
         run_params = {"model": point.model, "steps": point.steps, "cfg": point.cfg, "order": point.order,
-                      "seed": cfg["seed"], "schedule": opts.schedule, "cfg_schedule": opts.cfg_schedule,
+                      "train_seed": point.seed, "seed": cfg["seed"], "schedule": opts.schedule, "cfg_schedule": opts.cfg_schedule,
                       "temperature": opts.temperature, "top_k": opts.top_k, "top_p": opts.top_p,
                       "num_samples": total, "nproc": info.world_size}
         # rank 0's run is open before any work, so a failure while decoding ends it FAILED
         with (stage_run(params, "sample", f"sample-{point.model}-{point.tag}", run_params) if info.is_main
               else contextlib.nullcontext()) as run:
-            generator_model, tokenizer = load_study_models(params, point.model, device)
+            generator_model, tokenizer = load_study_models(params, point.model, device, point.run)
             draw = make_draw(point.model, generator_model, tokenizer, opts, point.order)
             speed_tags = {"arpg.img_s.cpu": cpu_name(), "arpg.img_s.device": str(device),
                           "arpg.img_s.threads": torch.get_num_threads(), "arpg.img_s.batch_size": cfg["batch_size"],

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from arpg.decoders import DECODERS, zero_shot_decoder
 from arpg.errors import ArpgError
+from arpg.sweeps import first_run
 from arpg.stages import (POINT_COMPUTE_KEYS, STUDY_DECODING_KEYS, TOKEN_SPACE_KEYS, VQ_KEYS, Ctx, Job, Rule,
                          evaluate_keys, extractors_of, gpu_count, inception_external, key_list, log_path,
                          point_eval_inputs)
@@ -101,7 +102,7 @@ def _job(ctx: Ctx, w) -> Job:
     params, lay, task = ctx.params, ctx.layout, w["task"]
     # a name of no task is a placeholder (Snakemake's "{task}" pattern: outputs and log only)
     models = cell_models(params, task) if task in TASKS else []
-    inputs = (*(str(lay.model_checkpoint(m)) for m in models), str(lay.tokenizer_checkpoint),
+    inputs = (*(str(lay.model_checkpoint(m, first_run(params))) for m in models), str(lay.tokenizer_checkpoint),
               str(lay.images("test")), str(lay.labels("test")), *point_eval_inputs(ctx, w))
     keys = key_list(POINT_COMPUTE_KEYS, "zeroshot.num_images", "zeroshot.batch_size", "zeroshot.steps",
                     "sample.cfg_default", STUDY_DECODING_KEYS, VQ_KEYS, TOKEN_SPACE_KEYS,

@@ -126,21 +126,28 @@ def load_generator(
     return model.to(device).eval()
 
 
-def load_study_models(params, decoder_name: str, device: torch.device):
-    """The trained generator and the tokenizer, strictly loaded, eval mode, on `device`; the generator
-    decodes at sample.precision (cpu_kernels.STUDY_KERNEL on a CPU)."""
+def load_study_models(params, decoder_name: str, device: torch.device, run: str | None = None):
+    """The trained generator (of training seed `run`, paths.seed_run; None: the first of train.seeds) and
+    the tokenizer, strictly loaded, eval mode, on `device`; the generator decodes at sample.precision
+    (cpu_kernels.STUDY_KERNEL on a CPU)."""
     from arpg.config import token_grid
     from arpg.decoders import decoder
     from arpg.models.cpu_kernels import prepare_for_decoding
     from arpg.models.vq import TRAIN_COMMAND, VQConfig, load_tokenizer
+    from arpg.config import unrecorded
+    from arpg.paths import run_seed
+    from arpg.sweeps import first_run
 
     layout = params.layout
     tokenizer = load_tokenizer(layout.tokenizer_checkpoint, VQConfig.from_params(params),
                                written_by=TRAIN_COMMAND).to(device).eval()
-    path = layout.model_checkpoint(decoder_name)
+    if run is None:  # the first seed's model: the job's input path names it already
+        run = first_run(unrecorded(params))
+    path = layout.model_checkpoint(decoder_name, run)
     generator = load_generator(path, codebook_size=params["tokenizer"]["codebook_size"],
                                num_classes=params["data"]["num_classes"], grid_size=token_grid(params),
-                               device=device, written_by=f"arpg train --model {decoder_name}")
+                               device=device, written_by=f"arpg train --model {decoder_name}"
+                                                         + (f" --seed {run_seed(run)}" if run else ""))
     if network_of(generator) != decoder(decoder_name).network:  # e.g. another decoder's model.pt copied here
         raise CheckpointError(f"{path} holds a {type(generator).__name__}, not a model of the "
                               f"{decoder(decoder_name).label}; rerun `arpg train --model {decoder_name}` (or "

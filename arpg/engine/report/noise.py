@@ -14,7 +14,8 @@ from arpg.errors import ArpgError
 from arpg.sweeps import SWEEPS, Sweep
 
 DIFFERENCE_COLUMNS = ["group", "comparison", "metric", "a", "b", "diff", "diff_se", "diff_lo", "diff_hi",
-                      "significant"]
+                      "significant", "noise"]
+SAMPLING, SEEDS = "sampling", "training seeds and sampling"  # what a difference's interval holds
 
 
 @dataclass(frozen=True)
@@ -92,22 +93,31 @@ def judged(diff: float, se: float | None, boot: Bootstrap, lower_is_better: bool
     return verdict, f" ({boot.level:.0%} interval of the difference [{fmt(diff - half)}, {fmt(diff + half)}])"
 
 
-def difference_rows(params, points: list[Point], metrics: list[str], boot: Bootstrap) -> list[dict[str, Any]]:
-    """Per comparison and metric: both values, b - a, its interval (independent sets: se = sqrt(se_a^2 +
-    se_b^2)) and whether it excludes 0 (None: a point has no interval)."""
+def difference_rows(params, points: list[Point], metrics: list[str], boot: Bootstrap,
+                    seeds=None) -> list[dict[str, Any]]:
+    """Per comparison and metric: both values, b - a, its interval and whether it excludes 0 (None: a
+    point has no interval). Where both points were sampled from every training seed (`seeds`, a
+    report.seeds.Seeds with several), a and b are the seed means and the interval Welch's over seeds;
+    otherwise the first seed's values with independent sets' se = sqrt(se_a^2 + se_b^2)."""
     rows = []
     for sweep, a, b in noise_comparisons(params, points):
         for metric in metrics:
             va, vb = a.metrics.get(metric), b.metrics.get(metric)
             if va is None or vb is None:
                 continue
-            diff, se = difference(a, b, metric, boot)
             row = {"group": sweep.name, "comparison": f"{sweep.point_label(b.point)} vs {sweep.point_label(a.point)}",
-                   "metric": metric, "a": va, "b": vb, "diff": diff, "diff_se": None, "diff_lo": None,
-                   "diff_hi": None, "significant": None, "_a": a, "_b": b}
-            if se is not None:
-                row.update(diff_se=se, diff_lo=diff - boot.z * se, diff_hi=diff + boot.z * se,
-                           significant=abs(diff) > boot.z * se)
+                   "metric": metric, "a": va, "b": vb, "diff": vb - va, "diff_se": None, "diff_lo": None,
+                   "diff_hi": None, "significant": None, "noise": SAMPLING, "_a": a, "_b": b, "_seeds": None}
+            over_seeds = seeds.difference(a, b, metric) if seeds is not None else None
+            if over_seeds is not None:
+                diff, lo, hi = over_seeds
+                row.update(a=seeds.of(a, metric).mean, b=seeds.of(b, metric).mean, diff=diff, diff_lo=lo,
+                           diff_hi=hi, significant=lo > 0 or hi < 0, noise=SEEDS, _seeds=seeds)
+            else:
+                diff, se = difference(a, b, metric, boot)
+                if se is not None:
+                    row.update(diff_se=se, diff_lo=diff - boot.z * se, diff_hi=diff + boot.z * se,
+                               significant=abs(diff) > boot.z * se)
             rows.append(row)
     return rows
 
@@ -116,7 +126,8 @@ def _verdict(row: Mapping[str, Any]) -> str:
     return {True: "yes", False: "no", None: "no interval"}[row["significant"]]
 
 
-def noise_section(params, points: list[Point], metrics: list[str], boot: Bootstrap) -> tuple[list[str], list[dict]]:
+def noise_section(params, points: list[Point], metrics: list[str], boot: Bootstrap,
+                  seeds=None) -> tuple[list[str], list[dict]]:
     """Markdown of "Which differences exceed the noise" and its CSV rows."""
     md = ["## Which differences exceed the noise\n"]
     if not boot.on:
@@ -124,8 +135,12 @@ def noise_section(params, points: list[Point], metrics: list[str], boot: Bootstr
                   "difference between sweep points can be told from sampling noise. Set `evaluate.bootstrap` "
                   "(e.g. 20) and rerun `arpg evaluate` to get them.\n")
         return md, []
-    rows = difference_rows(params, points, metrics, boot)
+    rows = difference_rows(params, points, metrics, boot, seeds)
     md.append(_test_text(params, metrics, boot, len(rows)))
+    if any(r["noise"] == SEEDS for r in rows):
+        md.append(f"Where both points were sampled from every training seed (`noise`: {SEEDS}), a and b are "
+                  "the means over seeds and the interval of b - a is Welch's t over seeds (section \"Across "
+                  "training seeds\"): it holds the training draw as well as the sampling.\n")
     md += _verdict_lines(rows, metrics, boot)
     md.append("")
     md.append(_difference_table(rows, boot))
@@ -170,9 +185,18 @@ def _verdict_lines(rows: list[dict], metrics: list[str], boot: Bootstrap) -> lis
 
 
 def _difference_table(rows: list[dict], boot: Bootstrap) -> str:
-    table = [{"comparison": r["comparison"], "metric": r["metric"], "a": with_interval(r["_a"], r["metric"]),
-              "b": with_interval(r["_b"], r["metric"]), "b - a": signed(r["diff"]),
+    table = [{"comparison": r["comparison"], "metric": r["metric"], "a": _shown(r, "_a"), "b": _shown(r, "_b"),
+              "b - a": signed(r["diff"]),
               f"{boot.level:.0%} interval of b - a": "-" if r["diff_lo"] is None
               else f"[{fmt(r['diff_lo'])}, {fmt(r['diff_hi'])}]", "exceeds the noise": _verdict(r)}
              for r in rows]
     return markdown_table(table)
+
+
+def _shown(row: Mapping[str, Any], side: str) -> str:
+    """A compared value as the table shows it: the seed mean and its half-width, or the point's own."""
+    point, metric = row[side], row["metric"]
+    if row["_seeds"] is None:
+        return with_interval(point, metric)
+    c = row["_seeds"].of(point, metric)
+    return f"{fmt(c.mean)} ± {c.half:.2g} ({c.seeds} seeds)"

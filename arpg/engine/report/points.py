@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from arpg import pipeline
+from arpg import pipeline, stages
 from arpg.checkpoint_io import read_json
 from arpg.decoders import DECODERS
 from arpg.engine.report.text import fmt
@@ -16,7 +16,7 @@ from arpg.paths import Layout, SweepPoint, format_cfg
 from arpg.sweeps import Sweep
 
 # Keys of a metrics JSON that describe the point rather than measure it.
-_POINT_KEYS = {"model", "steps", "cfg", "order", "seed", "tag", "num_samples"}
+_POINT_KEYS = {"model", "steps", "cfg", "order", "seed", "train_seed", "tag", "num_samples"}
 # The columns naming a point in every quality table.
 POINT_COLUMNS = ["model", "steps", "cfg", "order"]
 
@@ -76,8 +76,7 @@ def extractor_of(metric: str, extractors: Iterable[str]) -> str | None:
 
 
 def point_of(job: pipeline.Job) -> SweepPoint:
-    w = job.wildcards
-    return SweepPoint(w["model"], int(w["steps"]), float(w["cfg"]), w["order"])
+    return stages.point_of(job.wildcards)
 
 
 def read_points(evaluate_jobs: list[pipeline.Job], layout: Layout) -> list[Point]:
@@ -85,8 +84,7 @@ def read_points(evaluate_jobs: list[pipeline.Job], layout: Layout) -> list[Point
     points = []
     for job in evaluate_jobs:
         point = point_of(job)
-        command = (f"evaluate --model {point.model} --steps {point.steps} --cfg {format_cfg(point.cfg)} "
-                   f"--order {point.order}")
+        command = f"evaluate {stages.point_command(point)}"
         doc = read_output(layout.metrics(point), command)
         lacking = [k for k in ("bootstrap", "intervals") if k not in doc]
         if lacking:
@@ -109,7 +107,7 @@ def metric_columns(points: list[Point]) -> list[str]:
 def csv_row(p: Point, cols: list[str]) -> dict[str, Any]:
     """CSV row: the metrics and, where known, their `<metric>_se`, `_lo`, `_hi`."""
     row = {"model": p.point.model, "steps": p.point.steps, "cfg": format_cfg(p.point.cfg), "order": p.point.order,
-           **{c: p.metrics.get(c) for c in cols}}  # POINT_COLUMNS, then the metrics
+           "train_seed": p.point.seed, **{c: p.metrics.get(c) for c in cols}}  # POINT_COLUMNS, the seed, the metrics
     for c in cols:
         band = p.band(c)
         if band is not None:

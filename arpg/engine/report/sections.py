@@ -24,9 +24,11 @@ from arpg.engine.report.points import (POINT_COLUMNS, Point, csv_row, extractor_
                                        read_output, read_points, sweep_rows, with_interval)
 from arpg.engine.report.speed import GAIN_COLUMNS, SPEED_COLUMNS, hardware, measured_how, pareto_front, pareto_pairs, speed_rows
 from arpg.engine.report.stage_times import stage_times_section
-from arpg.engine.report.text import markdown_kv, markdown_table, signed
+from arpg.engine.report.selection import CHOICE_COLUMNS, Choice, choice_rows, choice_text, read_choices
+from arpg.engine.report.seeds import SEEDS_COLUMNS, Seeds, read_seeds, seeds_section
+from arpg.engine.report.text import fmt, markdown_kv, markdown_table, signed
 from arpg.engine.report.zero_shot import read_tasks, zero_shot_section
-from arpg.paths import format_cfg
+from arpg.paths import format_cfg, run_seed
 from arpg.sweeps import SWEEPS
 from arpg.utils import write_json
 
@@ -49,6 +51,8 @@ class Quality:
     cols: list[str]  # every metric column, FID first
     boot: Bootstrap
     tables: dict[str, list[Point]]  # each sweep's table (arpg.sweeps.SWEEPS)
+    seeds: Seeds  # the over_seeds sweeps' points combined over train.seeds
+    choices: dict[str, Choice]  # each decoder's guidance chosen on its selection sets
 
     @property
     def sweep(self) -> list[Point]:
@@ -68,12 +72,21 @@ class Quality:
     def shown(self) -> list[str]:
         return headline_columns(self.cols)
 
+    @property
+    def judged(self) -> list[str]:
+        """The metrics whose differences the report judges."""
+        return [c for c in self.shown if c.startswith(("fid_", "accuracy_"))]
+
 
 def read_quality(rep: Report) -> Quality:
     params = rep.params
     points = read_points(rep.jobs_of("evaluate"), params.layout)
-    return Quality(points, metric_columns(points), bootstrap_of(points),
-                   {s.name: sweep_rows(params, s, points) for s in SWEEPS.values()})
+    cols, boot = metric_columns(points), bootstrap_of(points)
+    judged = [c for c in headline_columns(cols) if c.startswith(("fid_", "accuracy_"))]
+    tables = {s.name: sweep_rows(params, s, points) for s in SWEEPS.values()}
+    fid = next((c for c in cols if c.startswith("fid")), None)
+    return Quality(points, cols, boot, tables, read_seeds(params, points, judged, boot),
+                   read_choices(rep, tables.get("guidance", []), fid) if fid else {})
 
 
 def build(params, out_dir: Path | None = None) -> dict[str, Any]:
@@ -85,6 +98,7 @@ def build(params, out_dir: Path | None = None) -> dict[str, Any]:
     md += _data(rep)
     md += _extractors(rep, quality)
     md += _quality(rep, quality)
+    md += _seeds(rep, quality)
     md += _noise(rep, quality)
     md += _speed(rep, quality)
     md += _tokenizer(rep)
@@ -122,8 +136,8 @@ def _findings(rep: Report, q: Quality) -> list[str]:
     """What this study finds, first: each claim with its interval, beside the paper's."""
     if not q.fid_cols:
         return []
-    return findings(rep.params, q.points, q.tables.get("guidance", []), q.fid_cols[0], q.boot,
-                    rep.profile if "profile" in rep.rules else None)
+    return findings(rep.params, q.points, q.tables.get("guidance", []), q.fid_cols[0], q.boot, q.seeds,
+                    q.choices, rep.profile if "profile" in rep.rules else None)
 
 
 def _data(rep: Report) -> list[str]:
@@ -150,8 +164,10 @@ def _extractors(rep: Report, q: Quality) -> list[str]:
 
 def _quality(rep: Report, q: Quality) -> list[str]:
     """The quality CSVs (every point, and each sweep's table) and each sweep's section."""
-    csv_cols = POINT_COLUMNS + interval_columns(q.cols, q.points)
-    rep.csv(catalog.QUALITY_CSV, [csv_row(p, q.cols) for p in q.points], csv_cols)
+    metric_cols = interval_columns(q.cols, q.points)
+    csv_cols = POINT_COLUMNS + metric_cols
+    seeds = ["train_seed"] if len(rep.params["train"]["seeds"]) > 1 else []  # quality.csv: every seed's points
+    rep.csv(catalog.QUALITY_CSV, [csv_row(p, q.cols) for p in q.points], POINT_COLUMNS + seeds + metric_cols)
     md, first = [], True
     for sweep in SWEEPS.values():
         rows = q.tables[sweep.name]
@@ -227,7 +243,11 @@ def _guidance_figure(rep: Report, q: Quality) -> list[str]:
                       for p in rows if p.point.model == model and fid in p.metrics and acc in p.metrics]
               for model in DECODERS}
     rep.figure(figures.guidance_frontier(rep.out / catalog.GUIDANCE_PNG, curves, fid, acc))
-    return [f"![guidance frontier]({catalog.GUIDANCE_PNG})\n"]
+    md = [f"![guidance frontier]({catalog.GUIDANCE_PNG})\n"]
+    if q.choices:
+        rep.csv(catalog.GUIDANCE_CHOICE_CSV, choice_rows(q.choices), CHOICE_COLUMNS)
+        md.append(choice_text(q.choices, fid))
+    return md
 
 
 _SWEEP_FIGURES = {"steps": _steps_figure, "guidance": _guidance_figure, "strategies": _strategies_figure}
@@ -243,9 +263,16 @@ def _strategy_lines(points: list[Point], col: str):
             for (model, order), rows in groups.items()]
 
 
+def _seeds(rep: Report, q: Quality) -> list[str]:
+    md, rows = seeds_section(q.seeds, fmt)
+    if rows:
+        rep.csv(catalog.SEEDS_CSV, rows, SEEDS_COLUMNS)
+        md.append(markdown_table(rows, SEEDS_COLUMNS))
+    return md
+
+
 def _noise(rep: Report, q: Quality) -> list[str]:
-    md, rows = noise_section(rep.params, q.points, [c for c in q.shown if c.startswith(("fid_", "accuracy_"))],
-                             q.boot)
+    md, rows = noise_section(rep.params, q.points, q.judged, q.boot, q.seeds)
     if rows:
         rep.csv(catalog.DIFFERENCES_CSV, rows, DIFFERENCE_COLUMNS)
     return md
@@ -331,10 +358,13 @@ def _classifier(rep: Report) -> list[str]:
 
 def _training(rep: Report) -> list[str]:
     rows = []
-    for model in DECODERS:
-        doc = read_output(rep.layout.model_metrics(model), f"train --model {model}")
-        rows.append({"model": model, "name": doc.get("model") if isinstance(doc, dict) else None,
-                     **numeric_leaves(doc)})
+    several = len(rep.params["train"]["seeds"]) > 1
+    for job in rep.jobs_of("train"):
+        model, run = job.wildcards["model"], job.wildcards["run"]
+        doc = read_output(rep.layout.model_metrics(model, run), " ".join(job.args))
+        rows.append({"model": model, **({"train_seed": run_seed(run)} if several else {}),
+                     "name": doc.get("model") if isinstance(doc, dict) else None,
+                     **{k: v for k, v in numeric_leaves(doc).items() if k != "train_seed"}})
     cols = list(dict.fromkeys(k for r in rows for k in r))
     rep.csv(catalog.TRAINING_CSV, rows, cols)
     return ["## Training\n", markdown_table(rows, cols)]
