@@ -199,6 +199,12 @@ NOT_MUTATED = {"output_dir", "data.path", "report.dir", "tracking.enabled", "tra
                "tracking.experiment"}
 
 
+def _runs(values: dict) -> list[str]:
+    from arpg.paths import seed_run
+
+    return [seed_run(s) for s in values["train"]["seeds"]]
+
+
 def _mutations(values: dict, root: Path):
     """(key, params file) for every leaf with a valid changed value."""
     flat = []
@@ -663,8 +669,9 @@ def test_dvc_exp_run_with_one_more_step_count_runs_only_its_point_and_the_report
     grown = copy.deepcopy(values)
     grown["sample"]["steps"] = steps
     names = dvc_job_names_for(grown, dvc_study, tmp_path)  # the stages DVC resolves for the experiment's params
-    new = f"arpg-steps3_cfg{values['sample']['cfg_default']}_random"
-    assert {names[s] for s in _ran_stages(out)} == {f"sample@{new}", f"evaluate@{new}", "report"}, out[-3000:]
+    new = [f"arpg-steps3_cfg{values['sample']['cfg_default']}_random{r}" for r in _runs(values)]  # each seed's model
+    assert {names[s] for s in _ran_stages(out)} == {f"{rule}@{n}" for rule in ("sample", "evaluate") for n in new} | {
+        "report"}, out[-3000:]
     # DVC rewrote the params file in the workspace (its nulls left empty): the same values, so the same fingerprints
     assert yaml.safe_load((dvc_study / "params.yaml").read_text()) == grown
     proc = subprocess.run([str(BIN / "arpg"), "export-dvc", "--check"], cwd=dvc_study, capture_output=True, text=True,
@@ -705,5 +712,6 @@ def test_a_new_sweep_value_runs_only_its_point_and_the_report(study):
     values["sample"]["steps"] = [*values["sample"]["steps"], 3]
     grown = study / "grown.yaml"
     grown.write_text(yaml.safe_dump(values))
-    assert _executed(snakemake(study, grown)) == {"sample": 1, "evaluate": 1, "report": 1, "all": 1, "total": 4}
+    k = len(_runs(values))  # the step sweep samples every training seed's model
+    assert _executed(snakemake(study, grown)) == {"sample": k, "evaluate": k, "report": 1, "all": 1, "total": 2 * k + 2}
     assert "Nothing to be done" in snakemake(study, grown)
