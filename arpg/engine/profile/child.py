@@ -27,6 +27,7 @@ from arpg.commands.profile import RANDOM_VQ16, RunSpec
 from arpg.decoders import DECODERS
 from arpg.errors import ArpgError, CheckpointError
 from arpg.machine import cpu_name
+from arpg.engine.profile.quiet import Contention
 from arpg.utils import atomic_write_text
 
 
@@ -53,48 +54,6 @@ def _rss_peak_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class Contention:
-    """How much of a timed window this process was kept from the CPU: its threads' run-queue wait
-    (/proc/self/task/*/schedstat: CPU ns, wait ns) against their CPU time, and its CPU share of the
-    window's wall time over the threads it uses. A quiet machine waits ~0; every process beside it
-    that wants a core shows up at once (the 1-minute load average lags by a minute)."""
-
-    def __init__(self, threads: int):
-        self.threads, self.cpu_ns, self.wait_ns, self.wall_s = threads, 0, 0, 0.0
-        self.available = Path("/proc/self/task").is_dir()
-
-    @staticmethod
-    def _sched() -> tuple[int, int]:
-        cpu = wait = 0
-        for task in Path("/proc/self/task").iterdir():
-            try:
-                fields = (task / "schedstat").read_text().split()
-            except OSError:  # a thread that ended meanwhile
-                continue
-            cpu, wait = cpu + int(fields[0]), wait + int(fields[1])
-        return cpu, wait
-
-    def window(self) -> Callable[[], None]:
-        """start(); the returned stop() adds the window to the totals."""
-        if not self.available:
-            return lambda: None
-        begin_s, (cpu0, wait0) = time.perf_counter(), self._sched()
-
-        def stop() -> None:
-            cpu1, wait1 = self._sched()
-            self.cpu_ns += cpu1 - cpu0
-            self.wait_ns += wait1 - wait0
-            self.wall_s += time.perf_counter() - begin_s
-        return stop
-
-    def record(self) -> dict:
-        """wait_share: run-queue wait / (wait + CPU); cpu_share: CPU / (wall * threads); None: unknown."""
-        if not self.available or self.cpu_ns + self.wait_ns == 0:
-            return {"wait_share": None, "cpu_share": None}
-        return {"wait_share": self.wait_ns / (self.wait_ns + self.cpu_ns),
-                "cpu_share": self.cpu_ns / 1e9 / (self.wall_s * self.threads)}
 
 
 class MemoryMeter:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import platform
 import statistics
@@ -20,13 +19,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from arpg.commands.profile import RunSpec, dominated_by, reference_record
 from arpg.decoders import DECODERS, in_native_order, labels
 from arpg.engine.profile.child import base_row, measure, measure_rounds, spread
+from arpg.engine.profile.quiet import Quiet, check_quiet, check_spread, median_interval, share_text  # noqa: F401
 from arpg.errors import ArpgError
 from arpg.machine import cpu_name
 from arpg.paths import REPO_ROOT
@@ -104,39 +103,6 @@ def run_isolated(spec: RunSpec, poll_s: float = 0.05, server: str | None = None,
         return json.loads((tmp / "row.json").read_text())
 
 
-@dataclass(frozen=True)
-class Quiet:
-    """What a measurement may show before the profile calls the machine busy and stops (None: not
-    checked; the report then says its timings are unchecked)."""
-
-    max_wait_share: float | None    # run-queue wait / (wait + CPU) of the measuring process
-    max_ratio_spread: float | None  # max / min of a speed-up's per-round ratios
-
-    @classmethod
-    def from_params(cls, params) -> "Quiet":
-        prof = params["profile"]
-        return cls(prof["max_wait_share"], prof["max_ratio_spread"])
-
-    @property
-    def checked(self) -> bool:
-        return self.max_wait_share is not None or self.max_ratio_spread is not None
-
-
-def busy(what: str, detail: str, load: float | None) -> ArpgError:
-    load_text = f"; 1-minute load average {load:.2f} on {os.cpu_count()} cores" if load is not None else ""
-    return ArpgError(f"profile: the machine was busy while timing {what}: {detail}{load_text}. Other processes "
-                     "shared its cores, so these timings are not results. Stop them (`uptime`, `top`) and rerun "
-                     "`arpg profile` (or the study, which reruns only the profile).")
-
-
-def check_quiet(row: dict, quiet: Quiet, what: str) -> None:
-    """Stop when a measurement (a configuration's row or a group's rounds) shows contention."""
-    share = row.get("wait_share")
-    if quiet.max_wait_share is not None and share is not None and share > quiet.max_wait_share:
-        raise busy(what, f"its threads waited for a CPU {share:.0%} of the time they were ready to run "
-                         f"(profile.max_wait_share {quiet.max_wait_share:.0%})", row.get("load_avg_1m"))
-
-
 def run_profile(specs: list[RunSpec], *, isolate: bool = True, log: Callable[[str], None] = print,
                 rounds: int = 0, quiet: Quiet = Quiet(None, None)) -> list[dict]:
     """Measure every spec (skipping those a skipped cheaper one rules out); rows in spec order.
@@ -196,7 +162,7 @@ def run_profile(specs: list[RunSpec], *, isolate: bool = True, log: Callable[[st
                     rows[i].update(round_s=seconds, round_group=group[0],
                                    **{f"round_{k}": result[k] for k in ROUND_RECORD})
                 log(f"  {what}: {rounds} rounds of {len(group)} configurations, waited "
-                    f"{_share(result['wait_share'])} of the time ready to run, CPU share {_share(result['cpu_share'])}")
+                    f"{share_text(result['wait_share'])} of the time ready to run, CPU share {share_text(result['cpu_share'])}")
     attach_end_to_end(rows, [s.decode_group() for s in specs])
     if rounds:
         check_spread(speedups(rows), quiet)
@@ -204,10 +170,6 @@ def run_profile(specs: list[RunSpec], *, isolate: bool = True, log: Callable[[st
 
 
 ROUND_RECORD = ("wait_share", "cpu_share", "load_avg_1m", "load_avg_1m_after")  # rows' round_<key>
-
-
-def _share(value: float | None) -> str:
-    return "?" if value is None else f"{value:.1%}"
 
 
 def round_groups(specs: list[RunSpec], rows: list[dict]) -> list[list[int]]:
@@ -218,31 +180,6 @@ def round_groups(specs: list[RunSpec], rows: list[dict]) -> list[list[int]]:
         if row["status"] == "ok" and in_native_order(row):
             groups.setdefault((spec.model, spec.batch, spec.device), []).append(i)
     return [g for g in groups.values() if len({DECODERS[specs[i].kind].parallel for i in g}) == 2]
-
-
-def check_spread(gains: list[dict], quiet: Quiet) -> None:
-    for g in gains:
-        spread_ = g["speedup_spread"]
-        if quiet.max_ratio_spread is not None and spread_ > quiet.max_ratio_spread:
-            raise busy(f"{g['model']} batch {g['batch']} {g['steps']} steps",
-                       f"its per-round speed-ups range over a factor {spread_:.2f} (profile.max_ratio_spread "
-                       f"{quiet.max_ratio_spread:g})", g.get("load_avg_1m"))
-
-
-def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """(lo, hi, coverage): the distribution-free interval of a median from order statistics, the
-    narrowest [x(k), x(n+1-k)] whose coverage 1 - 2 P(Binomial(n, 1/2) < k) reaches `level`
-    (n = 6: [min, max], 96.9%); below that n, [min, max] and its smaller coverage."""
-    x = sorted(values)
-    n = len(x)
-
-    def coverage(k: int) -> float:
-        return 1 - 2 * sum(math.comb(n, j) for j in range(k)) / 2 ** n
-
-    k = 1
-    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
-        k += 1
-    return x[k - 1], x[n - k], coverage(k)
 
 
 def _precision_unavailable(spec: RunSpec) -> str:

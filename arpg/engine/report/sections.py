@@ -16,19 +16,20 @@ from arpg.decoders import DECODERS, labels, zero_shot_decoder
 from arpg.engine.profile.sweep import PRECISION_SPEEDUP_COLUMNS, precision_suffix
 from arpg.engine.report.document import COPIED_DIRS, Report
 from arpg.engine.report.findings import findings
+from arpg.engine.report.models import classifier_section, tokenizer_section, training_section
 from arpg.engine.report.noise import (DIFFERENCE_COLUMNS, Bootstrap, bootstrap_of, difference, interval_text,
                                      judged, noise_section)
 from arpg.engine.report.plots import write_plot_series
 from arpg.engine.report.points import (POINT_COLUMNS, Point, csv_row, extractor_of, half_width, headline_columns,
-                                       interval_columns, md_row, metric_columns, numeric_leaves, point_of,
+                                       interval_columns, md_row, metric_columns, point_of,
                                        read_output, read_points, sweep_rows, with_interval)
 from arpg.engine.report.speed import GAIN_COLUMNS, SPEED_COLUMNS, hardware, measured_how, pareto_front, pareto_pairs, speed_rows
 from arpg.engine.report.stage_times import stage_times_section
 from arpg.engine.report.selection import CHOICE_COLUMNS, Choice, choice_rows, choice_text, read_choices
 from arpg.engine.report.seeds import SEEDS_COLUMNS, Seeds, read_seeds, seeds_section
-from arpg.engine.report.text import fmt, markdown_kv, markdown_table, signed
+from arpg.engine.report.text import fmt, markdown_table, signed
 from arpg.engine.report.zero_shot import read_tasks, zero_shot_section
-from arpg.paths import format_cfg, run_seed
+from arpg.paths import format_cfg
 from arpg.sweeps import SWEEPS
 from arpg.utils import write_json
 
@@ -101,9 +102,9 @@ def build(params, out_dir: Path | None = None) -> dict[str, Any]:
     md += _seeds(rep, quality)
     md += _noise(rep, quality)
     md += _speed(rep, quality)
-    md += _tokenizer(rep)
-    md += _classifier(rep)
-    md += _training(rep)
+    md += tokenizer_section(rep)
+    md += classifier_section(rep)
+    md += training_section(rep)
     for owned in COPIED_DIRS:  # a grid of a sweep point no longer in the params would stay otherwise
         shutil.rmtree(rep.out / owned, ignore_errors=True)
     md += _grids(rep, quality)
@@ -332,42 +333,6 @@ def _quality_vs_speed(rep: Report, q: Quality, speed: list[dict]) -> list[str]:
     return [f"### Quality vs speed ({fid} vs images/s of the study models)\n",
             markdown_table(rows, ["model", "steps", "cfg", "order", "img_s", "batch", fid]),
             f"![FID vs images/s]({catalog.FID_VS_THROUGHPUT_PNG})\n"]
-
-
-def _tokenizer(rep: Report) -> list[str]:
-    tok_train = read_output(rep.layout.tokenizer_metrics, "train-tokenizer")
-    source = (f"pretrained `{tok_train['pretrained']}`" if tok_train.get("pretrained")
-              else "trained by `arpg train-tokenizer`")
-    md = ["## Tokenizer\n", f"Weights: {source} ({tok_train.get('steps')} steps).\n"]
-    if "tokenize" in rep.rules:
-        tok = numeric_leaves(read_output(rep.layout.tokenize_metrics, "tokenize"))
-        rep.csv(catalog.TOKENIZER_CSV, [tok], list(tok))
-        rep.copy(rep.layout.reconstructions, catalog.RECONSTRUCTIONS_PNG)
-        md += ["Reconstruction and codebook use (`arpg tokenize`):\n", markdown_kv(tok),
-               f"![reconstructions]({catalog.RECONSTRUCTIONS_PNG})\n"]
-    return md
-
-
-def _classifier(rep: Report) -> list[str]:
-    if "train_classifier" not in rep.rules:
-        return []
-    clf = numeric_leaves(read_output(rep.layout.classifier_metrics, "train-classifier"))
-    rep.csv(catalog.CLASSIFIER_CSV, [clf], list(clf))
-    return ["## Evaluation classifier (sanity row)\n", markdown_kv(clf)]
-
-
-def _training(rep: Report) -> list[str]:
-    rows = []
-    several = len(rep.params["train"]["seeds"]) > 1
-    for job in rep.jobs_of("train"):
-        model, run = job.wildcards["model"], job.wildcards["run"]
-        doc = read_output(rep.layout.model_metrics(model, run), " ".join(job.args))
-        rows.append({"model": model, **({"train_seed": run_seed(run)} if several else {}),
-                     "name": doc.get("model") if isinstance(doc, dict) else None,
-                     **{k: v for k, v in numeric_leaves(doc).items() if k != "train_seed"}})
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    rep.csv(catalog.TRAINING_CSV, rows, cols)
-    return ["## Training\n", markdown_table(rows, cols)]
 
 
 def _grids(rep: Report, q: Quality) -> list[str]:
