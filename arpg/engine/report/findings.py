@@ -8,7 +8,7 @@ from typing import Any
 
 from arpg import paper
 from arpg.decoders import DECODERS
-from arpg.engine.report.noise import Bootstrap, difference
+from arpg.engine.report.noise import SEEDS, Bootstrap, judge
 from arpg.engine.report.points import Point, with_interval
 from arpg.engine.report.seeds import Seeds
 from arpg.engine.report.selection import Choice
@@ -76,15 +76,12 @@ def _compare(what: str, a: Point | None, b: Point | None, fid: str, boot: Bootst
     otherwise that b is better (agree only when b is better beyond the noise)."""
     if a is None or b is None or fid not in a.metrics or fid not in b.metrics:
         return ""
-    over_seeds = seeds.difference(a, b, fid) if seeds is not None else None
+    judged = judge(a, b, fid, boot, seeds)
+    diff, lo, hi = judged.diff, judged.lo, judged.hi
     shown = [with_interval(b, fid), with_interval(a, fid)]
-    if over_seeds is not None:
-        diff, lo, hi = over_seeds
+    if judged.noise == SEEDS:
         shown = [f"{seeds.of(p, fid).mean:.4g} ± {seeds.of(p, fid).half:.2g}" for p in (b, a)]
         shown[0] += f" (mean of {len(seeds.seeds)} training seeds)"
-    else:
-        diff, se = difference(a, b, fid, boot)
-        lo, hi = (None, None) if se is None else (diff - boot.z * se, diff + boot.z * se)
     if lo is None:
         verdict, interval = "Cannot tell (no intervals)", ""
     else:

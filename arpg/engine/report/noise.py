@@ -93,6 +93,34 @@ def judged(diff: float, se: float | None, boot: Bootstrap, lower_is_better: bool
     return verdict, f" ({boot.level:.0%} interval of the difference [{fmt(diff - half)}, {fmt(diff + half)}])"
 
 
+@dataclass(frozen=True)
+class Judged:
+    """b - a of one metric with its interval (lo / hi None: a point has none) and the noise it holds."""
+
+    diff: float
+    se: float | None  # sampling intervals only; over seeds the t quantile is not z
+    lo: float | None
+    hi: float | None
+    noise: str  # SAMPLING or SEEDS
+
+    @property
+    def significant(self) -> bool | None:
+        return None if self.lo is None else self.lo > 0 or self.hi < 0
+
+
+def judge(a: Point, b: Point, metric: str, boot: Bootstrap, seeds=None) -> Judged:
+    """b - a over training seeds where both points were sampled from every seed (`seeds`, a
+    report.seeds.Seeds), else the first seed's values with independent sets' se = sqrt(se_a^2 + se_b^2)."""
+    over_seeds = seeds.difference(a, b, metric) if seeds is not None else None
+    if over_seeds is not None:
+        diff, lo, hi = over_seeds
+        return Judged(diff, None, lo, hi, SEEDS)
+    diff, se = difference(a, b, metric, boot)
+    if se is None:
+        return Judged(diff, None, None, None, SAMPLING)
+    return Judged(diff, se, diff - boot.z * se, diff + boot.z * se, SAMPLING)
+
+
 def difference_rows(params, points: list[Point], metrics: list[str], boot: Bootstrap,
                     seeds=None) -> list[dict[str, Any]]:
     """Per comparison and metric: both values, b - a, its interval and whether it excludes 0 (None: a
@@ -105,20 +133,14 @@ def difference_rows(params, points: list[Point], metrics: list[str], boot: Boots
             va, vb = a.metrics.get(metric), b.metrics.get(metric)
             if va is None or vb is None:
                 continue
-            row = {"group": sweep.name, "comparison": f"{sweep.point_label(b.point)} vs {sweep.point_label(a.point)}",
-                   "metric": metric, "a": va, "b": vb, "diff": vb - va, "diff_se": None, "diff_lo": None,
-                   "diff_hi": None, "significant": None, "noise": SAMPLING, "_a": a, "_b": b, "_seeds": None}
-            over_seeds = seeds.difference(a, b, metric) if seeds is not None else None
-            if over_seeds is not None:
-                diff, lo, hi = over_seeds
-                row.update(a=seeds.of(a, metric).mean, b=seeds.of(b, metric).mean, diff=diff, diff_lo=lo,
-                           diff_hi=hi, significant=lo > 0 or hi < 0, noise=SEEDS, _seeds=seeds)
-            else:
-                diff, se = difference(a, b, metric, boot)
-                if se is not None:
-                    row.update(diff_se=se, diff_lo=diff - boot.z * se, diff_hi=diff + boot.z * se,
-                               significant=abs(diff) > boot.z * se)
-            rows.append(row)
+            j = judge(a, b, metric, boot, seeds)
+            if j.noise == SEEDS:
+                va, vb = seeds.of(a, metric).mean, seeds.of(b, metric).mean
+            rows.append({"group": sweep.name,
+                         "comparison": f"{sweep.point_label(b.point)} vs {sweep.point_label(a.point)}",
+                         "metric": metric, "a": va, "b": vb, "diff": j.diff, "diff_se": j.se, "diff_lo": j.lo,
+                         "diff_hi": j.hi, "significant": j.significant, "noise": j.noise, "_a": a, "_b": b,
+                         "_seeds": seeds if j.noise == SEEDS else None})
     return rows
 
 

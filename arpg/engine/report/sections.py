@@ -27,7 +27,7 @@ from arpg.engine.report.speed import GAIN_COLUMNS, SPEED_COLUMNS, hardware, meas
 from arpg.engine.report.stage_times import stage_times_section
 from arpg.engine.report.selection import CHOICE_COLUMNS, Choice, choice_rows, choice_text, read_choices
 from arpg.engine.report.seeds import SEEDS_COLUMNS, Seeds, read_seeds, seeds_section
-from arpg.engine.report.text import fmt, markdown_table, signed
+from arpg.engine.report.text import markdown_table, signed
 from arpg.engine.report.zero_shot import read_tasks, zero_shot_section
 from arpg.paths import format_cfg
 from arpg.sweeps import SWEEPS
@@ -265,7 +265,7 @@ def _strategy_lines(points: list[Point], col: str):
 
 
 def _seeds(rep: Report, q: Quality) -> list[str]:
-    md, rows = seeds_section(q.seeds, fmt)
+    md, rows = seeds_section(q.seeds)
     if rows:
         rep.csv(catalog.SEEDS_CSV, rows, SEEDS_COLUMNS)
         md.append(markdown_table(rows, SEEDS_COLUMNS))

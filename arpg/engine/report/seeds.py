@@ -10,6 +10,7 @@ from typing import Any
 from arpg.engine.replicates import METHOD, Combined, combine, difference
 from arpg.engine.report.noise import Bootstrap
 from arpg.engine.report.points import Point
+from arpg.engine.report.text import fmt
 from arpg.paths import SweepPoint, seed_run
 from arpg.sweeps import SWEEPS
 
@@ -66,7 +67,7 @@ def read_seeds(params, points: list[Point], metrics: list[str], boot: Bootstrap)
     return Seeds(seeds, combined, per_seed, level)
 
 
-def seeds_section(seeds: Seeds, fmt) -> tuple[list[str], list[dict[str, Any]]]:
+def seeds_section(seeds: Seeds) -> tuple[list[str], list[dict[str, Any]]]:
     """Markdown of "Across training seeds" and its CSV rows."""
     md = ["## Across training seeds\n"]
     if not seeds.several:
